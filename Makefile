@@ -1,0 +1,39 @@
+# AsFT Service. `make demo` and `make test` work on a fresh machine: both install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines and CI pin the CPU torch wheel; on a GPU machine: make setup CONSTRAINTS=
+CONSTRAINTS ?= constraints-cpu.txt
+CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint bench demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, from the constraints, so nothing below can pull a CUDA build.
+	$(PY) -m pip install -q $(CONSTRAINT_FLAGS) torch
+	$(PY) -m pip install -q $(CONSTRAINT_FLAGS) -e '.[worker,dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/penalty.py
+	$(PY) bench/train_step.py
+	$(PY) bench/alignment_memory.py
+
+demo: setup
+	$(PY) -m asft_core.demo --data-dir var
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

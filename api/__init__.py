@@ -1,0 +1,1 @@
+"""AsFT Service HTTP API (FastAPI). Never imports torch: the API image has no ML stack."""

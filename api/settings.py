@@ -1,0 +1,70 @@
+"""The one settings object, read from ``ASFT_*`` environment variables (and ``.env``).
+
+The API and the worker both read it; ``asft_core`` never does (its functions take explicit
+paths). Every field is documented in the README's settings table.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration. Defaults give the embedded, one-machine setup under ./var/."""
+
+    model_config = SettingsConfigDict(env_prefix="ASFT_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Root of the embedded default's state.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file <data_dir>/asft.db."
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker URL; default: the filesystem broker under <data_dir>/broker.",
+    )
+    artifact_dir: Path | None = Field(
+        None, description="Uploaded files, adapters, checkpoints; default <data_dir>/artifacts."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Alignment directions and the demo zoo; default <data_dir>/cache."
+    )
+    max_upload_bytes: int = Field(
+        512 * 1024 * 1024, description="Largest accepted training file, in bytes."
+    )
+    device: str = Field("auto", description="Worker training device: auto, cpu or cuda[:N].")
+    log_level: str = Field("INFO", description="Log level of API and worker.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data folder."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'asft.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        """The broker URL; ``filesystem://`` means Celery's folder-based broker."""
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the filesystem broker (used only when broker_url is unset)."""
+        return self.data_dir / "broker"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        """Where artifacts are stored."""
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        """Where cached alignment directions and zoo models live."""
+        return self.cache_dir or self.data_dir / "cache"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return Settings()

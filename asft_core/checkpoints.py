@@ -1,0 +1,156 @@
+"""Training checkpoints: safetensors files plus a JSON sidecar, never pickle.
+
+A checkpoint folder holds
+
+- ``adapter/``: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors),
+  servable as is;
+- ``training_state.safetensors``: optimizer moments and RNG states, as tensors;
+- ``trainer_state.json``: step, data position, optimizer param groups, scheduler state.
+
+Nothing here can execute code when loaded, so checkpoints are safe to serve and to resume
+from. Folders appear atomically (written to a temporary sibling, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "training_state.safetensors"
+SIDECAR_FILE = "trainer_state.json"
+ADAPTER_DIR = "adapter"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainingPosition:
+    """Where training stands: optimizer steps done and the next batch of the current epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    trained_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A saved checkpoint, as reported to hooks."""
+
+    step: int
+    epoch: int
+    path: Path
+    adapter_path: Path
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"rng.cuda.{index}"] = state
+    return states
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = sorted(
+        (int(key.rsplit(".", 1)[1]), value)
+        for key, value in tensors.items()
+        if key.startswith("rng.cuda.")
+    )
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state for _, state in cuda_states])
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+def save_checkpoint(
+    folder: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: TrainingPosition,
+    extra: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Write a complete checkpoint into ``folder`` atomically and return its description.
+
+    ``model`` is a PEFT model; only its adapter is saved, since the base weights never change.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(str(staging / ADAPTER_DIR))
+        optimizer_state = optimizer.state_dict()
+        tensors = _rng_tensors()
+        for index, state in optimizer_state["state"].items():
+            for key, value in state.items():
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+        save_file(tensors, str(staging / STATE_FILE))
+        sidecar = {
+            "format_version": FORMAT_VERSION,
+            "position": asdict(position),
+            "optimizer_param_groups": _json_safe(optimizer_state["param_groups"]),
+            "scheduler": _json_safe(scheduler.state_dict()),
+            "extra": extra or {},
+        }
+        (staging / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return CheckpointInfo(position.step, position.epoch, folder, folder / ADAPTER_DIR)
+
+
+def load_checkpoint(
+    folder: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainingPosition:
+    """Restore adapter weights, optimizer, scheduler and RNG states; return the position.
+
+    Call it after the model, optimizer and scheduler are built, since building them draws
+    from the RNG that this restores.
+    """
+    from peft import set_peft_model_state_dict
+
+    sidecar = json.loads((folder / SIDECAR_FILE).read_text())
+    if sidecar.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported checkpoint format in {folder}")
+    adapter_weights = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, adapter_weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"checkpoint adapter does not fit the model: {result.unexpected_keys}")
+    tensors = load_file(str(folder / STATE_FILE))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": sidecar["optimizer_param_groups"]})
+    scheduler.load_state_dict(sidecar["scheduler"])
+    _restore_rng(tensors)
+    return TrainingPosition(**sidecar["position"])
+
+
+def read_position(folder: Path) -> TrainingPosition:
+    """The position stored in a checkpoint, without loading any tensor."""
+    sidecar = json.loads((folder / SIDECAR_FILE).read_text())
+    return TrainingPosition(**sidecar["position"])

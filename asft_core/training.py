@@ -1,0 +1,601 @@
+"""The LoRA training loop: ``train(spec, hooks) -> TrainResult``.
+
+One plain function, read top to bottom: data, model, penalty, optimizer, loop, checkpoint,
+post-hoc projection, save. The worker supplies hooks (plain callables) for metrics,
+checkpoints, events and cancellation; the core never touches a database or a queue.
+
+Methods (the same names the API uses):
+
+- ``supervised``: plain LoRA.
+- ``asft``: LoRA plus lambda * sum ||(I - C) B A||_F^2 over modules (AsFT).
+- ``safelora``: plain LoRA, then the Safe LoRA projection of the result.
+- ``asft+safelora``: both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+
+from asft_core.checkpoints import (
+    CheckpointInfo,
+    TrainingPosition,
+    load_checkpoint,
+    save_checkpoint,
+)
+from asft_core.data import (
+    IGNORE_INDEX,
+    TokenizedDataset,
+    TokenizedExample,
+    collate,
+    epoch_batches,
+    steps_per_epoch,
+    tokenize_dataset,
+)
+from asft_core.formats import read_examples
+
+Method = Literal["supervised", "asft", "safelora", "asft+safelora"]
+METHODS: tuple[str, ...] = get_args(Method)
+Precision = Literal["auto", "fp32", "bf16"]
+Schedule = Literal["linear", "cosine", "constant"]
+
+
+class TrainingError(ValueError):
+    """A training spec or its inputs are unusable; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape; defaults are the AsFT paper's."""
+
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one training run needs; validated once by :meth:`validate`.
+
+    Paths are explicit: the core never reads service settings.
+    """
+
+    model: str  # local folder or hub id of the aligned model that is fine-tuned
+    training_file: Path
+    output_dir: Path
+    method: Method = "asft"
+    alignment_path: Path | None = None  # artifact from asft_core.alignment (asft, safelora)
+    validation_file: Path | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    asft_lambda: float = 1.0
+    # The reference penalty is on the unscaled B A; True multiplies it by (alpha / r)^2.
+    penalty_scale_by_alpha: bool = False
+    # Keep only the top-k eigenpairs of C per module (None: exact). Saves memory on big models.
+    penalty_rank: int | None = None
+    safelora_threshold: float | None = None
+    safelora_num_modules: int | None = None
+    learning_rate: float = 5e-5
+    lr_schedule: Schedule = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    epochs: int = 1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_seq_len: int = 512
+    max_steps: int | None = None
+    shuffle: bool = True
+    seed: int = 42
+    checkpoint_every_steps: int | None = None
+    checkpoint_each_epoch: bool = True
+    resume_from: Path | None = None
+    device: str = "auto"
+    precision: Precision = "auto"
+    # Written into adapter_config.json as base_model_name_or_path (e.g. the registered id).
+    base_model_id: str | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`TrainingError` for values that cannot work together."""
+        if self.method not in METHODS:
+            raise TrainingError("invalid_method", f"method must be one of {', '.join(METHODS)}")
+        if self.method != "supervised" and self.alignment_path is None:
+            raise TrainingError(
+                "alignment_required", f"method {self.method!r} needs an alignment artifact"
+            )
+        if self.uses_safelora:
+            modes = (self.safelora_threshold is not None) + (self.safelora_num_modules is not None)
+            if modes > 1:
+                raise TrainingError(
+                    "invalid_safelora",
+                    "give either safelora_threshold or safelora_num_modules, not both",
+                )
+        positive = {
+            "rank": self.lora.rank,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "max_seq_len": self.max_seq_len,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise TrainingError("invalid_hyperparameter", f"{name} must be at least 1")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise TrainingError("invalid_hyperparameter", "learning_rate must be positive")
+        if self.asft_lambda < 0:
+            raise TrainingError("invalid_hyperparameter", "asft_lambda must be >= 0")
+        if not self.lora.target_modules:
+            raise TrainingError("invalid_hyperparameter", "target_modules must not be empty")
+
+    @property
+    def uses_asft(self) -> bool:
+        """Whether the AsFT penalty is added to the loss."""
+        return self.method in ("asft", "asft+safelora")
+
+    @property
+    def uses_safelora(self) -> bool:
+        """Whether the Safe LoRA projection is applied after training."""
+        return self.method in ("safelora", "asft+safelora")
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one optimizer step reports to ``TrainHooks.on_metrics``."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    task_loss: float
+    penalty: float
+    loss: float
+    learning_rate: float
+    tokens: int
+    trained_tokens: int
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+
+def _no_event(level: str, message: str) -> None:
+    return None
+
+
+def _no_metrics(metrics: StepMetrics) -> None:
+    return None
+
+
+def _no_checkpoint(checkpoint: CheckpointInfo) -> None:
+    return None
+
+
+def _never_cancel() -> bool:
+    return False
+
+
+@dataclass
+class TrainHooks:
+    """Plain callables the caller (the worker) plugs in. All default to doing nothing."""
+
+    on_event: Callable[[str, str], None] = _no_event  # (level: info|warn|error, message)
+    on_metrics: Callable[[StepMetrics], None] = _no_metrics
+    on_checkpoint: Callable[[CheckpointInfo], None] = _no_checkpoint
+    should_cancel: Callable[[], bool] = _never_cancel  # checked before every step
+
+
+@dataclass
+class TrainResult:
+    """How a run ended and where its adapter is."""
+
+    status: Literal["completed", "cancelled"]
+    adapter_dir: Path | None
+    steps: int
+    total_steps: int
+    trained_tokens: int
+    final_task_loss: float | None
+    validation_loss: float | None
+    checkpoints: list[CheckpointInfo]
+    safelora: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (paths as strings)."""
+        data = asdict(self)
+        data["adapter_dir"] = str(self.adapter_dir) if self.adapter_dir else None
+        data["checkpoints"] = [
+            {"step": c.step, "epoch": c.epoch, "path": str(c.path)} for c in self.checkpoints
+        ]
+        return data
+
+
+def pick_device(device: str, precision: Precision) -> tuple[torch.device, torch.dtype]:
+    """The device and the base-weight dtype: bf16 on CUDA where supported, else fp32.
+
+    LoRA weights and the penalty stay fp32 whatever the base dtype.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if precision == "fp32":
+        return resolved, torch.float32
+    bf16_ok = resolved.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not bf16_ok and resolved.type == "cuda":
+        raise TrainingError("bf16_unsupported", "this GPU does not support bfloat16")
+    if precision == "bf16" or (precision == "auto" and bf16_ok):
+        return resolved, torch.bfloat16
+    return resolved, torch.float32
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: Schedule) -> float:
+    """Learning-rate factor for a 0-based optimizer step."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def load_training_data(
+    tokenizer: Any, path: Path, max_seq_len: int, hooks: TrainHooks, name: str
+) -> TokenizedDataset:
+    """Validate and tokenise a JSONL file, reporting truncation and dropped rows as events."""
+    dataset = tokenize_dataset(tokenizer, read_examples(path), max_seq_len)
+    if dataset.truncated_lines:
+        hooks.on_event(
+            "warn",
+            f"{name}: {len(dataset.truncated_lines)} rows longer than max_seq_len="
+            f"{max_seq_len} were truncated (lines {_line_list(dataset.truncated_lines)})",
+        )
+    if dataset.dropped_lines:
+        hooks.on_event(
+            "warn",
+            f"{name}: {len(dataset.dropped_lines)} rows had no answer tokens left after "
+            f"truncation and were skipped (lines {_line_list(dataset.dropped_lines)})",
+        )
+    if not dataset.examples:
+        raise TrainingError("empty_dataset", f"{name} has no usable rows")
+    return dataset
+
+
+def _line_list(lines: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(line) for line in lines[:limit])
+    return shown + (", ..." if len(lines) > limit else "")
+
+
+def batch_loss_sum(
+    model: Any, batch: dict[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over answer tokens, and how many tokens were summed.
+
+    Summing (not averaging) per micro-batch lets gradient accumulation divide once by the
+    token count of the whole accumulated group, so the loss does not depend on how the
+    group is split.
+    """
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    loss_sum = torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss_sum, int((shifted_labels != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: Any,
+    examples: list[TokenizedExample],
+    pad_token_id: int,
+    device: torch.device,
+    batch_size: int = 8,
+) -> float:
+    """Mean per-token loss over ``examples`` (the validation loss)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        loss_sum, tokens = batch_loss_sum(
+            model, collate(examples[start : start + batch_size], pad_token_id), device
+        )
+        total += float(loss_sum)
+        count += tokens
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def lora_weight_pairs(model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name (as in the base checkpoint) -> (A: (r, d_in), B: (d_out, r)).
+
+    PEFT names modules ``base_model.model.<checkpoint name>``; the prefix is dropped so the
+    names match the alignment artifact's.
+    """
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or "default" not in lora_a:
+            continue
+        key = name.removeprefix("base_model.model.")
+        pairs[key] = (module.lora_A["default"].weight, module.lora_B["default"].weight)
+    return pairs
+
+
+def load_model_and_tokenizer(
+    model_ref: str, dtype: torch.dtype, device: torch.device
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
+    return model.to(device), tokenizer
+
+
+def _write_adapter_config_base(adapter_dir: Path, base_model_id: str | None) -> None:
+    if base_model_id is None:
+        return
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model_id
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
+    """Fine-tune ``spec.model`` with LoRA and the chosen method; see the module docstring.
+
+    Resuming from ``spec.resume_from`` (a checkpoint folder written by this function with
+    the same spec) gives the same final weights as an uninterrupted run.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from asft_core.alignment import load_alignment_directions
+    from asft_core.penalty import AsftRegularizer
+
+    spec.validate()
+    hooks = hooks or TrainHooks()
+    device, base_dtype = pick_device(spec.device, spec.precision)
+    torch.manual_seed(spec.seed)
+
+    # Data.
+    model, tokenizer = load_model_and_tokenizer(spec.model, base_dtype, device)
+    train_data = load_training_data(
+        tokenizer, spec.training_file, spec.max_seq_len, hooks, "training file"
+    )
+    validation_data = (
+        load_training_data(
+            tokenizer, spec.validation_file, spec.max_seq_len, hooks, "validation file"
+        )
+        if spec.validation_file
+        else None
+    )
+    hooks.on_event(
+        "info",
+        f"{len(train_data.examples)} training rows, {train_data.num_tokens} tokens per epoch",
+    )
+
+    # Model: LoRA on the target modules; the base weights stay frozen.
+    lora_config = LoraConfig(
+        r=spec.lora.rank,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)
+    lora_pairs = lora_weight_pairs(model)
+    if not lora_pairs:
+        raise TrainingError("missing_module", "no LoRA target module was found in the model")
+
+    # Penalty: the alignment directions, loaded once onto the training device in fp32.
+    directions = None
+    if spec.alignment_path is not None:
+        directions = load_alignment_directions(
+            spec.alignment_path, device=device, dtype=torch.float32, modules=list(lora_pairs)
+        )
+    regularizer = None
+    if spec.uses_asft:
+        assert directions is not None
+        scaling = spec.lora.alpha / spec.lora.rank if spec.penalty_scale_by_alpha else 1.0
+        regularizer = AsftRegularizer(
+            directions, lam=spec.asft_lambda, scaling=scaling, low_rank=spec.penalty_rank
+        )
+
+    # Optimizer and schedule.
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    per_epoch = steps_per_epoch(
+        len(train_data.examples), spec.batch_size, spec.gradient_accumulation_steps
+    )
+    total_steps = spec.epochs * per_epoch
+    if spec.max_steps is not None:
+        total_steps = min(total_steps, spec.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, total_steps, spec.warmup_steps, spec.lr_schedule),
+    )
+    position = TrainingPosition()
+    if spec.resume_from is not None:
+        position = load_checkpoint(spec.resume_from, model, optimizer, scheduler)
+        hooks.on_event("info", f"resumed from checkpoint at step {position.step}")
+
+    # Loop.
+    checkpoints: list[CheckpointInfo] = []
+    pad_id = tokenizer.pad_token_id
+    checkpoint_root = spec.output_dir / "checkpoints"
+    model.train()
+    started = time.monotonic()
+    start_step = position.step
+    task_loss_value: float | None = None
+    status: Literal["completed", "cancelled"] = "completed"
+
+    def checkpoint() -> None:
+        info = save_checkpoint(
+            checkpoint_root / f"step-{position.step:06d}", model, optimizer, scheduler, position
+        )
+        _write_adapter_config_base(info.adapter_path, spec.base_model_id)
+        checkpoints.append(info)
+        hooks.on_checkpoint(info)
+
+    while position.step < total_steps:
+        if hooks.should_cancel():
+            status = "cancelled"
+            hooks.on_event("warn", f"cancelled before step {position.step + 1}")
+            if position.step > start_step or not checkpoints:
+                checkpoint()
+            break
+        step_started = time.monotonic()
+        batches = epoch_batches(
+            len(train_data.examples), spec.batch_size, spec.seed, position.epoch, spec.shuffle
+        )
+        group = batches[
+            position.batch_in_epoch : position.batch_in_epoch + spec.gradient_accumulation_steps
+        ]
+        micro_batches = [
+            collate([train_data.examples[i] for i in indices], pad_id) for indices in group
+        ]
+        group_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+
+        task_loss = torch.zeros((), device=device)
+        for batch in micro_batches:
+            loss_sum, _ = batch_loss_sum(model, batch, device)
+            micro_loss = loss_sum / group_targets
+            micro_loss.backward()
+            task_loss += micro_loss.detach()
+        penalty = torch.zeros((), device=device)
+        if regularizer is not None:
+            penalty = regularizer(lora_pairs)
+            penalty.backward()
+        if spec.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, spec.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        next_batch = position.batch_in_epoch + len(group)
+        epoch_done = next_batch >= len(batches)
+        position = TrainingPosition(
+            step=position.step + 1,
+            epoch=position.epoch + 1 if epoch_done else position.epoch,
+            batch_in_epoch=0 if epoch_done else next_batch,
+            trained_tokens=position.trained_tokens + step_tokens,
+        )
+        task_loss_value = float(task_loss)
+        penalty_value = float(penalty.detach())
+        if not math.isfinite(task_loss_value) or not math.isfinite(penalty_value):
+            raise TrainingError(
+                "nan_loss",
+                f"loss became {task_loss_value} (penalty {penalty_value}) at step "
+                f"{position.step}; lower the learning rate or lambda",
+            )
+        now = time.monotonic()
+        elapsed = now - started
+        per_step = elapsed / (position.step - start_step)
+        hooks.on_metrics(
+            StepMetrics(
+                step=position.step,
+                total_steps=total_steps,
+                epoch=position.epoch,
+                task_loss=task_loss_value,
+                penalty=penalty_value,
+                loss=task_loss_value + penalty_value,
+                learning_rate=learning_rate,
+                tokens=step_tokens,
+                trained_tokens=position.trained_tokens,
+                tokens_per_s=step_tokens / max(now - step_started, 1e-9),
+                elapsed_s=elapsed,
+                eta_s=per_step * (total_steps - position.step),
+            )
+        )
+        every = spec.checkpoint_every_steps
+        if (every and position.step % every == 0) or (epoch_done and spec.checkpoint_each_epoch):
+            checkpoint()
+
+    if status == "cancelled":
+        return TrainResult(
+            status,
+            None,
+            position.step,
+            total_steps,
+            position.trained_tokens,
+            task_loss_value,
+            None,
+            checkpoints,
+        )
+
+    # Post-hoc Safe LoRA projection of the trained adapter.
+    safelora_report = None
+    if spec.uses_safelora:
+        safelora_report = apply_safelora(model, lora_pairs, directions, spec)
+        projected = safelora_report["projected"]
+        hooks.on_event("info", f"Safe LoRA projected {len(projected)} of {len(lora_pairs)} modules")
+
+    validation_loss = None
+    if validation_data is not None:
+        validation_loss = evaluate_loss(model, validation_data.examples, pad_id, device)
+        hooks.on_event("info", f"validation loss {validation_loss:.4f}")
+
+    adapter_dir = spec.output_dir / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    _write_adapter_config_base(adapter_dir, spec.base_model_id)
+    return TrainResult(
+        status,
+        adapter_dir,
+        position.step,
+        total_steps,
+        position.trained_tokens,
+        task_loss_value,
+        validation_loss,
+        checkpoints,
+        safelora_report,
+    )
+
+
+@torch.no_grad()
+def apply_safelora(
+    model: Any,
+    lora_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    directions: dict[str, torch.Tensor] | None,
+    spec: TrainSpec,
+) -> dict[str, Any]:
+    """Project the trained adapter's B matrices in place (Safe LoRA); return the report."""
+    from asft_core.safelora import safelora_project
+
+    assert directions is not None
+    threshold = spec.safelora_threshold
+    if threshold is None and spec.safelora_num_modules is None:
+        threshold = DEFAULT_SAFELORA_THRESHOLD
+    result = safelora_project(
+        {name: (a.float(), b.float()) for name, (a, b) in lora_pairs.items()},
+        directions,
+        threshold=threshold,
+        num_modules=spec.safelora_num_modules,
+    )
+    for name in result.projected:
+        lora_b = lora_pairs[name][1]
+        lora_b.copy_(result.lora_B[name].to(lora_b.dtype))
+    return result.to_dict()
+
+
+# The Safe LoRA paper's similarity threshold for its default selection mode.
+DEFAULT_SAFELORA_THRESHOLD = 0.5

@@ -1,0 +1,238 @@
+"""The training loop on the tiny zoo model: methods, hooks, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asft_core.demo import write_demo_dataset
+from asft_core.penalty import asft_penalty
+from asft_core.training import (
+    LoraSettings,
+    StepMetrics,
+    TrainHooks,
+    TrainingError,
+    TrainSpec,
+    train,
+)
+from asft_core.zoo import ZooPaths
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "train.jsonl", rows=40, seed=3)
+
+
+def make_spec(
+    zoo: ZooPaths, train_file: Path, out: Path, artifact: Path, **changes: object
+) -> TrainSpec:
+    spec = TrainSpec(
+        model=str(zoo.aligned),
+        training_file=train_file,
+        output_dir=out,
+        method="asft",
+        alignment_path=artifact,
+        learning_rate=1e-3,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        epochs=2,
+        seed=7,
+        checkpoint_each_epoch=False,
+    )
+    return replace(spec, **changes)  # type: ignore[arg-type]
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_lora_weights_change_and_base_weights_do_not(
+    zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        zoo,
+        train_file,
+        tmp_path,
+        alignment_artifact,
+        method="supervised",
+        max_steps=3,
+        base_model_id="tiny-aligned",
+    )
+    seen: list[StepMetrics] = []
+    result = train(spec, TrainHooks(on_metrics=seen.append))
+    assert result.status == "completed" and result.steps == 3
+    assert [m.step for m in seen] == [1, 2, 3]
+    assert all(m.penalty == 0.0 and m.task_loss > 0 and m.tokens > 0 for m in seen)
+    tensors = adapter_tensors(result.adapter_dir)  # type: ignore[arg-type]
+    lora_b = [t for name, t in tensors.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b), "LoRA B left at its zero init"
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())  # type: ignore[operator]
+    assert config["base_model_name_or_path"] == "tiny-aligned"
+    # The base checkpoint on disk is untouched, and so are the frozen weights in memory.
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(zoo.aligned)
+    original = load_file(str(zoo.aligned / "model.safetensors"))
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, original[name])
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(
+    zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    # 40 rows / batch 4 / accumulation 2 = 5 steps per epoch; stopping after 3 is mid-epoch.
+    straight = train(make_spec(zoo, train_file, tmp_path / "straight", alignment_artifact))
+    assert straight.total_steps == 10
+
+    steps_done: list[int] = []
+    interrupted = train(
+        make_spec(zoo, train_file, tmp_path / "interrupted", alignment_artifact),
+        TrainHooks(
+            on_metrics=lambda m: steps_done.append(m.step),
+            should_cancel=lambda: len(steps_done) >= 3,
+        ),
+    )
+    assert interrupted.status == "cancelled" and interrupted.steps == 3
+    checkpoint = interrupted.checkpoints[-1]
+    assert checkpoint.step == 3
+    # A checkpoint holds only safetensors and JSON: nothing that unpickles.
+    suffixes = {p.suffix for p in checkpoint.path.rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json"}
+
+    resumed = train(
+        make_spec(
+            zoo, train_file, tmp_path / "resumed", alignment_artifact, resume_from=checkpoint.path
+        )
+    )
+    assert resumed.status == "completed" and resumed.steps == 10
+    expected = adapter_tensors(straight.adapter_dir)  # type: ignore[arg-type]
+    actual = adapter_tensors(resumed.adapter_dir)  # type: ignore[arg-type]
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_cancellation_stops_within_one_step_and_keeps_a_checkpoint(
+    zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    calls = {"metrics": 0}
+
+    def count(metrics: StepMetrics) -> None:
+        calls["metrics"] += 1
+
+    result = train(
+        make_spec(zoo, train_file, tmp_path, alignment_artifact),
+        TrainHooks(on_metrics=count, should_cancel=lambda: calls["metrics"] >= 1),
+    )
+    assert result.status == "cancelled"
+    assert result.steps == 1 and calls["metrics"] == 1
+    assert result.adapter_dir is None
+    assert (result.checkpoints[-1].adapter_path / "adapter_model.safetensors").exists()
+
+
+def test_asft_keeps_the_update_closer_to_the_alignment_direction(
+    zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    from asft_core.alignment import load_alignment_directions
+
+    directions = load_alignment_directions(alignment_artifact)
+
+    def final_penalty(method: str, lam: float) -> float:
+        spec = make_spec(
+            zoo,
+            train_file,
+            tmp_path / f"{method}-{lam}",
+            alignment_artifact,
+            method=method,
+            asft_lambda=lam,
+            learning_rate=5e-3,
+            epochs=1,
+            lora=LoraSettings(dropout=0.0),
+        )
+        result = train(spec)
+        tensors = adapter_tensors(result.adapter_dir)  # type: ignore[arg-type]
+        total = 0.0
+        for module, direction in directions.items():
+            prefix = f"base_model.model.{module}"
+            lora_a = tensors[f"{prefix}.lora_A.weight"].double()
+            lora_b = tensors[f"{prefix}.lora_B.weight"].double()
+            total += float(asft_penalty(lora_a, lora_b, direction.double()))
+        return total
+
+    plain, anchored = final_penalty("supervised", 0.0), final_penalty("asft", 50.0)
+    assert anchored < 0.5 * plain, (plain, anchored)
+
+
+def test_safelora_projects_and_reports(
+    zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        zoo,
+        train_file,
+        tmp_path,
+        alignment_artifact,
+        method="safelora",
+        safelora_num_modules=2,
+        max_steps=2,
+    )
+    result = train(spec)
+    assert result.safelora is not None
+    assert len(result.safelora["projected"]) == 2
+    assert set(result.safelora["similarities"]) >= set(result.safelora["projected"])
+
+
+def test_truncation_is_reported_with_line_numbers(
+    zoo: ZooPaths, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    rows = [
+        {"prompt": "word " * 60, "completion": "positive"},
+        {"prompt": "hi", "completion": "ok"},
+    ]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    events: list[tuple[str, str]] = []
+    spec = make_spec(
+        zoo,
+        data,
+        tmp_path / "out",
+        alignment_artifact,
+        max_seq_len=32,
+        max_steps=1,
+        method="supervised",
+    )
+    train(spec, TrainHooks(on_event=lambda level, message: events.append((level, message))))
+    warnings = [message for level, message in events if level == "warn"]
+    assert any("truncated" in m and "lines 1" in m for m in warnings), warnings
+    assert any("no answer tokens" in m for m in warnings), warnings
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({"method": "dpo"}, "invalid_method"),
+        ({"alignment_path": None}, "alignment_required"),
+        ({"batch_size": 0}, "invalid_hyperparameter"),
+        ({"learning_rate": -1.0}, "invalid_hyperparameter"),
+        (
+            {"method": "safelora", "safelora_threshold": 0.5, "safelora_num_modules": 1},
+            "invalid_safelora",
+        ),
+    ],
+)
+def test_invalid_specs_are_refused_with_a_code(
+    zoo: ZooPaths,
+    train_file: Path,
+    alignment_artifact: Path,
+    tmp_path: Path,
+    changes: dict[str, object],
+    code: str,
+) -> None:
+    spec = make_spec(zoo, train_file, tmp_path, alignment_artifact, **changes)
+    with pytest.raises(TrainingError) as error:
+        train(spec)
+    assert error.value.code == code

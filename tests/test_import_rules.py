@@ -1,0 +1,74 @@
+"""The architecture's import rules, enforced.
+
+asft_core never imports web, queue or database code; the API never loads torch; and
+``asft_core/__init__.py`` stays light so ``asft_core.formats`` can be shared.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN_IN_CORE = {"fastapi", "starlette", "celery", "sqlalchemy", "alembic", "api", "worker"}
+HEAVY = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy")
+
+
+def imported_roots(path: Path) -> set[str]:
+    """Top-level package names a Python file imports (absolute imports only)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    roots: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_core_imports_no_web_queue_or_db_code() -> None:
+    files = sorted((REPO_ROOT / "asft_core").rglob("*.py"))
+    assert files, "asft_core has no Python files"
+    offenders = {
+        str(path.relative_to(REPO_ROOT)): sorted(imported_roots(path) & FORBIDDEN_IN_CORE)
+        for path in files
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_api_never_imports_torch_statically() -> None:
+    offenders = [
+        str(path.relative_to(REPO_ROOT))
+        for path in sorted((REPO_ROOT / "api").rglob("*.py"))
+        if imported_roots(path) & {"torch", "transformers", "peft", "worker"}
+    ]
+    assert offenders == []
+
+
+def _loaded_modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    return {line.split(".")[0] for line in result.stdout.splitlines()}
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import api",
+        "import api.main; api.main.create_app()",
+        "import api.settings",
+        "import asft_core",
+        "import asft_core.formats",
+        "import asft_core.zoo",
+    ],
+)
+def test_light_imports_do_not_load_the_ml_stack(statement: str) -> None:
+    loaded = _loaded_modules_after(statement)
+    assert "asft_core" in loaded or "api" in loaded
+    assert sorted(loaded & set(HEAVY)) == []
