@@ -1,0 +1,548 @@
+"""The alignment direction V = W_aligned - W_base, streamed from safetensors checkpoints.
+
+For every 2-D weight of the LoRA target modules (``q_proj``, ``v_proj`` by default), V is
+computed one tensor at a time: read the base tensor, read the aligned one, subtract, record
+statistics, append V to the artifact, free. Peak memory stays near the size of the largest
+target tensor pair, never the model size (the reference implementation holds three full fp32
+models, about 116 GB at 7B). Tensors are read with plain file reads, not mmap, so pages
+already used do not accumulate in the process's resident set.
+
+The artifact is a safetensors file whose ``__metadata__`` records the module names, shapes,
+dtype, both model ids and fingerprints, and per module ||V||_F and the top eigenvalue of
+C = V V^T / ||V||_F, which is sigma_1^2 / ||V||_F. When that eigenvalue is tiny in every
+module, C is nearly zero and the AsFT penalty ||(I - C) B A||^2 is plain L2 on the update;
+the metadata flags this as ``degenerate`` so a user can see it before training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
+# Top eigenvalue of C below which C shrinks no direction by more than 1%: the penalty is then
+# within about 2% of plain L2 on the update.
+DEGENERATE_EIGENVALUE = 1e-2
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+_DTYPE_NAMES = {value: key for key, value in _DTYPES.items()}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class AlignmentError(ValueError):
+    """The two checkpoints cannot give an alignment direction; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives inside a safetensors file."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The raw header bytes and the parsed header of a safetensors file."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+    return raw, json.loads(raw)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint folder, in a stable order."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({folder / name for name in weight_map.values()})
+    return sorted(folder.glob("*.safetensors"))
+
+
+def tensor_index(folder: Path) -> dict[str, TensorEntry]:
+    """Tensor name -> location, over every shard of the checkpoint in ``folder``."""
+    files = safetensors_files(folder)
+    if not files:
+        raise AlignmentError("no_safetensors", f"no .safetensors files in {folder}")
+    entries: dict[str, TensorEntry] = {}
+    for file in files:
+        entries.update(tensor_index_of_file(file))
+    return entries
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor with a plain file read (no mmap), shaped as stored."""
+    if entry.dtype not in _DTYPES:
+        raise AlignmentError("unsupported_dtype", f"tensor dtype {entry.dtype} is not supported")
+    buffer = bytearray(entry.end - entry.start)
+    with entry.file.open("rb") as handle:
+        handle.seek(entry.start)
+        handle.readinto(buffer)
+    if not buffer:
+        return torch.empty(entry.shape, dtype=_DTYPES[entry.dtype])
+    return torch.frombuffer(buffer, dtype=_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """sha256 over every shard's header bytes, size and modification time.
+
+    Cheap (no tensor data is read); a rebuilt or re-downloaded checkpoint gets a new
+    fingerprint, so a cached direction is never reused for other weights.
+    """
+    digest = hashlib.sha256()
+    for file in safetensors_files(folder):
+        raw, _ = read_header(file)
+        stat = file.stat()
+        digest.update(file.name.encode() + b"\0" + raw)
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local checkpoint folder as is; otherwise download a hub id's safetensors and configs."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    text = str(model)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise AlignmentError("model_not_found", f"model folder {text!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as error:  # hub errors have many types; all mean "not available"
+        raise AlignmentError(
+            "model_not_found", f"model {text!r} is neither a local folder nor reachable: {error}"
+        ) from error
+
+
+def _check_architectures(base: Path, aligned: Path) -> None:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    configs = []
+    for folder in (base, aligned):
+        config_file = folder / "config.json"
+        configs.append(json.loads(config_file.read_text()) if config_file.exists() else None)
+    if configs[0] is None or configs[1] is None:
+        return
+    differing = [k for k in keys if configs[0].get(k) != configs[1].get(k)]
+    if differing:
+        detail = ", ".join(f"{k}: {configs[0].get(k)} vs {configs[1].get(k)}" for k in differing)
+        raise AlignmentError("architecture_mismatch", f"base and aligned models differ in {detail}")
+
+
+def target_weight_names(entries: dict[str, TensorEntry], target_modules: Sequence[str]) -> set[str]:
+    """Names of the 2-D ``<module>.weight`` tensors whose module's last part is a target."""
+    names = set()
+    for name, entry in entries.items():
+        parts = name.split(".")
+        is_target = len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in target_modules
+        if is_target and len(entry.shape) == 2:
+            names.add(name)
+    return names
+
+
+def top_singular_value(matrix: torch.Tensor, iterations: int = 300, tol: float = 1e-7) -> float:
+    """sigma_1 of ``matrix`` (m, n): exact for small matrices, power iteration otherwise.
+
+    Power iteration on M^T M (or M M^T, the smaller side) costs two matrix-vector products
+    per iteration, which keeps a 4096 x 4096 module well under a second on a CPU.
+    """
+    m = matrix.double() if min(matrix.shape) <= 256 else matrix.float()
+    if min(m.shape) <= 256:
+        return float(torch.linalg.matrix_norm(m, ord=2))
+    if m.shape[0] < m.shape[1]:
+        m = m.T
+    generator = torch.Generator().manual_seed(0)
+    vector = torch.randn(m.shape[1], generator=generator, dtype=m.dtype)
+    vector /= vector.norm()
+    estimate = 0.0
+    for _ in range(iterations):
+        product = m.T @ (m @ vector)
+        norm = float(product.norm())
+        if norm == 0.0:
+            return 0.0
+        vector = product / norm
+        if abs(norm - estimate) <= tol * norm:
+            estimate = norm
+            break
+        estimate = norm
+    return estimate**0.5
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    """Per-module facts about V."""
+
+    frobenius_norm: float  # ||V||_F
+    top_eigenvalue: float  # lambda_1 of C = V V^T / ||V||_F, i.e. sigma_1^2 / ||V||_F
+    top_energy_share: float  # sigma_1^2 / ||V||_F^2: how much of V lies in one direction
+
+
+@dataclass(frozen=True)
+class AlignmentArtifact:
+    """A saved alignment direction: the header facts, without the tensors."""
+
+    path: Path
+    modules: list[str]
+    shapes: dict[str, list[int]]
+    dtype: str
+    target_modules: list[str]
+    base_model: str
+    aligned_model: str
+    base_fingerprint: str
+    aligned_fingerprint: str
+    stats: dict[str, ModuleStats]
+
+    @property
+    def max_top_eigenvalue(self) -> float:
+        """The largest top eigenvalue of C over all modules."""
+        return max((s.top_eigenvalue for s in self.stats.values()), default=0.0)
+
+    @property
+    def degenerate(self) -> bool:
+        """True when C is nearly zero everywhere, so AsFT acts as plain L2 on the update."""
+        return self.max_top_eigenvalue < DEGENERATE_EIGENVALUE
+
+    @classmethod
+    def load(cls, path: Path) -> AlignmentArtifact:
+        """Read an artifact's metadata (the header only, no tensor data)."""
+        _, header = read_header(path)
+        meta = header.get("__metadata__", {})
+        if meta.get("asft_format") != str(FORMAT_VERSION):
+            raise AlignmentError("invalid_artifact", f"{path} is not an AsFT alignment artifact")
+        stats = {name: ModuleStats(**values) for name, values in json.loads(meta["stats"]).items()}
+        return cls(
+            path=path,
+            modules=json.loads(meta["modules"]),
+            shapes=json.loads(meta["shapes"]),
+            dtype=meta["dtype"],
+            target_modules=json.loads(meta["target_modules"]),
+            base_model=meta["base_model"],
+            aligned_model=meta["aligned_model"],
+            base_fingerprint=meta["base_fingerprint"],
+            aligned_fingerprint=meta["aligned_fingerprint"],
+            stats=stats,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready facts for reports and the API."""
+        return {
+            "modules": len(self.modules),
+            "dtype": self.dtype,
+            "max_top_eigenvalue": self.max_top_eigenvalue,
+            "degenerate": self.degenerate,
+            "per_module": {
+                name: {"frobenius_norm": s.frobenius_norm, "top_eigenvalue": s.top_eigenvalue}
+                for name, s in self.stats.items()
+            },
+        }
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file one tensor at a time.
+
+    The header comes first in the format but its metadata (statistics) is known only at the
+    end, so header space is reserved up front and filled in on :meth:`close`; JSON allows
+    the trailing spaces that pad it. The file appears atomically under its final name.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        entries: Sequence[tuple[str, str, tuple[int, ...]]],
+        metadata_reserve: int,
+    ) -> None:
+        """``entries``: (name, safetensors dtype, shape) in write order."""
+        self.path = path
+        self._tensors: dict[str, dict[str, Any]] = {}
+        offset = 0
+        for name, dtype, shape in entries:
+            size = _element_size(dtype)
+            for dim in shape:
+                size *= dim
+            self._tensors[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        self._order = [name for name, _, _ in entries]
+        self._next = 0
+        body = json.dumps(self._tensors, separators=(",", ":"))
+        # Round up to 8 bytes so tensor data stays aligned, as the reference writer does.
+        self._header_size = (len(body) + metadata_reserve + 64 + 7) // 8 * 8
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        self._temp = Path(temp)
+        self._file = os.fdopen(handle, "wb")
+        self._file.write(struct.pack("<Q", self._header_size))
+        self._file.write(b" " * self._header_size)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; names must come in the order given at construction."""
+        expected = self._order[self._next]
+        info = self._tensors[expected]
+        if name != expected or list(tensor.shape) != info["shape"]:
+            raise ValueError(
+                f"expected {expected} {info['shape']}, got {name} {list(tensor.shape)}"
+            )
+        if _DTYPE_NAMES[tensor.dtype] != info["dtype"]:
+            raise ValueError(f"{name}: dtype {tensor.dtype} does not match {info['dtype']}")
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._next += 1
+
+    def close(self, metadata: dict[str, str]) -> None:
+        """Fill in the header, flush to disk and move the file into place."""
+        if self._next != len(self._order):
+            raise ValueError(f"only {self._next} of {len(self._order)} tensors were written")
+        header = json.dumps({"__metadata__": metadata, **self._tensors}, separators=(",", ":"))
+        encoded = header.encode()
+        if len(encoded) > self._header_size:
+            raise ValueError("metadata is larger than the space reserved for it")
+        self._file.seek(8)
+        self._file.write(encoded + b" " * (self._header_size - len(encoded)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._temp, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        self._file.close()
+        self._temp.unlink(missing_ok=True)
+
+
+def _element_size(dtype: str) -> int:
+    return torch.empty((), dtype=_DTYPES[dtype]).element_size()
+
+
+def compute_alignment_direction(
+    base_model: str | Path,
+    aligned_model: str | Path,
+    output_path: Path,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    dtype: str = "float32",
+) -> AlignmentArtifact:
+    """Compute V = W_aligned - W_base for the target modules and save it at ``output_path``.
+
+    Streams tensor by tensor; each V is computed in fp32, measured, cast to ``dtype``
+    (float32, float16 or bfloat16) and written before the next pair is read.
+    """
+    if dtype not in _TORCH_DTYPES:
+        raise AlignmentError("unsupported_dtype", f"dtype must be one of {sorted(_TORCH_DTYPES)}")
+    base_path, aligned_path = resolve_model_path(base_model), resolve_model_path(aligned_model)
+    _check_architectures(base_path, aligned_path)
+    base_entries, aligned_entries = tensor_index(base_path), tensor_index(aligned_path)
+    base_names = target_weight_names(base_entries, target_modules)
+    aligned_names = target_weight_names(aligned_entries, target_modules)
+    if base_names != aligned_names:
+        only_one = sorted(base_names ^ aligned_names)
+        raise AlignmentError(
+            "missing_module",
+            f"target weights present in only one checkpoint: {', '.join(only_one[:5])}",
+        )
+    if not base_names:
+        raise AlignmentError(
+            "missing_module",
+            f"no 2-D weight of the target modules {', '.join(target_modules)} was found",
+        )
+    names = sorted(base_names, key=_natural_key)
+    for name in names:
+        if base_entries[name].shape != aligned_entries[name].shape:
+            raise AlignmentError(
+                "shape_mismatch",
+                f"{name}: base shape {base_entries[name].shape} vs aligned "
+                f"{aligned_entries[name].shape}",
+            )
+
+    out_dtype = _TORCH_DTYPES[dtype]
+    modules = [name.removesuffix(".weight") for name in names]
+    writer = StreamingSafetensorsWriter(
+        output_path,
+        [
+            (module, _DTYPE_NAMES[out_dtype], base_entries[name].shape)
+            for module, name in zip(modules, names, strict=True)
+        ],
+        metadata_reserve=2048 + 256 * len(modules),
+    )
+    stats: dict[str, ModuleStats] = {}
+    try:
+        for module, name in zip(modules, names, strict=True):
+            direction = read_tensor(aligned_entries[name]).float()
+            direction -= read_tensor(base_entries[name]).float()
+            stats[module] = _module_stats(direction)
+            writer.write(module, direction.to(out_dtype))
+            del direction
+        artifact = AlignmentArtifact(
+            path=output_path,
+            modules=modules,
+            shapes={m: list(base_entries[n].shape) for m, n in zip(modules, names, strict=True)},
+            dtype=dtype,
+            target_modules=list(target_modules),
+            base_model=str(base_model),
+            aligned_model=str(aligned_model),
+            base_fingerprint=checkpoint_fingerprint(base_path),
+            aligned_fingerprint=checkpoint_fingerprint(aligned_path),
+            stats=stats,
+        )
+        writer.close(_metadata(artifact))
+    except BaseException:
+        writer.abort()
+        raise
+    return artifact
+
+
+def _module_stats(direction: torch.Tensor) -> ModuleStats:
+    norm = float(
+        torch.linalg.matrix_norm(direction.double() if direction.numel() < 1 << 20 else direction)
+    )
+    if norm == 0.0:
+        return ModuleStats(0.0, 0.0, 0.0)
+    sigma = top_singular_value(direction)
+    return ModuleStats(norm, sigma**2 / norm, sigma**2 / norm**2)
+
+
+def _metadata(artifact: AlignmentArtifact) -> dict[str, str]:
+    def floats(value: float) -> str:
+        return f"{value:.9e}"
+
+    return {
+        "asft_format": str(FORMAT_VERSION),
+        "modules": json.dumps(artifact.modules),
+        "shapes": json.dumps(artifact.shapes),
+        "dtype": artifact.dtype,
+        "target_modules": json.dumps(artifact.target_modules),
+        "base_model": artifact.base_model,
+        "aligned_model": artifact.aligned_model,
+        "base_fingerprint": artifact.base_fingerprint,
+        "aligned_fingerprint": artifact.aligned_fingerprint,
+        "stats": json.dumps(
+            {
+                name: {key: float(floats(value)) for key, value in vars(s).items()}
+                for name, s in artifact.stats.items()
+            }
+        ),
+        "max_top_eigenvalue": floats(artifact.max_top_eigenvalue),
+        "degenerate": json.dumps(artifact.degenerate),
+    }
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
+def alignment_cache_key(
+    base_model: str,
+    aligned_model: str,
+    target_modules: Iterable[str],
+    dtype: str,
+    base_fingerprint: str,
+    aligned_fingerprint: str,
+) -> str:
+    """Hex digest naming the cached direction of one model pair, module set and dtype."""
+    payload = json.dumps(
+        {
+            "format": FORMAT_VERSION,
+            "base": base_model,
+            "aligned": aligned_model,
+            "modules": sorted(target_modules),
+            "dtype": dtype,
+            "base_fingerprint": base_fingerprint,
+            "aligned_fingerprint": aligned_fingerprint,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def get_or_compute_alignment(
+    base_model: str | Path,
+    aligned_model: str | Path,
+    cache_dir: Path,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    dtype: str = "float32",
+) -> AlignmentArtifact:
+    """The cached direction for this pair, computing it once.
+
+    A file lock per cache key makes concurrent workers wait for one computation instead of
+    each doing it.
+    """
+    from filelock import FileLock
+
+    base_path, aligned_path = resolve_model_path(base_model), resolve_model_path(aligned_model)
+    key = alignment_cache_key(
+        str(base_model),
+        str(aligned_model),
+        target_modules,
+        dtype,
+        checkpoint_fingerprint(base_path),
+        checkpoint_fingerprint(aligned_path),
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{key}.safetensors"
+    with FileLock(str(cache_dir / f"{key}.lock")):
+        if path.exists():
+            return AlignmentArtifact.load(path)
+        return compute_alignment_direction(base_path, aligned_path, path, target_modules, dtype)
+
+
+def load_alignment_directions(
+    path: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    modules: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Module name -> V: (d_out, d_in) from an artifact, on ``device`` in ``dtype``.
+
+    With ``modules``, only those are loaded, and a missing one is an error.
+    """
+    artifact = AlignmentArtifact.load(path)
+    wanted = list(modules) if modules is not None else artifact.modules
+    missing = sorted(set(wanted) - set(artifact.modules))
+    if missing:
+        raise AlignmentError(
+            "missing_module",
+            f"the alignment artifact has no direction for: {', '.join(missing[:5])}",
+        )
+    entries = tensor_index_of_file(path)
+    return {name: read_tensor(entries[name]).to(device=device, dtype=dtype) for name in wanted}
+
+
+def tensor_index_of_file(path: Path) -> dict[str, TensorEntry]:
+    """Tensor name -> location for a single safetensors file."""
+    raw, header = read_header(path)
+    data_start = 8 + len(raw)
+    return {
+        name: TensorEntry(
+            path,
+            info["dtype"],
+            tuple(info["shape"]),
+            data_start + info["data_offsets"][0],
+            data_start + info["data_offsets"][1],
+        )
+        for name, info in header.items()
+        if name != "__metadata__"
+    }

@@ -1,0 +1,194 @@
+"""The AsFT penalty: lambda * sum over LoRA modules of ||(I - C) B A||_F^2.
+
+For one module with alignment direction V (d_out, d_in), C = V V^T / ||V||_F (d_out, d_out),
+as in the paper's released code (divided by the Frobenius norm, not its square). The LoRA
+update is B A with A: (r, d_in) and B: (d_out, r).
+
+C is never formed. With X = (I - C) B = B - V (V^T B) / ||V||_F, an (d_out, r) matrix,
+
+    ||X A||_F^2 = trace(A^T X^T X A) = sum((X^T X) * (A A^T)),
+
+which costs two (d x d x r) products per module instead of a d^3 one and d^2 memory.
+Everything is computed in float32 at least (float64 inputs stay float64, for the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def asft_penalty(
+    lora_A: Tensor,
+    lora_B: Tensor,
+    direction: Tensor,
+    direction_norm: Tensor | float | None = None,
+    scaling: float = 1.0,
+) -> Tensor:
+    """||(I - C) (scaling * B A)||_F^2 for one module, without a d x d matrix.
+
+    Args:
+        lora_A: (r, d_in).
+        lora_B: (d_out, r).
+        direction: V, (d_out, d_in).
+        direction_norm: ||V||_F if already known (saves a pass over V each step).
+        scaling: multiplies B A (1.0 is the reference; lora_alpha / r is the option).
+
+    Returns:
+        A scalar tensor, differentiable with respect to A and B.
+    """
+    dtype = _compute_dtype(lora_A, lora_B, direction)
+    a, b, v = lora_A.to(dtype), lora_B.to(dtype), direction.to(dtype)
+    norm = torch.linalg.matrix_norm(v) if direction_norm is None else direction_norm
+    x = b - v @ (v.T @ b) / norm
+    return (x.T @ x * (a @ a.T)).sum() * scaling**2
+
+
+def naive_asft_penalty(lora_A: Tensor, lora_B: Tensor, direction: Tensor) -> Tensor:
+    """The reference formula with C materialised: for tests and benchmarks only.
+
+    Costs d_out^2 memory and a (d_out x d_out x d_in) product.
+    """
+    dtype = _compute_dtype(lora_A, lora_B, direction)
+    a, b, v = lora_A.to(dtype), lora_B.to(dtype), direction.to(dtype)
+    c = v @ v.T / torch.linalg.matrix_norm(v)
+    identity = torch.eye(c.shape[0], dtype=dtype, device=c.device)
+    return torch.linalg.matrix_norm((identity - c) @ (b @ a)) ** 2
+
+
+@dataclass(frozen=True)
+class LowRankDirection:
+    """The top-k eigenpairs of C = V V^T / ||V||_F, standing in for V.
+
+    C is symmetric positive semi-definite with eigenvectors the left singular vectors u_i of
+    V and eigenvalues lam_i = sigma_i^2 / ||V||_F. Keeping k of them, C_k = U_k diag(lam) U_k^T
+    and ||C - C_k||_2 = lam_{k+1} (``spectral_error``).
+
+    Penalty error bound, with M = B A: write P = (I - C) M and P_k = (I - C_k) M, so
+    P_k - P = (C - C_k) M and ||P_k - P||_F <= lam_{k+1} ||M||_F. Then
+    | ||P_k||^2 - ||P||^2 | = |<P_k - P, P_k + P>| <= ||P_k - P||_F (||P_k||_F + ||P||_F)
+    <= lam_{k+1} ||M||_F * (2 ||P||_F + lam_{k+1} ||M||_F), and ||P||_F <= (1 + lam_1) ||M||_F
+    since ||I - C||_2 <= max(1, lam_1 - 1) <= 1 + lam_1. So the error is at most
+    ``relative_bound * ||M||_F^2`` with relative_bound = lam_{k+1} (2 (1 + lam_1) + lam_{k+1}).
+
+    Attributes:
+        basis: U_k, (d_out, k), orthonormal columns.
+        eigenvalues: lam_1..lam_k, (k,), descending.
+        spectral_error: lam_{k+1} (0 when k reaches the rank of V).
+        top_eigenvalue: lam_1.
+    """
+
+    basis: Tensor
+    eigenvalues: Tensor
+    spectral_error: float
+    top_eigenvalue: float
+
+    @property
+    def relative_bound(self) -> float:
+        """|penalty_k - penalty| <= relative_bound * ||B A||_F^2 (see the class docstring)."""
+        tail = self.spectral_error
+        return tail * (2.0 * (1.0 + self.top_eigenvalue) + tail)
+
+
+def low_rank_direction(direction: Tensor, k: int) -> LowRankDirection:
+    """Keep the top-``k`` eigenpairs of C for ``direction`` V: (d_out, d_in).
+
+    Uses an exact SVD (in float64 for float64 input, else float32); it runs once per module
+    when training starts, not per step.
+    """
+    dtype = _compute_dtype(direction)
+    v = direction.to(dtype)
+    norm = torch.linalg.matrix_norm(v)
+    u, singular_values, _ = torch.linalg.svd(v, full_matrices=False)
+    eigenvalues = singular_values**2 / norm
+    k = min(k, eigenvalues.numel())
+    tail = float(eigenvalues[k]) if k < eigenvalues.numel() else 0.0
+    return LowRankDirection(
+        basis=u[:, :k].contiguous(),
+        eigenvalues=eigenvalues[:k].contiguous(),
+        spectral_error=tail,
+        top_eigenvalue=float(eigenvalues[0]),
+    )
+
+
+def asft_penalty_low_rank(
+    lora_A: Tensor, lora_B: Tensor, low_rank: LowRankDirection, scaling: float = 1.0
+) -> Tensor:
+    """||(I - C_k) (scaling * B A)||_F^2 with C_k from :func:`low_rank_direction`.
+
+    Costs (d_out x k x r) per step instead of (d_out x d_in x r).
+    """
+    dtype = _compute_dtype(lora_A, lora_B, low_rank.basis)
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    basis = low_rank.basis.to(dtype)
+    x = b - basis @ (low_rank.eigenvalues.to(dtype)[:, None] * (basis.T @ b))
+    return (x.T @ x * (a @ a.T)).sum() * scaling**2
+
+
+class AsftRegularizer:
+    """lambda * sum over modules of the AsFT penalty, ready to add to the task loss.
+
+    Directions are moved to the device and cast once, and ||V||_F is computed once, so a
+    training step only does the two skinny products per module. With ``low_rank`` set, each
+    V is replaced by the top-k eigenpairs of its C, which also saves memory on large models.
+    """
+
+    def __init__(
+        self,
+        directions: Mapping[str, Tensor],
+        lam: float = 1.0,
+        scaling: float = 1.0,
+        low_rank: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Prepare per-module state. ``directions`` maps module name -> V: (d_out, d_in)."""
+        self.lam = lam
+        self.scaling = scaling
+        self._exact: dict[str, tuple[Tensor, Tensor]] = {}
+        self._low_rank: dict[str, LowRankDirection] = {}
+        for name, direction in directions.items():
+            v = direction.to(device=device or direction.device, dtype=_compute_dtype(direction))
+            if low_rank is None:
+                self._exact[name] = (v, torch.linalg.matrix_norm(v))
+            else:
+                self._low_rank[name] = low_rank_direction(v, low_rank)
+
+    @property
+    def modules(self) -> list[str]:
+        """Module names this regularizer has a direction for."""
+        return [*self._exact, *self._low_rank]
+
+    @property
+    def low_rank_bounds(self) -> dict[str, float]:
+        """Per module: the bound on |approximate - exact| relative to ||B A||_F^2."""
+        return {name: lr.relative_bound * self.scaling**2 for name, lr in self._low_rank.items()}
+
+    def __call__(self, lora_weights: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """Sum the penalty over ``lora_weights`` (module name -> (A: (r, d_in), B: (d_out, r)))."""
+        if not lora_weights:
+            raise ValueError("no LoRA modules were given to the AsFT penalty")
+        terms = []
+        for name, (lora_A, lora_B) in lora_weights.items():
+            if name in self._exact:
+                v, norm = self._exact[name]
+                if v.shape != (lora_B.shape[0], lora_A.shape[1]):
+                    raise ValueError(
+                        f"{name}: alignment direction has shape {tuple(v.shape)} but the LoRA "
+                        f"update is {lora_B.shape[0]} x {lora_A.shape[1]}"
+                    )
+                terms.append(asft_penalty(lora_A, lora_B, v, norm, self.scaling))
+            elif name in self._low_rank:
+                low_rank = self._low_rank[name]
+                if low_rank.basis.shape[0] != lora_B.shape[0]:
+                    raise ValueError(f"{name}: alignment direction does not fit the LoRA update")
+                terms.append(asft_penalty_low_rank(lora_A, lora_B, low_rank, self.scaling))
+            else:
+                raise ValueError(f"no alignment direction for LoRA module {name!r}")
+        return self.lam * torch.stack(terms).sum()
