@@ -4,7 +4,7 @@ For one module with alignment direction V (d_out, d_in), C = V V^T / ||V||_F (d_
 as in the paper's released code (divided by the Frobenius norm, not its square). The LoRA
 update is B A with A: (r, d_in) and B: (d_out, r).
 
-C is never formed. With X = (I - C) B = B - V (V^T B) / ||V||_F, an (d_out, r) matrix,
+C is never formed. With X = (I - C) B = B - V (V^T B) / ||V||_F, a (d_out, r) matrix,
 
     ||X A||_F^2 = trace(A^T X^T X A) = sum((X^T X) * (A A^T)),
 
@@ -47,8 +47,11 @@ def asft_penalty(
     dtype = _compute_dtype(lora_A, lora_B, direction)
     a, b, v = lora_A.to(dtype), lora_B.to(dtype), direction.to(dtype)
     norm = torch.linalg.matrix_norm(v) if direction_norm is None else direction_norm
-    x = b - v @ (v.T @ b) / norm
-    return (x.T @ x * (a @ a.T)).sum() * scaling**2
+    # Work with rows (B^T: (r, d_out)): "row block times V" reads V in its storage order, which
+    # is several times faster on CPUs than "V^T times column block", forward and backward.
+    b_rows = b.T
+    x_rows = b_rows - (b_rows @ v) @ v.T / norm  # X^T = B^T - (B^T V) V^T / ||V||_F
+    return (x_rows @ x_rows.T * (a @ a.T)).sum() * scaling**2
 
 
 def naive_asft_penalty(lora_A: Tensor, lora_B: Tensor, direction: Tensor) -> Tensor:
@@ -128,8 +131,9 @@ def asft_penalty_low_rank(
     dtype = _compute_dtype(lora_A, lora_B, low_rank.basis)
     a, b = lora_A.to(dtype), lora_B.to(dtype)
     basis = low_rank.basis.to(dtype)
-    x = b - basis @ (low_rank.eigenvalues.to(dtype)[:, None] * (basis.T @ b))
-    return (x.T @ x * (a @ a.T)).sum() * scaling**2
+    b_rows = b.T
+    x_rows = b_rows - (b_rows @ basis) * low_rank.eigenvalues.to(dtype) @ basis.T
+    return (x_rows @ x_rows.T * (a @ a.T)).sum() * scaling**2
 
 
 class AsftRegularizer:

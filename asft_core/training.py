@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -400,7 +401,10 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         target_modules=list(spec.lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora_config)
+    with warnings.catch_warnings():
+        # peft asks a deprecated transformers property; the warning is theirs, not the user's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = get_peft_model(model, lora_config)
     lora_pairs = lora_weight_pairs(model)
     if not lora_pairs:
         raise TrainingError("missing_module", "no LoRA target module was found in the model")

@@ -100,7 +100,8 @@ def measure(case: Case, steps: int, device: torch.device) -> tuple[float, float]
     for _ in range(3):
         step(False)
         step(True)
-    lora_times, asft_times = [], []
+    lora_times: list[float] = []
+    asft_times: list[float] = []
     for index in range(steps):
         # Alternate which goes first, so neither always runs on a warmer cache.
         order = (False, True) if index % 2 == 0 else (True, False)

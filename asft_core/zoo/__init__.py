@@ -77,6 +77,8 @@ def build_zoo(cache_dir: Path, spec: ZooSpec | None = None) -> ZooPaths:
 
 def _build_into(folder: Path, spec: ZooSpec) -> None:
     # Heavy imports stay here so `import asft_core.zoo` is cheap.
+    from transformers.utils import logging as hf_logging
+
     from asft_core.zoo.language import corpus_lines
     from asft_core.zoo.models import (
         TinyLlamaShape,
@@ -85,6 +87,8 @@ def _build_into(folder: Path, spec: ZooSpec) -> None:
         tiny_llama_config,
     )
     from asft_core.zoo.tokenizer import save_tokenizer, train_tokenizer
+
+    hf_logging.disable_progress_bar()
 
     tokenizer = train_tokenizer(corpus_lines(spec.seed, 5000), vocab_size=spec.vocab_size)
     shape = TinyLlamaShape(

@@ -1,0 +1,26 @@
+"""The Celery app is configured from the settings: filesystem broker by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from api.settings import Settings
+from worker.celery_app import make_celery
+
+
+def test_embedded_default_uses_the_filesystem_broker(tmp_path: Path) -> None:
+    app = make_celery(Settings(_env_file=None, data_dir=tmp_path))
+    options = app.conf.broker_transport_options
+    assert app.conf.broker_url == "filesystem://"
+    assert Path(options["data_folder_in"]) == tmp_path / "broker" / "out"
+    assert (tmp_path / "broker" / "out").is_dir()
+    assert app.conf.task_acks_late is True
+    assert app.conf.accept_content == ["json"]
+
+
+def test_a_broker_url_switches_to_it(tmp_path: Path) -> None:
+    app = make_celery(
+        Settings(_env_file=None, data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0")
+    )
+    assert app.conf.broker_url == "redis://127.0.0.1:6379/0"
+    assert not (tmp_path / "broker").exists()
