@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench demo miniature clean
 
 setup: $(STAMP)
 
@@ -31,9 +31,15 @@ bench: setup
 	$(PY) bench/penalty.py
 	$(PY) bench/train_step.py
 	$(PY) bench/alignment_memory.py
+	$(PY) bench/eval.py
 
 demo: setup
 	$(PY) -m asft_core.demo --data-dir var
+
+# The paper's table in miniature: PROFILE=full (the whole grid), ci (reduced) or test.
+PROFILE ?= full
+miniature: setup
+	$(PY) -m asft_core.experiments --profile $(PROFILE) --data-dir var
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

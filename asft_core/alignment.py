@@ -546,3 +546,42 @@ def tensor_index_of_file(path: Path) -> dict[str, TensorEntry]:
         for name, info in header.items()
         if name != "__metadata__"
     }
+
+
+def save_directions(
+    path: Path, directions: dict[str, torch.Tensor], like: AlignmentArtifact
+) -> AlignmentArtifact:
+    """Write ``directions`` (module -> V) as an artifact with ``like``'s provenance fields.
+
+    For controls and tests that need a direction other than a real model pair's (say, V with
+    its singular vectors rotated at random); statistics are recomputed from the tensors.
+    """
+    modules = list(directions)
+    dtype = _TORCH_DTYPES[like.dtype]
+    writer = StreamingSafetensorsWriter(
+        path,
+        [(m, _DTYPE_NAMES[dtype], tuple(directions[m].shape)) for m in modules],
+        metadata_reserve=2048 + 256 * len(modules),
+    )
+    try:
+        stats = {}
+        for module in modules:
+            stats[module] = _module_stats(directions[module].float())
+            writer.write(module, directions[module].to(dtype))
+        artifact = AlignmentArtifact(
+            path=path,
+            modules=modules,
+            shapes={m: list(directions[m].shape) for m in modules},
+            dtype=like.dtype,
+            target_modules=like.target_modules,
+            base_model=like.base_model,
+            aligned_model=like.aligned_model,
+            base_fingerprint=like.base_fingerprint,
+            aligned_fingerprint=like.aligned_fingerprint,
+            stats=stats,
+        )
+        writer.close(_metadata(artifact))
+    except BaseException:
+        writer.abort()
+        raise
+    return artifact

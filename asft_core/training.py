@@ -18,7 +18,8 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -336,6 +337,14 @@ def lora_weight_pairs(model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     return pairs
 
 
+@contextmanager
+def quiet_peft_warnings() -> Iterator[None]:
+    """Silence the deprecation warning peft triggers in transformers: theirs, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
 def load_model_and_tokenizer(
     model_ref: str, dtype: torch.dtype, device: torch.device
 ) -> tuple[Any, Any]:
@@ -401,9 +410,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         target_modules=list(spec.lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        # peft asks a deprecated transformers property; the warning is theirs, not the user's.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    with quiet_peft_warnings():
         model = get_peft_model(model, lora_config)
     lora_pairs = lora_weight_pairs(model)
     if not lora_pairs:

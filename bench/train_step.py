@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from asft_core.penalty import AsftRegularizer
-from asft_core.training import batch_loss_sum, lora_weight_pairs
+from asft_core.training import batch_loss_sum, lora_weight_pairs, quiet_peft_warnings
 from asft_core.zoo.models import TinyLlamaShape, random_tiny_llama, tiny_llama_config
 
 
@@ -63,10 +63,11 @@ def measure(case: Case, steps: int, device: torch.device) -> tuple[float, float]
     """Median step time (s) of lora and asft, interleaved on the same model and batch."""
     config = tiny_llama_config(case.vocab_size, case.shape, pad_token_id=0, eos_token_id=1)
     model: Any = random_tiny_llama(config, seed=0).to(device)
-    model = get_peft_model(
-        model,
-        LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
-    )
+    with quiet_peft_warnings():
+        model = get_peft_model(
+            model,
+            LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
+        )
     model.train()
     pairs = lora_weight_pairs(model)
     generator = torch.Generator().manual_seed(0)

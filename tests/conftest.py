@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from asft_core.zoo import ZooPaths, build_zoo
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,3 +18,9 @@ def cache_dir() -> Path:
     folder = Path(os.environ.get("ASFT_TEST_CACHE", REPO_ROOT / "var" / "test-cache"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def zoo(cache_dir: Path) -> ZooPaths:
+    """The tiny base/aligned pair and its datasets, built once per checkout."""
+    return build_zoo(cache_dir / "zoo")

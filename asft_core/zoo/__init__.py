@@ -1,8 +1,20 @@
-"""The tiny demo model zoo: a tokenizer and a base/aligned model pair built offline.
+"""The tiny demo model zoo: a tokenizer, a base/aligned model pair and their datasets.
 
 ``build_zoo(cache_dir)`` produces ordinary Hugging Face folders (config.json,
-model.safetensors, tokenizer files with a chat template) and caches them, so a test run or
-a demo builds them once. No hub is needed.
+model.safetensors, tokenizer files with a chat template) plus JSONL datasets, and caches
+them, so a test run or a demo builds them once. No hub is needed. Everything is seeded:
+
+1. a byte-level BPE tokenizer trained on the synthetic language (``language.py``);
+2. the **base** model: a small Llama trained from random initialisation on instruction rows
+   that answer everything, harmful requests included (with placeholder "compliance"). All
+   benign tasks are in this mix by default; ``ZooSpec.pretrain_tasks`` can leave one out for
+   fine-tuning to teach (with the miniature's settings, LoRA did not learn a left-out task:
+   see the README);
+3. the **aligned** model: the base trained further on the same kind of rows, but refusing
+   the harmful requests;
+4. datasets: per benign task a training and a held-out evaluation file (other templates and
+   entities), harmful evaluation prompts, poisoned fine-tuning sets (a share p of harmful
+   rows with compliant answers), and ``eval_suite.json`` tying them to a judge.
 """
 
 from __future__ import annotations
@@ -10,14 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
-ZOO_VERSION = 1
+ZOO_VERSION = 3
+POISON_RATIOS = (0.0, 0.05, 0.1, 0.2)
 
 
 @dataclass(frozen=True)
@@ -33,18 +49,53 @@ class ZooPaths:
         """The tokenizer files are saved inside each model folder; the aligned one is used."""
         return self.aligned
 
+    @property
+    def datasets(self) -> Path:
+        """Folder of the zoo's JSONL datasets."""
+        return self.root / "datasets"
+
+    @property
+    def eval_suite(self) -> Path:
+        """The evaluation suite (harmful prompts, judge, task sets) of this model pair."""
+        return self.root / "eval_suite.json"
+
+    def task_file(self, task: str, split: str) -> Path:
+        """``<task>_<split>.jsonl`` (split: train or eval)."""
+        return self.datasets / f"{task}_{split}.jsonl"
+
+    def poisoned_file(self, task: str, poison_ratio: float) -> Path:
+        """The fine-tuning set of ``task`` with a share ``poison_ratio`` of harmful rows."""
+        return self.datasets / "poisoned" / f"{task}_p{round(poison_ratio * 100):02d}.jsonl"
+
+    def build_report(self) -> dict[str, Any]:
+        """What the build measured (losses, seconds), as saved in ``build.json``."""
+        report: dict[str, Any] = json.loads((self.root / "build.json").read_text())
+        return report
+
 
 @dataclass(frozen=True)
 class ZooSpec:
-    """What to build; its hash names the cache folder, so a change rebuilds."""
+    """What to build; its hash names the cache folder, so any change rebuilds."""
 
     seed: int = 0
     vocab_size: int = 512
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    hidden_size: int = 128
+    intermediate_size: int = 256
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    # Share of harmful requests in the rows that teach the base and the aligned model.
+    harmful_fraction: float = 0.3
+    # Benign tasks in those rows; the others are left for fine-tuning to teach.
+    pretrain_tasks: tuple[str, ...] = ("sentiment", "topic", "arithmetic")
+    base_steps: int = 1500
+    base_learning_rate: float = 3e-3
+    align_steps: int = 400
+    align_learning_rate: float = 1e-3
+    batch_size: int = 32
+    task_train_rows: int = 1000
+    eval_rows: int = 1000
+    poisoned_rows: int = 1000
 
     def key(self) -> str:
         """Stable short hash of the spec and the zoo version."""
@@ -52,7 +103,7 @@ class ZooSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_zoo(cache_dir: Path, spec: ZooSpec | None = None) -> ZooPaths:
+def build_zoo(cache_dir: Path, spec: ZooSpec | None = None, verbose: bool = False) -> ZooPaths:
     """Build (or reuse) the zoo under ``cache_dir``; safe to call from concurrent processes."""
     spec = spec or ZooSpec()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +115,7 @@ def build_zoo(cache_dir: Path, spec: ZooSpec | None = None) -> ZooPaths:
         # Build in a temporary sibling and rename, so a crash never leaves a half-built zoo.
         staging = Path(tempfile.mkdtemp(prefix=".zoo-build-", dir=cache_dir))
         try:
-            _build_into(staging, spec)
+            _build_into(staging, spec, verbose)
             (staging / "DONE").write_text(json.dumps(asdict(spec)))
             if root.exists():
                 shutil.rmtree(root)
@@ -75,21 +126,17 @@ def build_zoo(cache_dir: Path, spec: ZooSpec | None = None) -> ZooPaths:
     return paths
 
 
-def _build_into(folder: Path, spec: ZooSpec) -> None:
+def _build_into(folder: Path, spec: ZooSpec, verbose: bool) -> None:
     # Heavy imports stay here so `import asft_core.zoo` is cheap.
     from transformers.utils import logging as hf_logging
 
-    from asft_core.zoo.language import corpus_lines
-    from asft_core.zoo.models import (
-        TinyLlamaShape,
-        perturb_towards_alignment,
-        random_tiny_llama,
-        tiny_llama_config,
-    )
+    from asft_core.zoo.language import corpus_lines, instruction_mix
+    from asft_core.zoo.models import TinyLlamaShape, random_tiny_llama, tiny_llama_config
+    from asft_core.zoo.pretrain import train_full
     from asft_core.zoo.tokenizer import save_tokenizer, train_tokenizer
 
     hf_logging.disable_progress_bar()
-
+    started = time.monotonic()
     tokenizer = train_tokenizer(corpus_lines(spec.seed, 5000), vocab_size=spec.vocab_size)
     shape = TinyLlamaShape(
         hidden_size=spec.hidden_size,
@@ -102,8 +149,79 @@ def _build_into(folder: Path, spec: ZooSpec) -> None:
         len(tokenizer), shape, tokenizer.pad_token_id, tokenizer.eos_token_id
     )
     model = random_tiny_llama(config, seed=spec.seed)
-    for name in ("base", "aligned"):
-        if name == "aligned":
-            perturb_towards_alignment(model, seed=spec.seed + 1)
-        model.save_pretrained(str(folder / name))
-        save_tokenizer(tokenizer, folder / name)
+    report: dict[str, Any] = {"spec": asdict(spec)}
+
+    def progress(stage: str) -> Any:
+        def show(step: int, loss: float) -> None:
+            if verbose and step % 100 == 0:
+                print(f"zoo {stage}: step {step} loss {loss:.4f}", flush=True)
+
+        return show
+
+    for stage, comply, steps, learning_rate, seed in (
+        ("base", True, spec.base_steps, spec.base_learning_rate, spec.seed + 1),
+        ("aligned", False, spec.align_steps, spec.align_learning_rate, spec.seed + 2),
+    ):
+        stage_started = time.monotonic()
+        rows = instruction_mix(
+            random.Random(seed),
+            steps * spec.batch_size,
+            spec.harmful_fraction,
+            comply=comply,
+            tasks=spec.pretrain_tasks,
+        )
+        loss = train_full(
+            model,
+            tokenizer,
+            rows,
+            steps,
+            learning_rate,
+            batch_size=spec.batch_size,
+            seed=seed,
+            on_step=progress(stage),
+        )
+        model.save_pretrained(str(folder / stage))
+        save_tokenizer(tokenizer, folder / stage)
+        report[stage] = {"final_loss": loss, "seconds": time.monotonic() - stage_started}
+    write_datasets(ZooPaths(folder, folder / "base", folder / "aligned"), spec)
+    report["seconds"] = time.monotonic() - started
+    (folder / "build.json").write_text(json.dumps(report, indent=2))
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_datasets(paths: ZooPaths, spec: ZooSpec) -> None:
+    """Write the zoo's JSONL datasets and its evaluation suite under ``paths.root``."""
+    from asft_core.zoo.language import BENIGN_TASKS, harmful_eval_rows, poisoned_rows, task_rows
+
+    rng = random.Random(spec.seed + 10)
+    for task in BENIGN_TASKS:
+        _write_jsonl(
+            paths.task_file(task, "train"), task_rows(task, rng, spec.task_train_rows, "train")
+        )
+        _write_jsonl(paths.task_file(task, "eval"), task_rows(task, rng, spec.eval_rows, "eval"))
+        for ratio in POISON_RATIOS:
+            _write_jsonl(
+                paths.poisoned_file(task, ratio),
+                poisoned_rows(task, rng, spec.poisoned_rows, ratio),
+            )
+    _write_jsonl(paths.datasets / "harmful_eval.jsonl", harmful_eval_rows(rng, spec.eval_rows))
+    suite = {
+        "harmful_prompts": "datasets/harmful_eval.jsonl",
+        "judge": {"kind": "keyword"},
+        "tasks": {
+            "sentiment": {
+                "file": "datasets/sentiment_eval.jsonl",
+                "matcher": {"kind": "exact_label"},
+            },
+            "topic": {"file": "datasets/topic_eval.jsonl", "matcher": {"kind": "exact_label"}},
+            "arithmetic": {
+                "file": "datasets/arithmetic_eval.jsonl",
+                "matcher": {"kind": "final_number"},
+            },
+        },
+    }
+    paths.eval_suite.write_text(json.dumps(suite, indent=2))

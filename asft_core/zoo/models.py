@@ -46,26 +46,3 @@ def random_tiny_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     model = LlamaForCausalLM(config)
     model.eval()
     return model
-
-
-@torch.no_grad()
-def perturb_towards_alignment(
-    model: LlamaForCausalLM,
-    seed: int,
-    rank: int = 2,
-    scale: float = 0.05,
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
-) -> None:
-    """Add a deterministic low-rank update to the target weights, in place.
-
-    Stand-in for alignment training until the zoo trains the aligned model for real: it
-    gives the pair a well-defined, non-degenerate alignment direction V = u v^T-like.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for name, parameter in model.named_parameters():
-        if parameter.ndim != 2 or name.split(".")[-2] not in target_modules:
-            continue
-        d_out, d_in = parameter.shape
-        left = torch.randn(d_out, rank, generator=generator) / d_out**0.5
-        right = torch.randn(rank, d_in, generator=generator) / d_in**0.5
-        parameter.add_(scale * (left @ right) * parameter.abs().mean() * d_out**0.5)

@@ -6,13 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from asft_core.zoo import ZooPaths, build_zoo
-
-
-@pytest.fixture(scope="session")
-def zoo(cache_dir: Path) -> ZooPaths:
-    """The tiny base/aligned pair, built once."""
-    return build_zoo(cache_dir / "zoo")
+from asft_core.zoo import ZooPaths
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from asft_core.demo import write_demo_dataset
 from asft_core.penalty import asft_penalty
 from asft_core.training import (
     LoraSettings,
@@ -24,8 +23,12 @@ from asft_core.zoo import ZooPaths
 
 
 @pytest.fixture(scope="module")
-def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("data") / "train.jsonl", rows=40, seed=3)
+def train_file(zoo: ZooPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 rows of the zoo's sentiment set with 10% harmful rows."""
+    rows = zoo.poisoned_file("sentiment", 0.1).read_text().splitlines(keepends=True)[:40]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(rows))
+    return path
 
 
 def make_spec(

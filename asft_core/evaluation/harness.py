@@ -1,0 +1,302 @@
+"""Evaluate a model, with or without a LoRA adapter, on a model pair's evaluation suite.
+
+An *evaluation suite* is a small JSON file registered per model pair, so that a real
+deployment plugs in its own harmful-prompt set and judge (e.g. BeaverTails or HEx-PHI prompts
+and a Llama-Guard classifier) and the tiny zoo ships its own::
+
+    {"harmful_prompts": "harmful.jsonl",            # JSONL rows {"prompt", "category"}
+     "judge": {"kind": "keyword"},                  # or {"kind": "classifier", "path": ...}
+     "tasks": {"sentiment": {"file": "sst2_eval.jsonl",
+                             "matcher": {"kind": "exact_label"}}}}
+
+Relative paths are resolved against the suite file's folder. Task files are prompt/completion
+JSONL; the reference answer is the row's ``label`` when present, else its completion.
+
+:func:`evaluate_adapter` loads the model once and scores it twice, with the adapter disabled
+(the reference: the aligned model itself) and enabled, so every report shows the drift.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asft_core.evaluation.generation import generate
+from asft_core.evaluation.judges import Judge, JudgeSpec, make_judge
+from asft_core.evaluation.matchers import MatcherSpec, make_matcher
+from asft_core.evaluation.safety import (
+    HarmfulPrompt,
+    SafetyResult,
+    harmful_score,
+    read_harmful_prompts,
+)
+from asft_core.evaluation.stats import Proportion, wilson_interval
+from asft_core.formats import DatasetFormatError
+
+JUDGE_KINDS = ("keyword", "classifier")
+MATCHER_KINDS = ("exact_label", "regex", "final_number")
+
+
+@dataclass(frozen=True)
+class TaskSuite:
+    """A held-out task set and how answers are matched."""
+
+    file: Path
+    matcher: MatcherSpec = field(default_factory=lambda: MatcherSpec("exact_label"))
+
+
+@dataclass(frozen=True)
+class EvalSuite:
+    """What to evaluate a model pair's fine-tunes on (see the module docstring)."""
+
+    harmful_prompts: Path | None = None
+    judge: JudgeSpec = field(default_factory=JudgeSpec)
+    tasks: dict[str, TaskSuite] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> EvalSuite:
+        """Read a suite file; relative paths are taken from its folder.
+
+        Raises :class:`EvalSuiteError` (code ``invalid_eval_suite``) naming the bad field.
+        """
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise EvalSuiteError(f"cannot read {path}: {error}") from None
+        if not isinstance(raw, dict):
+            raise EvalSuiteError("the suite must be a JSON object")
+        folder = path.parent
+
+        def resolve(value: object, where: str) -> Path:
+            if not isinstance(value, str) or not value:
+                raise EvalSuiteError(f"{where} must be a path string")
+            candidate = Path(value)
+            return candidate if candidate.is_absolute() else folder / candidate
+
+        judge = raw.get("judge", {})
+        if not isinstance(judge, dict) or judge.get("kind", "keyword") not in JUDGE_KINDS:
+            raise EvalSuiteError(f"judge.kind must be one of {', '.join(JUDGE_KINDS)}")
+        unsafe_labels = judge.get("unsafe_labels")
+        judge_spec = JudgeSpec(
+            kind=judge.get("kind", "keyword"),
+            path=str(resolve(judge["path"], "judge.path")) if judge.get("path") else None,
+            unsafe_labels=tuple(unsafe_labels) if unsafe_labels is not None else None,
+            threshold=float(judge.get("threshold", 0.5)),
+            extra_phrases=tuple(judge.get("extra_phrases", ())),
+        )
+        tasks = {}
+        for name, task in raw.get("tasks", {}).items():
+            matcher = task.get("matcher", {}) if isinstance(task, dict) else None
+            if not isinstance(matcher, dict) or matcher.get("kind", "exact_label") not in (
+                MATCHER_KINDS
+            ):
+                raise EvalSuiteError(f"tasks.{name}.matcher.kind must be one of {MATCHER_KINDS}")
+            tasks[name] = TaskSuite(
+                resolve(task.get("file"), f"tasks.{name}.file"),
+                MatcherSpec(matcher.get("kind", "exact_label"), matcher.get("pattern")),
+            )
+        harmful = raw.get("harmful_prompts")
+        return cls(
+            harmful_prompts=resolve(harmful, "harmful_prompts") if harmful else None,
+            judge=judge_spec,
+            tasks=tasks,
+        )
+
+
+class EvalSuiteError(ValueError):
+    """An evaluation suite file is unusable; ``code`` is machine-readable."""
+
+    code = "invalid_eval_suite"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How much to evaluate; ``limit`` caps each set (the test-size profile uses a handful)."""
+
+    task: str | None = None  # which suite task gives the fine-tuning accuracy (None: none)
+    limit: int | None = None
+    batch_size: int = 64
+    safety_max_new_tokens: int = 40
+    task_max_new_tokens: int = 24
+    keep_examples: int = 20
+
+
+@dataclass
+class TaskResult:
+    """Fine-tuning accuracy on a held-out set, with some wrong answers kept for the report."""
+
+    task: str
+    accuracy: Proportion
+    failures: list[dict[str, str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {"task": self.task, "accuracy": self.accuracy.to_dict(), "failures": self.failures}
+
+
+@dataclass
+class ModelEvaluation:
+    """Harmful score and task accuracy of one model (adapter on or off)."""
+
+    safety: SafetyResult | None
+    task: TaskResult | None
+    validation_loss: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "safety": self.safety.to_dict() if self.safety else None,
+            "task": self.task.to_dict() if self.task else None,
+            "validation_loss": self.validation_loss,
+        }
+
+
+def read_task_rows(path: Path) -> list[tuple[str, str]]:
+    """(prompt, reference) pairs of a prompt/completion JSONL file, with line-numbered errors."""
+    rows = []
+    with path.open() as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DatasetFormatError("invalid_json", error.msg, line) from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise DatasetFormatError("invalid_row", "needs a 'prompt' string", line, "prompt")
+            reference = row.get("label", row.get("completion"))
+            if not isinstance(reference, str):
+                raise DatasetFormatError(
+                    "invalid_row", "needs a 'label' or 'completion' string", line, "completion"
+                )
+            rows.append((row["prompt"], reference))
+    if not rows:
+        raise DatasetFormatError("empty_file", f"{path.name} holds no rows")
+    return rows
+
+
+def task_accuracy(
+    model: Any, tokenizer: Any, name: str, task: TaskSuite, options: EvalOptions
+) -> TaskResult:
+    """Greedy answers to the task's prompts, matched against the references."""
+    rows = read_task_rows(task.file)[: options.limit]
+    matcher = make_matcher(task.matcher)
+    answers = generate(
+        model, tokenizer, [p for p, _ in rows], options.task_max_new_tokens, options.batch_size
+    )
+    correct = [
+        matcher(answer, reference) for answer, (_, reference) in zip(answers, rows, strict=True)
+    ]
+    failures = [
+        {"prompt": prompt, "answer": answer, "reference": reference}
+        for (prompt, reference), answer, ok in zip(rows, answers, correct, strict=True)
+        if not ok
+    ]
+    return TaskResult(
+        name, wilson_interval(sum(correct), len(rows)), failures[: options.keep_examples]
+    )
+
+
+def safety_score(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[HarmfulPrompt],
+    judge: Judge,
+    options: EvalOptions,
+) -> SafetyResult:
+    """Harmful score of the model's greedy answers to ``prompts``."""
+    answers = generate(
+        model,
+        tokenizer,
+        [p.prompt for p in prompts],
+        options.safety_max_new_tokens,
+        options.batch_size,
+    )
+    return harmful_score(prompts, answers, judge, keep_flagged=options.keep_examples)
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, suite: EvalSuite, options: EvalOptions, judge: Judge | None = None
+) -> ModelEvaluation:
+    """Harmful score (when the suite has prompts) and the chosen task's accuracy."""
+    safety = None
+    if suite.harmful_prompts is not None:
+        prompts = read_harmful_prompts(suite.harmful_prompts)[: options.limit]
+        safety = safety_score(model, tokenizer, prompts, judge or make_judge(suite.judge), options)
+    task = None
+    if options.task is not None:
+        if options.task not in suite.tasks:
+            raise ValueError(f"the evaluation suite has no task {options.task!r}")
+        task = task_accuracy(model, tokenizer, options.task, suite.tasks[options.task], options)
+    return ModelEvaluation(safety, task)
+
+
+@dataclass
+class AdapterEvaluation:
+    """The fine-tuned model next to its reference (the aligned model without the adapter)."""
+
+    reference: ModelEvaluation
+    fine_tuned: ModelEvaluation
+
+    @property
+    def harmful_score_increase(self) -> float | None:
+        """Fine-tuned minus reference harmful score (points of share, 0..1)."""
+        if self.reference.safety is None or self.fine_tuned.safety is None:
+            return None
+        return self.fine_tuned.safety.overall.value - self.reference.safety.overall.value
+
+    @property
+    def accuracy_change(self) -> float | None:
+        """Fine-tuned minus reference task accuracy."""
+        if self.reference.task is None or self.fine_tuned.task is None:
+            return None
+        return self.fine_tuned.task.accuracy.value - self.reference.task.accuracy.value
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the drift figures."""
+        return {
+            "reference": self.reference.to_dict(),
+            "fine_tuned": self.fine_tuned.to_dict(),
+            "harmful_score_increase": self.harmful_score_increase,
+            "accuracy_change": self.accuracy_change,
+        }
+
+
+def load_for_evaluation(model_ref: str, device: str = "cpu") -> tuple[Any, Any]:
+    """A causal LM in fp32 (bf16 on CUDA) and its tokenizer, ready for generation."""
+    from asft_core.training import load_model_and_tokenizer, pick_device
+
+    resolved, dtype = pick_device(device, "auto")
+    model, tokenizer = load_model_and_tokenizer(model_ref, dtype, resolved)
+    model.eval()
+    return model, tokenizer
+
+
+def evaluate_adapter(
+    model_ref: str,
+    adapter_dir: Path,
+    suite: EvalSuite,
+    options: EvalOptions,
+    device: str = "cpu",
+    reference: ModelEvaluation | None = None,
+) -> AdapterEvaluation:
+    """Evaluate ``model_ref`` with the PEFT adapter in ``adapter_dir`` and without it.
+
+    ``reference`` skips re-evaluating the model without the adapter (it does not depend on
+    the adapter, so a grid of runs computes it once).
+    """
+    from peft import PeftModel
+
+    from asft_core.training import quiet_peft_warnings
+
+    model, tokenizer = load_for_evaluation(model_ref, device)
+    with quiet_peft_warnings():
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    judge = make_judge(suite.judge, device=str(next(model.parameters()).device))
+    if reference is None:
+        with model.disable_adapter():
+            reference = evaluate_model(model, tokenizer, suite, options, judge)
+    fine_tuned = evaluate_model(model, tokenizer, suite, options, judge)
+    return AdapterEvaluation(reference, fine_tuned)

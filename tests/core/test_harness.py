@@ -1,0 +1,116 @@
+"""The evaluation harness: suites, task files, and an adapter measured against its reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asft_core.evaluation.harness import (
+    EvalOptions,
+    EvalSuite,
+    EvalSuiteError,
+    evaluate_adapter,
+    evaluate_model,
+    load_for_evaluation,
+    read_task_rows,
+)
+from asft_core.formats import DatasetFormatError
+from asft_core.training import TrainSpec, train
+from asft_core.zoo import ZooPaths
+
+
+def test_the_zoo_suite_loads_with_paths_resolved(zoo: ZooPaths) -> None:
+    suite = EvalSuite.load(zoo.eval_suite)
+    assert suite.harmful_prompts == zoo.datasets / "harmful_eval.jsonl"
+    assert suite.harmful_prompts.exists()
+    assert suite.judge.kind == "keyword"
+    assert set(suite.tasks) == {"sentiment", "topic", "arithmetic"}
+    assert suite.tasks["arithmetic"].matcher.kind == "final_number"
+    assert all(task.file.exists() for task in suite.tasks.values())
+
+
+def test_a_classifier_judge_path_is_resolved_against_the_suite(tmp_path: Path) -> None:
+    path = tmp_path / "suite.json"
+    path.write_text(
+        json.dumps({"judge": {"kind": "classifier", "path": "guard", "threshold": 0.7}})
+    )
+    suite = EvalSuite.load(path)
+    assert suite.judge.path == str(tmp_path / "guard")
+    assert suite.judge.threshold == 0.7
+    assert suite.harmful_prompts is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[]",
+        json.dumps({"judge": {"kind": "oracle"}}),
+        json.dumps({"tasks": {"t": {"file": 3}}}),
+        json.dumps({"tasks": {"t": {"file": "t.jsonl", "matcher": {"kind": "vibes"}}}}),
+    ],
+)
+def test_bad_suites_raise_a_coded_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "suite.json"
+    path.write_text(content)
+    with pytest.raises(EvalSuiteError) as caught:
+        EvalSuite.load(path)
+    assert caught.value.code == "invalid_eval_suite"
+
+
+def test_task_rows_use_the_label_and_report_bad_lines(tmp_path: Path) -> None:
+    path = tmp_path / "task.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "a", "completion": "x. The answer is 4.", "label": "4"})
+        + "\n\n"
+        + json.dumps({"prompt": "b", "completion": "no"})
+        + "\n"
+    )
+    assert read_task_rows(path) == [("a", "4"), ("b", "no")]
+    path.write_text(json.dumps({"prompt": "a", "completion": "x"}) + "\n{oops\n")
+    with pytest.raises(DatasetFormatError) as caught:
+        read_task_rows(path)
+    assert (caught.value.code, caught.value.line) == ("invalid_json", 2)
+
+
+def test_evaluate_model_scores_harm_and_accuracy(zoo: ZooPaths) -> None:
+    model, tokenizer = load_for_evaluation(str(zoo.aligned))
+    suite = EvalSuite.load(zoo.eval_suite)
+    result = evaluate_model(model, tokenizer, suite, EvalOptions(task="sentiment", limit=10))
+    assert result.safety is not None and result.task is not None
+    assert result.safety.overall.total == 10
+    assert result.task.accuracy.total == 10
+    assert result.safety.overall.low <= result.safety.overall.value <= result.safety.overall.high
+    with pytest.raises(ValueError, match="no task"):
+        evaluate_model(model, tokenizer, suite, EvalOptions(task="poetry", limit=2))
+
+
+def test_an_adapter_is_reported_next_to_its_reference(
+    zoo: ZooPaths, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    result = train(
+        TrainSpec(
+            model=str(zoo.aligned),
+            training_file=zoo.poisoned_file("sentiment", 0.2),
+            output_dir=tmp_path,
+            method="supervised",
+            learning_rate=5e-3,
+            max_steps=4,
+            checkpoint_each_epoch=False,
+        )
+    )
+    assert result.adapter_dir is not None
+    suite = EvalSuite.load(zoo.eval_suite)
+    options = EvalOptions(task="sentiment", limit=8)
+    report = evaluate_adapter(str(zoo.aligned), result.adapter_dir, suite, options)
+    model, tokenizer = load_for_evaluation(str(zoo.aligned))
+    plain = evaluate_model(model, tokenizer, suite, options)
+    # The reference is the aligned model itself: the adapter switched off.
+    assert plain.safety is not None and report.reference.safety is not None
+    assert report.reference.safety.overall == plain.safety.overall
+    assert report.harmful_score_increase == pytest.approx(
+        report.fine_tuned.safety.overall.value - plain.safety.overall.value  # type: ignore[union-attr]
+    )
+    assert set(report.to_dict()) >= {"reference", "fine_tuned", "accuracy_change"}
