@@ -4,11 +4,43 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api.routes import health
+from api.db.session import engine_for, session_factory
+from api.errors import install_error_handlers
+from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from api.queue import make_celery
+from api.routes import admin, files, health, jobs, models
+from api.settings import Settings, get_settings
+from api.storage import ArtifactStore
+
+# JSON bodies are small; only uploads may be large (ASFT_MAX_UPLOAD_BYTES).
+MAX_JSON_BODY_BYTES = 1 << 20
+
+DESCRIPTION = """Fine-tuning jobs whose adapters stay safe (AsFT, arXiv 2506.08473).
+
+OpenAI-shaped: upload a JSONL dataset to `/v1/files`, create a job at `/v1/fine_tuning/jobs`,
+poll it, read its events, checkpoints and safety report, and download the adapter. Every
+request carries `Authorization: Bearer <team key>`; errors use the envelope
+`{"error": {"message", "type", "param", "code"}}`.
+"""
 
 
-def create_app() -> FastAPI:
-    """Build the app. Routes for files and fine-tuning jobs arrive with the API issue."""
-    app = FastAPI(title="AsFT Service", version="0.1.0")
-    app.include_router(health.router)
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for ``settings`` (the process settings by default)."""
+    settings = settings or get_settings()
+    app = FastAPI(title="AsFT Service", version="0.1.0", description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.engine = engine_for(settings.resolved_database_url)
+    app.state.sessions = session_factory(app.state.engine)
+    app.state.store = ArtifactStore(settings.resolved_artifact_dir)
+    app.state.queue = make_celery(settings)
+    install_error_handlers(app)
+    for module in (health, files, jobs, models, admin):
+        app.include_router(module.router)
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=MAX_JSON_BODY_BYTES,
+        upload_limit=settings.max_upload_bytes,
+        upload_paths={"/v1/files"},
+    )
     return app

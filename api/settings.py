@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         512 * 1024 * 1024, description="Largest accepted training file, in bytes."
     )
+    max_active_jobs_per_team: int = Field(
+        10, description="Default limit on a team's queued + running jobs (429 beyond it)."
+    )
+    min_training_examples: int = Field(
+        10, description="Fewest examples a training file may have (invalid_n_examples)."
+    )
+    admin_key: str | None = Field(
+        None, description="Bearer key of the admin endpoints (/v1/admin, POST /v1/models)."
+    )
     device: str = Field("auto", description="Worker training device: auto, cpu or cuda[:N].")
     log_level: str = Field("INFO", description="Log level of API and worker.")
 

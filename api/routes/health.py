@@ -1,8 +1,15 @@
-"""Liveness."""
+"""Liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api.db.migrate import schema_status
+from api.metrics import REGISTRY, refresh_job_gauges
 
 router = APIRouter(tags=["health"])
 
@@ -11,3 +18,49 @@ router = APIRouter(tags=["health"])
 def healthz() -> dict[str, str]:
     """The process is up and serving requests."""
     return {"status": "ok"}
+
+
+def _check_database(request: Request) -> str | None:
+    try:
+        with request.app.state.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        status = schema_status(request.app.state.engine)
+    except Exception as error:  # any driver error means "not ready"
+        return f"database unreachable: {type(error).__name__}: {error}"
+    return None if status.ok else status.message
+
+
+def _check_broker(request: Request) -> str | None:
+    try:
+        with request.app.state.queue.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+    except Exception as error:
+        return f"broker unreachable: {type(error).__name__}: {error}"
+    return None
+
+
+@router.get(
+    "/readyz",
+    responses={
+        503: {"description": "The database or broker is unreachable, or the schema is old."}
+    },
+)
+async def readyz(request: Request) -> JSONResponse:
+    """Ready when the database answers at the current schema and the broker is reachable."""
+    checks = {
+        "database": await run_in_threadpool(_check_database, request),
+        "broker": await run_in_threadpool(_check_broker, request),
+    }
+    ready = all(problem is None for problem in checks.values())
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "checks": {name: problem or "ok" for name, problem in checks.items()},
+    }
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests, latencies, jobs by status."""
+    refresh_job_gauges(request.app.state.engine)
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

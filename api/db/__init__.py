@@ -1,0 +1,1 @@
+"""Database models and sessions. Imports no FastAPI, so the worker uses it too."""

@@ -1,0 +1,1 @@
+"""Job lifecycle rules shared by the API and the worker."""

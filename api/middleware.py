@@ -1,0 +1,128 @@
+"""ASGI middleware: request body limits (413 before the body is read) and request metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import envelope
+from api.metrics import LATENCY, REQUESTS
+
+# Multipart framing around an uploaded file (boundaries, part headers, the purpose field).
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over their limit with a 413, without buffering them.
+
+    A declared Content-Length over the limit is refused before any byte is read; a body that
+    grows past it (chunked uploads) is cut off as soon as it does. Uploads get their own limit.
+    """
+
+    def __init__(
+        self, app: ASGIApp, default_limit: int, upload_limit: int, upload_paths: set[str]
+    ) -> None:
+        """Wrap ``app``: ``upload_paths`` get ``upload_limit``, other paths ``default_limit``."""
+        self.app = app
+        self.default_limit = default_limit
+        self.upload_limit = upload_limit
+        self.upload_paths = upload_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = scope["path"] in self.upload_paths
+        limit = self.upload_limit + MULTIPART_OVERHEAD_BYTES if upload else self.default_limit
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _respond(
+                    send, 400, "invalid_content_length", "Content-Length is not a number"
+                )
+                return
+            if int(declared) > limit:
+                await _reject(send, limit)
+                return
+        received, rejected, started = 0, False, False
+
+        async def limited_receive() -> Message:
+            nonlocal received, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    rejected = True
+                    if not started:
+                        await _reject(send, limit)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if rejected:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not rejected:
+                raise
+
+
+async def _reject(send: Send, limit: int) -> None:
+    await _respond(send, 413, "request_too_large", f"the request body is larger than {limit} bytes")
+
+
+async def _respond(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps(envelope(status, code, message)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    """Count requests and time them, labelled by route template (not raw path: bounded labels)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        """Wrap ``app``."""
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status: dict[str, Any] = {"code": 500}
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            REQUESTS.labels(scope["method"], template, str(status["code"])).inc()
+            LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)

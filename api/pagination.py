@@ -1,0 +1,45 @@
+"""Cursor pagination, newest first, as the OpenAI lists do (``after`` = the last id seen)."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.orm import Session
+
+from api.errors import NotFound
+
+Row = TypeVar("Row")
+
+
+def newest_first(
+    session: Session,
+    statement: Select[Any],
+    model: type[Row],
+    after: str | None,
+    limit: int,
+) -> tuple[list[Row], bool]:
+    """One page of ``statement`` ordered by (created_at, id) descending; returns (rows, has_more).
+
+    ``statement`` must already restrict rows to the caller's team, so a cursor from another
+    team is simply not found.
+    """
+    created, identifier = model.created_at, model.id  # type: ignore[attr-defined]
+    if after is not None:
+        cursor = session.execute(
+            statement.with_only_columns(created, identifier).where(identifier == after)
+        ).first()
+        if cursor is None:
+            raise NotFound("invalid_cursor", f"no item {after!r} to page after", "after")
+        statement = statement.where(
+            or_(created < cursor[0], and_(created == cursor[0], identifier < cursor[1]))
+        )
+    rows = list(
+        session.scalars(statement.order_by(created.desc(), identifier.desc()).limit(limit + 1))
+    )
+    return rows[:limit], len(rows) > limit
+
+
+def team_rows(model: type[Row], team_id: str) -> Select[Any]:
+    """``SELECT model WHERE team_id = ...``."""
+    return select(model).where(model.team_id == team_id)  # type: ignore[attr-defined]

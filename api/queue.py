@@ -1,0 +1,45 @@
+"""The Celery side the API needs: the app's configuration and enqueueing by task name.
+
+The API enqueues with ``send_task`` and a job id only, after the job's row is committed, so it
+never imports ``worker`` or torch; the worker builds its app from the same function.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from api.settings import Settings
+
+RUN_JOB_TASK = "asft.run_job"
+GPU_QUEUE = "gpu"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for ``settings``: the filesystem broker by default, else the broker URL."""
+    app = Celery("asft", broker=settings.resolved_broker_url)
+    if settings.broker_url is None:
+        folders = {name: settings.broker_dir / name for name in ("out", "processed")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        app.conf.broker_transport_options = {
+            "data_folder_in": str(folders["out"]),
+            "data_folder_out": str(folders["out"]),
+            "processed_folder": str(folders["processed"]),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=GPU_QUEUE,
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+def enqueue_job(app: Celery, job_id: str) -> None:
+    """Put ``job_id`` on the GPU queue; call only after the job's row is committed."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE)

@@ -1,0 +1,128 @@
+"""``/v1/admin``: teams, their limits and gate thresholds, and API keys (admin key only)."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from api.db.models import ApiKey, Team, new_id, now
+from api.deps import AdminDep, SessionDep, hash_key
+from api.errors import Conflict, NotFound
+from api.schemas.admin import KeyCreate, KeyObject, TeamCreate, TeamObject, TeamUpdate
+from api.schemas.common import Page, errors
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
+KEY_PREFIX = "asft-"
+
+
+def team_object(team: Team) -> TeamObject:
+    """The API shape of a team."""
+    return TeamObject(
+        id=team.id,
+        name=team.name,
+        created_at=team.created_at,
+        max_active_jobs=team.max_active_jobs,
+        gate_max_harmful_score=team.gate_max_harmful_score,
+        gate_max_harmful_increase=team.gate_max_harmful_increase,
+        webhook_url=team.webhook_url,
+    )
+
+
+def key_object(key: ApiKey, secret: str | None = None) -> KeyObject:
+    """The API shape of a key; the secret only when just created."""
+    return KeyObject(
+        id=key.id,
+        team_id=key.team_id,
+        name=key.name,
+        prefix=key.prefix,
+        created_at=key.created_at,
+        revoked_at=key.revoked_at,
+        key=secret,
+    )
+
+
+def create_team_with_key(session: SessionDep, name: str) -> tuple[Team, str]:
+    """A new team and its first key (the secret is returned once, stored hashed)."""
+    team = Team(id=new_id("team"), name=name)
+    session.add(team)
+    session.flush()
+    _, secret = issue_key(session, team.id, "default")
+    return team, secret
+
+
+def issue_key(session: SessionDep, team_id: str, name: str) -> tuple[ApiKey, str]:
+    """A new random key for ``team_id``; returns the row and the secret."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id("key"), team_id=team_id, name=name, key_hash=hash_key(secret), prefix=secret[:12]
+    )
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def _team(session: SessionDep, team_id: str) -> Team:
+    team = session.get(Team, team_id)
+    if team is None:
+        raise NotFound("team_not_found", f"no team {team_id!r}", "team_id")
+    return team
+
+
+@router.post("/teams", response_model=TeamObject, responses=errors(409))
+def create_team(session: SessionDep, body: TeamCreate) -> TeamObject:
+    """Create a team (then give it keys)."""
+    if session.scalar(select(Team).where(Team.name == body.name)) is not None:
+        raise Conflict("team_exists", f"a team named {body.name!r} exists", "name")
+    team = Team(id=new_id("team"), name=body.name)
+    session.add(team)
+    session.flush()
+    return team_object(team)
+
+
+@router.get("/teams", response_model=Page[TeamObject], responses=errors())
+def list_teams(session: SessionDep) -> Page[TeamObject]:
+    """Every team."""
+    teams = session.scalars(select(Team).order_by(Team.created_at, Team.id))
+    return Page(data=[team_object(t) for t in teams], has_more=False)
+
+
+@router.patch("/teams/{team_id}", response_model=TeamObject, responses=errors(404))
+def update_team(session: SessionDep, team_id: str, body: TeamUpdate) -> TeamObject:
+    """Set a team's job limit, safety-gate thresholds or webhook URL."""
+    team = _team(session, team_id)
+    for field, value in body.model_dump(exclude_unset=True).items():
+        setattr(team, field, str(value) if field == "webhook_url" and value else value)
+    session.flush()
+    return team_object(team)
+
+
+@router.post("/teams/{team_id}/keys", response_model=KeyObject, responses=errors(404))
+def create_key(session: SessionDep, team_id: str, body: KeyCreate) -> KeyObject:
+    """A new key for the team; its secret is in this answer only."""
+    _team(session, team_id)
+    key, secret = issue_key(session, team_id, body.name)
+    return key_object(key, secret)
+
+
+@router.get("/teams/{team_id}/keys", response_model=Page[KeyObject], responses=errors(404))
+def list_keys(session: SessionDep, team_id: str) -> Page[KeyObject]:
+    """The team's keys, without their secrets."""
+    _team(session, team_id)
+    keys = session.scalars(
+        select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.created_at, ApiKey.id)
+    )
+    return Page(data=[key_object(k) for k in keys], has_more=False)
+
+
+@router.delete("/teams/{team_id}/keys/{key_id}", response_model=KeyObject, responses=errors(404))
+def revoke_key(session: SessionDep, team_id: str, key_id: str) -> KeyObject:
+    """Revoke a key: it answers 401 from now on."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.team_id != team_id:
+        raise NotFound("key_not_found", f"no key {key_id!r} in team {team_id!r}", "key_id")
+    if key.revoked_at is None:
+        key.revoked_at = now()
+    session.flush()
+    return key_object(key)

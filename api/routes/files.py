@@ -1,0 +1,177 @@
+"""``/v1/files``: upload, list, read and delete datasets.
+
+Uploads stream to the artifact store with a size limit (413), are hashed and written
+atomically, then checked with the dataset format rules of ``asft_core.formats`` (stdlib only),
+so a file's ``status`` says at once whether a job can use it, and why not, with the line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from api.db.models import File, Job, new_id
+from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
+from api.errors import Conflict, NotFound, Unprocessable
+from api.jobs.state import TERMINAL
+from api.pagination import newest_first, team_rows
+from api.schemas.common import Page, errors
+from api.schemas.files import FileDeleted, FileObject
+from api.storage import CHUNK_BYTES, file_key
+from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+PURPOSES = ("fine-tune",)
+
+
+def file_object(row: File) -> FileObject:
+    """The API shape of a file row."""
+    return FileObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=row.created_at,
+        filename=row.filename,
+        purpose=row.purpose,
+        status="error" if row.status == "error" else "processed",
+        status_details=row.status_details,
+        sha256=row.sha256,
+        format=row.row_format,
+        num_examples=row.num_examples,
+    )
+
+
+def get_team_file(session: SessionDep, team_id: str, file_id: str) -> File:
+    """The team's file ``file_id``; another team's answers 404 like a missing one."""
+    row = session.get(File, file_id)
+    if row is None or row.team_id != team_id:
+        raise NotFound("file_not_found", f"no file {file_id!r}", "file_id")
+    return row
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(CHUNK_BYTES):
+        yield chunk
+
+
+def _check(path: Path) -> DatasetSummary | DatasetFormatError:
+    try:
+        return validate_file(path)
+    except DatasetFormatError as error:
+        return error
+
+
+@router.post(
+    "",
+    response_model=FileObject,
+    responses=errors(413),
+    summary="Upload a dataset (JSONL, purpose=fine-tune)",
+)
+async def upload_file(
+    team: CurrentTeam,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    file: UploadFile,
+    purpose: Annotated[str, Form(description="Must be 'fine-tune'.")],
+) -> FileObject:
+    """Store the file atomically with its sha256, then validate its rows."""
+    if purpose not in PURPOSES:
+        raise Unprocessable("invalid_purpose", "purpose must be 'fine-tune'", "purpose")
+    file_id = new_id("file")
+    key = file_key(file_id)
+    size, sha256 = await store.save_stream(key, _chunks(file), settings.max_upload_bytes)
+    checked = await run_in_threadpool(_check, store.path(key))
+    # The name is kept for display only: never used to build a path.
+    name = Path((file.filename or "upload.jsonl").replace("\\", "/")).name[:255] or "upload.jsonl"
+    row = File(
+        id=file_id,
+        team_id=team.id,
+        filename=name,
+        purpose=purpose,
+        bytes=size,
+        sha256=sha256,
+        storage_key=key,
+    )
+    if isinstance(checked, DatasetFormatError):
+        row.status, row.status_details = "error", str(checked)
+        row.error_code, row.error_line = checked.code, checked.line
+    else:
+        row.row_format, row.num_examples = checked.row_format, checked.num_examples
+    session.add(row)
+    session.flush()
+    return file_object(row)
+
+
+@router.get("", response_model=Page[FileObject], responses=errors(404))
+def list_files(
+    team: CurrentTeam,
+    session: SessionDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    purpose: Annotated[str | None, Query(max_length=32)] = None,
+) -> Page[FileObject]:
+    """The team's files, newest first."""
+    statement = team_rows(File, team.id)
+    if purpose is not None:
+        statement = statement.where(File.purpose == purpose)
+    rows, has_more = newest_first(session, statement, File, after, limit)
+    data = [file_object(row) for row in rows]
+    return Page(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{file_id}", response_model=FileObject, responses=errors(404))
+def get_file(team: CurrentTeam, session: SessionDep, file_id: str) -> FileObject:
+    """One file."""
+    return file_object(get_team_file(session, team.id, file_id))
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=FileResponse,
+    responses={**errors(404), 200: {"content": {"application/octet-stream": {}}}},
+)
+def get_file_content(
+    team: CurrentTeam, session: SessionDep, store: StoreDep, file_id: str
+) -> FileResponse:
+    """The file's bytes as uploaded."""
+    row = get_team_file(session, team.id, file_id)
+    return FileResponse(
+        store.path(row.storage_key),
+        media_type="application/octet-stream",
+        filename=row.filename,
+        headers={"X-Content-SHA256": row.sha256},
+    )
+
+
+@router.delete("/{file_id}", response_model=FileDeleted, responses=errors(404, 409))
+def delete_file(
+    team: CurrentTeam, session: SessionDep, store: StoreDep, file_id: str
+) -> FileDeleted:
+    """Delete a file, unless a job that has not finished uses it (409)."""
+    row = get_team_file(session, team.id, file_id)
+    users = session.scalars(
+        select(Job.id).where(
+            (Job.training_file == file_id) | (Job.validation_file == file_id),
+            Job.status.not_in(TERMINAL),
+        )
+    ).all()
+    if users:
+        raise Conflict(
+            "file_in_use", f"file {file_id} is used by unfinished job {users[0]}", "file_id"
+        )
+    # Finished jobs keep their record; they point at a file that no longer exists.
+    session.delete(row)
+    session.commit()  # the row goes first: a failed commit must not leave a row without bytes
+    store.delete(row.storage_key)
+    return FileDeleted(id=file_id)

@@ -1,0 +1,484 @@
+"""``/v1/fine_tuning/jobs``: create, list, read, cancel and start jobs; events, checkpoints,
+reports and adapters.
+
+Creation checks everything that needs no model before any GPU time is spent (files exist and
+belong to the team, their rows follow the format rules, enough examples, the model is
+registered, the team is under its limit), commits the job, and only then enqueues its id.
+Token counts need the model's tokenizer, so the worker adds them while the job is
+``validating_files``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from api.db.models import (
+    Checkpoint,
+    EvaluationReport,
+    FineTunedModel,
+    Job,
+    JobEvent,
+    ModelPair,
+    Team,
+    new_id,
+)
+from api.deps import CurrentTeam, QueueDep, SessionDep, SettingsDep, StoreDep
+from api.errors import Conflict, NotFound, TooMany, Unprocessable
+from api.jobs.state import ACTIVE, TERMINAL, transition
+from api.pagination import newest_first, team_rows
+from api.queue import enqueue_job
+from api.routes.files import get_team_file
+from api.schemas.common import Page, errors
+from api.schemas.jobs import (
+    FineTuningJob,
+    JobCheckpoint,
+    JobCreate,
+    JobError,
+    JobHyperparameters,
+    JobReport,
+    resolve_method,
+)
+from api.schemas.jobs import JobEvent as JobEventObject
+from api.storage import adapter_archive
+from asft_core.formats import iter_examples
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
+logger = logging.getLogger("asft.api")
+MAX_OVERLAP_REPORTED = 20
+
+
+def fine_tuned_name(job: Job, team_name: str) -> str:
+    """``ft:{model}:{team}:{suffix}:{id}``, the name a job's adapter is served under."""
+    return f"ft:{job.model}:{team_name}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')}"
+
+
+def job_object(job: Job) -> FineTuningJob:
+    """The API shape of a job row."""
+    hyper = job.method[job.method["type"]]["hyperparameters"]
+    error = (
+        JobError(code=job.error_code, message=job.error_message or "", param=job.error_param)
+        if job.error_code
+        else None
+    )
+    return FineTuningJob(
+        id=job.id,
+        model=job.model,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=job.team_id,
+        result_files=job.result_files or [],
+        status=job.status,
+        validation_file=job.validation_file,
+        training_file=job.training_file,
+        hyperparameters=JobHyperparameters(
+            n_epochs=hyper["n_epochs"],
+            batch_size=hyper["batch_size"],
+            learning_rate_multiplier=hyper["learning_rate_multiplier"],
+        ),
+        trained_tokens=job.trained_tokens,
+        error=error,
+        user_provided_suffix=job.suffix,
+        seed=job.seed,
+        estimated_finish=job.estimated_finish,
+        metadata=job.metadata_,
+        method=job.method,
+        evaluation=job.evaluation,
+        safety=job.safety,
+        validation=job.validation,
+    )
+
+
+def get_team_job(session: SessionDep, team_id: str, job_id: str) -> Job:
+    """The team's job ``job_id``; another team's answers 404 like a missing one."""
+    job = session.get(Job, job_id)
+    if job is None or job.team_id != team_id:
+        raise NotFound("job_not_found", f"no fine-tuning job {job_id!r}", "fine_tuning_job_id")
+    return job
+
+
+def add_event(session: SessionDep, job_id: str, level: str, message: str) -> None:
+    """Append a message event to a job's log."""
+    session.add(JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, message=message))
+
+
+def _usable_file(
+    session: SessionDep, team_id: str, file_id: str, param: str, min_examples: int
+) -> Any:
+    row = get_team_file(session, team_id, file_id)
+    if row.status == "error":
+        raise Unprocessable(
+            row.error_code or "invalid_file", f"{param}: {row.status_details}", param
+        )
+    if (row.num_examples or 0) < min_examples:
+        raise Unprocessable(
+            "invalid_n_examples",
+            f"{param} has {row.num_examples} examples; at least {min_examples} are needed",
+            param,
+        )
+    return row
+
+
+def _example_keys(path: Path) -> dict[str, int]:
+    """A digest of each example's messages -> its line, for the train/validation overlap."""
+    keys: dict[str, int] = {}
+    with path.open("rb") as handle:
+        for example in iter_examples(handle):
+            text = json.dumps([[m.role, m.content.strip()] for m in example.messages])
+            keys.setdefault(hashlib.sha256(text.encode()).hexdigest(), example.line)
+    return keys
+
+
+def _overlap(training: Path, validation: Path) -> list[int]:
+    train_keys = _example_keys(training)
+    return sorted(line for key, line in _example_keys(validation).items() if key in train_keys)
+
+
+@router.post(
+    "",
+    response_model=FineTuningJob,
+    responses=errors(404, 409, 429),
+    summary="Create a fine-tuning job",
+)
+async def create_job(
+    team: CurrentTeam,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    queue: QueueDep,
+    body: JobCreate,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=255, description="A retry with the same key returns the same job."),
+    ] = None,
+) -> FineTuningJob:
+    """Validate the request and the datasets, create the job, then enqueue it."""
+    if idempotency_key:
+        existing = session.scalar(
+            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            return job_object(existing)
+    if session.get(ModelPair, body.model) is None:
+        raise NotFound("model_not_found", f"no registered model {body.model!r}", "model")
+    training = _usable_file(
+        session, team.id, body.training_file, "training_file", settings.min_training_examples
+    )
+    validation = None
+    if body.validation_file is not None:
+        validation = _usable_file(session, team.id, body.validation_file, "validation_file", 1)
+    evaluation = None
+    if body.evaluation is not None:
+        evaluation_file = body.evaluation.file or body.validation_file
+        if evaluation_file is None:
+            raise Unprocessable(
+                "missing_evaluation_file",
+                "evaluation needs a held-out file: set evaluation.file or validation_file",
+                "evaluation.file",
+            )
+        held_out = _usable_file(session, team.id, evaluation_file, "evaluation.file", 1)
+        if held_out.row_format != "prompt_completion":
+            raise Unprocessable(
+                "invalid_evaluation_file",
+                "the evaluation file must hold prompt/completion rows (the completion, or a "
+                "'label' field, is the reference answer)",
+                "evaluation.file",
+            )
+        evaluation = {**body.evaluation.model_dump(), "file": evaluation_file}
+    limit = team.max_active_jobs or settings.max_active_jobs_per_team
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.team_id == team.id, Job.status.in_(ACTIVE))
+    )
+    if (active or 0) >= limit:
+        raise TooMany(
+            "too_many_active_jobs",
+            f"team {team.name} has {active} queued or running jobs, its limit is {limit}; "
+            "wait for one to finish or cancel one",
+        )
+    checks: dict[str, Any] = {
+        "training_examples": training.num_examples,
+        "validation_examples": validation.num_examples if validation else None,
+        "warnings": [],
+    }
+    if validation is not None:
+        overlap = await run_in_threadpool(
+            _overlap, store.path(training.storage_key), store.path(validation.storage_key)
+        )
+        if overlap:
+            shown = ", ".join(str(line) for line in overlap[:MAX_OVERLAP_REPORTED])
+            more = ", ..." if len(overlap) > MAX_OVERLAP_REPORTED else ""
+            checks["warnings"].append(
+                f"{len(overlap)} validation examples also appear in the training file "
+                f"(validation lines {shown}{more})"
+            )
+    job = Job(
+        id=new_id("ftjob"),
+        team_id=team.id,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        status="validating_files",
+        method=resolve_method(body),
+        evaluation=evaluation,
+        validation=checks,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        suffix=body.suffix,
+        metadata_=body.metadata,
+        auto_start=body.auto_start,
+        idempotency_key=idempotency_key,
+    )
+    session.add(job)
+    add_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
+    for warning in checks["warnings"]:
+        add_event(session, job.id, "warn", warning)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent retry with the same Idempotency-Key won the race: answer with its job.
+        session.rollback()
+        existing = session.scalar(
+            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is None:
+            raise
+        return job_object(existing)
+    try:
+        enqueue_job(queue, job.id)
+    except Exception:  # the broker is down: the reconciler re-enqueues jobs it never got
+        logger.exception("could not enqueue job %s", job.id)
+    return job_object(job)
+
+
+@router.get("", response_model=Page[FineTuningJob], responses=errors(404))
+def list_jobs(
+    request: Request,
+    team: CurrentTeam,
+    session: SessionDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: Annotated[
+        str | None,
+        Query(pattern="^(validating_files|validated|queued|running|succeeded|failed|cancelled)$"),
+    ] = None,
+) -> Page[FineTuningJob]:
+    """The team's jobs, newest first; filter by ``status`` and by ``metadata[key]=value``."""
+    statement = team_rows(Job, team.id)
+    if status is not None:
+        statement = statement.where(Job.status == status)
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata[") : -1]
+            statement = statement.where(Job.metadata_[key].as_string() == value)
+    rows, has_more = newest_first(session, statement, Job, after, limit)
+    data = [job_object(row) for row in rows]
+    return Page(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=errors(404))
+def get_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) -> FineTuningJob:
+    """One job."""
+    return job_object(get_team_job(session, team.id, fine_tuning_job_id))
+
+
+@router.post(
+    "/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=errors(404, 409)
+)
+def cancel_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) -> FineTuningJob:
+    """Cancel a job. A running one stops within one training step, keeping its checkpoint."""
+    job = get_team_job(session, team.id, fine_tuning_job_id)
+    if job.status in TERMINAL:
+        raise Conflict("job_not_cancellable", f"the job has already {job.status}", "status")
+    if job.status == "running":
+        job.cancel_requested = True
+        add_event(session, job.id, "info", "Cancellation requested; stopping after this step")
+    else:
+        transition(session, job.id, job.status, "cancelled", cancel_requested=True)
+        add_event(session, job.id, "info", "Job cancelled")
+    session.flush()
+    session.refresh(job)
+    return job_object(job)
+
+
+@router.post(
+    "/{fine_tuning_job_id}/start", response_model=FineTuningJob, responses=errors(404, 409)
+)
+def start_job(
+    team: CurrentTeam, session: SessionDep, queue: QueueDep, fine_tuning_job_id: str
+) -> FineTuningJob:
+    """Queue a job created with ``auto_start: false`` once it is ``validated``."""
+    job = get_team_job(session, team.id, fine_tuning_job_id)
+    if job.status != "validated" or not transition(session, job.id, "validated", "queued"):
+        raise Conflict("job_not_startable", f"only validated jobs start; it is {job.status}")
+    add_event(session, job.id, "info", "Job queued")
+    session.commit()
+    try:
+        enqueue_job(queue, job.id)
+    except Exception:
+        logger.exception("could not enqueue job %s", job.id)
+    session.refresh(job)
+    return job_object(job)
+
+
+@router.get(
+    "/{fine_tuning_job_id}/events", response_model=Page[JobEventObject], responses=errors(404)
+)
+def list_events(
+    team: CurrentTeam,
+    session: SessionDep,
+    fine_tuning_job_id: str,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> Page[JobEventObject]:
+    """The job's events, newest first (``metrics`` events carry per-step figures)."""
+    job = get_team_job(session, team.id, fine_tuning_job_id)
+    statement = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after is not None:
+        cursor = session.scalar(
+            select(JobEvent.seq).where(JobEvent.job_id == job.id, JobEvent.id == after)
+        )
+        if cursor is None:
+            raise NotFound("invalid_cursor", f"no event {after!r} to page after", "after")
+        statement = statement.where(JobEvent.seq < cursor)
+    rows = list(session.scalars(statement.order_by(JobEvent.seq.desc()).limit(limit + 1)))
+    data = [
+        JobEventObject(
+            id=row.id,
+            created_at=row.created_at,
+            level=row.level,
+            message=row.message,
+            type=row.type,
+            data=row.data,
+        )
+        for row in rows[:limit]
+    ]
+    return Page(
+        data=data,
+        has_more=len(rows) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+def _checkpoint_object(row: Checkpoint, job: Job, team: Team) -> JobCheckpoint:
+    return JobCheckpoint(
+        id=row.id,
+        created_at=row.created_at,
+        fine_tuned_model_checkpoint=f"{fine_tuned_name(job, team.name)}:ckpt-step-{row.step}",
+        step_number=row.step,
+        metrics=row.metrics,
+        fine_tuning_job_id=job.id,
+    )
+
+
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints",
+    response_model=Page[JobCheckpoint],
+    responses=errors(404),
+)
+def list_checkpoints(
+    team: CurrentTeam,
+    session: SessionDep,
+    fine_tuning_job_id: str,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> Page[JobCheckpoint]:
+    """The job's checkpoints, newest first."""
+    job = get_team_job(session, team.id, fine_tuning_job_id)
+    statement = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    rows, has_more = newest_first(session, statement, Checkpoint, after, limit)
+    data = [_checkpoint_object(row, job, team) for row in rows]
+    return Page(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{fine_tuning_job_id}/report", response_model=JobReport, responses=errors(404, 409))
+def get_report(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) -> JobReport:
+    """The safety and utility evaluation of the job's adapter, once it exists."""
+    job = get_team_job(session, team.id, fine_tuning_job_id)
+    report = session.get(EvaluationReport, job.id)
+    if report is None:
+        raise Conflict("report_not_ready", f"the job is {job.status}; no report yet")
+    return JobReport(
+        fine_tuning_job_id=job.id,
+        created_at=report.created_at,
+        approved=report.approved,
+        report=report.report,
+    )
+
+
+_ARCHIVE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/gzip": {}},
+        "description": "A tar.gz holding adapter/ (PEFT files and the report); the "
+        "X-Content-SHA256 header carries its sha256.",
+    }
+}
+
+
+def _archive_response(folder: Path, name: str, approved: bool) -> FileResponse:
+    if not folder.is_dir():
+        raise NotFound("adapter_not_found", "the adapter files are gone")
+    archive, sha256 = adapter_archive(folder)
+    return FileResponse(
+        archive,
+        media_type="application/gzip",
+        filename=name,
+        headers={"X-Content-SHA256": sha256, "X-ASFT-Approved": str(approved).lower()},
+    )
+
+
+@router.get(
+    "/{fine_tuning_job_id}/adapter",
+    response_class=FileResponse,
+    responses={**errors(404, 409), **_ARCHIVE},
+)
+def get_adapter(
+    team: CurrentTeam, session: SessionDep, store: StoreDep, fine_tuning_job_id: str
+) -> FileResponse:
+    """The job's final adapter (also when the safety gate failed: marked not approved)."""
+    job = get_team_job(session, team.id, fine_tuning_job_id)
+    model = session.scalar(select(FineTunedModel).where(FineTunedModel.job_id == job.id))
+    if model is None:
+        raise Conflict("adapter_not_ready", f"the job is {job.status}; no adapter yet")
+    return _archive_response(
+        store.path(model.storage_key), f"{job.id}-adapter.tar.gz", model.approved
+    )
+
+
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints/{step}/adapter",
+    response_class=FileResponse,
+    responses={**errors(404), **_ARCHIVE},
+)
+def get_checkpoint_adapter(
+    team: CurrentTeam, session: SessionDep, store: StoreDep, fine_tuning_job_id: str, step: int
+) -> FileResponse:
+    """The adapter saved at checkpoint ``step``."""
+    job = get_team_job(session, team.id, fine_tuning_job_id)
+    row = session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step)
+    )
+    if row is None:
+        raise NotFound("checkpoint_not_found", f"no checkpoint at step {step}", "step")
+    folder = store.path(row.storage_key) / "adapter"
+    return _archive_response(folder, f"{job.id}-step-{step}-adapter.tar.gz", approved=False)

@@ -1,0 +1,120 @@
+"""``/v1/models``: registered model pairs (admin registers) and the team's fine-tuned models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from api.db.models import Checkpoint, FineTunedModel, ModelPair
+from api.deps import AdminDep, CurrentTeam, SessionDep, StoreDep
+from api.errors import Conflict, NotFound, Unprocessable
+from api.schemas.common import Page, errors
+from api.schemas.models import ModelDeleted, ModelObject, ModelPairCreate
+from api.storage import job_key
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def pair_object(pair: ModelPair) -> ModelObject:
+    """The API shape of a registered pair."""
+    return ModelObject(
+        id=pair.id,
+        created=pair.created_at,
+        owned_by="system",
+        kind="model_pair",
+        base_model=pair.base_model,
+        aligned_model=pair.aligned_model,
+    )
+
+
+def fine_tuned_object(model: FineTunedModel) -> ModelObject:
+    """The API shape of a fine-tuned model."""
+    return ModelObject(
+        id=model.id,
+        created=model.created_at,
+        owned_by=model.team_id,
+        kind="fine_tuned",
+        parent=model.model,
+        job_id=model.job_id,
+        approved=model.approved,
+    )
+
+
+@router.get("", response_model=Page[ModelObject], responses=errors())
+def list_models(team: CurrentTeam, session: SessionDep) -> Page[ModelObject]:
+    """Registered model pairs, then the team's fine-tuned models."""
+    data = [pair_object(p) for p in session.scalars(select(ModelPair).order_by(ModelPair.id))]
+    tuned = session.scalars(
+        select(FineTunedModel)
+        .where(FineTunedModel.team_id == team.id)
+        .order_by(FineTunedModel.created_at.desc())
+    )
+    data += [fine_tuned_object(m) for m in tuned]
+    return Page(data=data, has_more=False)
+
+
+@router.get("/{model_id}", response_model=ModelObject, responses=errors(404))
+def get_model(team: CurrentTeam, session: SessionDep, model_id: str) -> ModelObject:
+    """A registered pair, or one of the team's fine-tuned models."""
+    pair = session.get(ModelPair, model_id)
+    if pair is not None:
+        return pair_object(pair)
+    tuned = session.get(FineTunedModel, model_id)
+    if tuned is None or tuned.team_id != team.id:
+        raise NotFound("model_not_found", f"no model {model_id!r}", "model")
+    return fine_tuned_object(tuned)
+
+
+def _check_reference(value: str, param: str) -> None:
+    looks_local = value.startswith(("/", ".", "~")) or value.count("/") != 1
+    if looks_local and not Path(value).expanduser().is_dir():
+        raise Unprocessable(
+            "model_path_not_found",
+            f"{value!r} is neither an existing folder nor a hub id (owner/name)",
+            param,
+        )
+
+
+@router.post(
+    "",
+    response_model=ModelObject,
+    dependencies=[AdminDep],
+    responses=errors(409),
+    summary="Register a base/aligned model pair (admin)",
+)
+def register_model(session: SessionDep, body: ModelPairCreate) -> ModelObject:
+    """Register a pair: the aligned model is fine-tuned, the base gives the alignment direction."""
+    if session.get(ModelPair, body.id) is not None:
+        raise Conflict("model_exists", f"model {body.id!r} is already registered", "id")
+    _check_reference(body.aligned_model, "aligned_model")
+    _check_reference(body.base_model, "base_model")
+    if body.eval_suite is not None and not Path(body.eval_suite).is_file():
+        raise Unprocessable("eval_suite_not_found", "eval_suite is not a file", "eval_suite")
+    pair = ModelPair(
+        id=body.id,
+        aligned_model=body.aligned_model,
+        base_model=body.base_model,
+        eval_suite=body.eval_suite,
+    )
+    session.add(pair)
+    session.flush()
+    return pair_object(pair)
+
+
+@router.delete("/{model_id}", response_model=ModelDeleted, responses=errors(404))
+def delete_model(
+    team: CurrentTeam, session: SessionDep, store: StoreDep, model_id: str
+) -> ModelDeleted:
+    """Delete one of the team's fine-tuned models: its adapter and its job's checkpoints."""
+    tuned = session.get(FineTunedModel, model_id)
+    if tuned is None or tuned.team_id != team.id:
+        raise NotFound("model_not_found", f"no fine-tuned model {model_id!r}", "model")
+    job_id = tuned.job_id
+    for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)):
+        session.delete(checkpoint)
+    session.delete(tuned)
+    session.commit()  # rows first: a failed commit must not leave rows without files
+    store.delete(job_key(job_id))
+    return ModelDeleted(id=model_id)

@@ -1,0 +1,1 @@
+"""Pydantic request and response models: the edge of the service (OpenAI shapes)."""

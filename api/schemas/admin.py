@@ -1,0 +1,60 @@
+"""Admin shapes: teams, their limits and gate thresholds, and API keys."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+
+class TeamCreate(BaseModel):
+    """``POST /v1/admin/teams``."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "search"}]})
+
+
+class TeamUpdate(BaseModel):
+    """``PATCH /v1/admin/teams/{id}``: only the fields given change."""
+
+    max_active_jobs: int | None = Field(None, ge=1, le=10_000)
+    gate_max_harmful_score: float | None = Field(None, ge=0, le=1)
+    gate_max_harmful_increase: float | None = Field(None, ge=0, le=1)
+    webhook_url: HttpUrl | None = None
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeamObject(BaseModel):
+    """A team and its settings (None: the service default)."""
+
+    id: str
+    object: Literal["team"] = "team"
+    name: str
+    created_at: int
+    max_active_jobs: int | None
+    gate_max_harmful_score: float | None
+    gate_max_harmful_increase: float | None
+    webhook_url: str | None
+
+
+class KeyCreate(BaseModel):
+    """``POST /v1/admin/teams/{id}/keys``."""
+
+    name: str = Field("", max_length=200)
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KeyObject(BaseModel):
+    """An API key; ``key`` is present only in the answer that creates it."""
+
+    id: str
+    object: Literal["api_key"] = "api_key"
+    team_id: str
+    name: str
+    prefix: str
+    created_at: int
+    revoked_at: int | None = None
+    key: str | None = Field(None, description="The secret, shown once at creation.")

@@ -1,0 +1,74 @@
+"""Shapes shared by every resource: the error envelope and list pages."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, Field
+
+T = TypeVar("T")
+
+
+class ErrorBody(BaseModel):
+    """What went wrong; ``code`` is machine-readable, ``param`` names the field."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer has this body."""
+
+    error: ErrorBody
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "error": {
+                        "message": "line 3: invalid JSON: Expecting value",
+                        "type": "invalid_request_error",
+                        "param": "training_file",
+                        "code": "invalid_json",
+                    }
+                }
+            ]
+        }
+    }
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list, newest first; pass the last id as ``after`` for the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+_DESCRIPTIONS = {
+    400: "Malformed request.",
+    401: "Missing, unknown or revoked API key.",
+    404: "No such resource for this team (another team's ids answer 404 too).",
+    409: "The resource's state does not allow this.",
+    413: "The body is larger than the limit.",
+    422: "Invalid parameters or an unusable dataset (the error names the line).",
+    429: "The team's limit of active jobs is reached.",
+    503: "The database or broker is unreachable, or the schema is out of date.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error codes a route can return."""
+    return {
+        code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
+        for code in sorted({401, 422, *codes})
+    }
+
+
+def page_limit_field() -> Any:
+    """The ``limit`` query parameter's definition."""
+    return Field(20, ge=1, le=100, description="How many items per page (1 to 100).")

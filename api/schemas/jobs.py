@@ -1,0 +1,319 @@
+"""The OpenAI ``fine_tuning.job`` shapes, with AsFT's methods and evaluation added.
+
+Our parameters go under ``method.{type}.hyperparameters`` as OpenAI's do; ``"auto"`` is
+accepted where OpenAI accepts it and resolved to the service's defaults (the AsFT paper's) at
+creation, so a job always shows the values it trains with.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MethodType = Literal["supervised", "asft", "safelora", "asft+safelora"]
+METHOD_TYPES: tuple[str, ...] = ("supervised", "asft", "safelora", "asft+safelora")
+Auto = Literal["auto"]
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
+
+# Defaults: the AsFT paper's (rank 8, alpha 32, dropout 0.05, q/v, lr 5e-5, lambda 1).
+DEFAULT_EPOCHS = 3
+DEFAULT_BATCH_SIZE = 8
+BASE_LEARNING_RATE = 5e-5
+DEFAULT_LORA = {"rank": 8, "alpha": 32.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(Strict):
+    """Training settings; every field is optional and ``auto`` means the default."""
+
+    n_epochs: int | Auto | None = Field(None, description="Passes over the data (1 to 50).")
+    batch_size: int | Auto | None = Field(None, description="Examples per step (1 to 256).")
+    learning_rate_multiplier: float | Auto | None = Field(
+        None, description="Multiplies the base learning rate 5e-5 (AsFT paper)."
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="Absolute learning rate (instead of the multiplier)."
+    )
+    lambda_: float | None = Field(
+        None, alias="lambda", ge=0, le=1e6, description="AsFT penalty weight (asft methods)."
+    )
+    rank: int | None = Field(None, ge=1, le=256, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, le=4096, description="LoRA alpha.")
+    dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, max_length=32, description="Modules that get LoRA (q_proj, v_proj)."
+    )
+    safelora_threshold: float | None = Field(
+        None, ge=-1, le=1, description="Safe LoRA: project modules whose similarity is below."
+    )
+    safelora_num_modules: int | None = Field(
+        None, ge=1, le=10_000, description="Safe LoRA: project the N least similar modules."
+    )
+    max_seq_len: int | None = Field(None, ge=16, le=32_768)
+    gradient_accumulation_steps: int | None = Field(None, ge=1, le=1024)
+    warmup_steps: int | None = Field(None, ge=0, le=1_000_000)
+    penalty_rank: int | None = Field(
+        None, ge=1, le=4096, description="Keep the top-k eigenpairs of C (exact when unset)."
+    )
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and not 1 <= value <= 50:
+            raise ValueError("n_epochs must be between 1 and 50")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("batch_size must be between 1 and 256")
+        return value
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _multiplier(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float | int) and not 0 < value <= 100:
+            raise ValueError("learning_rate_multiplier must be in (0, 100]")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not _MODULE_NAME.match(name):
+                raise ValueError(f"{name!r} is not a module name")
+        return value
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> Hyperparameters:
+        if self.safelora_threshold is not None and self.safelora_num_modules is not None:
+            raise ValueError("give safelora_threshold or safelora_num_modules, not both")
+        if self.learning_rate is not None and self.learning_rate_multiplier not in (None, "auto"):
+            raise ValueError("give learning_rate or learning_rate_multiplier, not both")
+        return self
+
+
+class MethodBlock(Strict):
+    """``{"hyperparameters": {...}}`` under the method's type."""
+
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    """``{"type": "asft", "asft": {"hyperparameters": {...}}}``."""
+
+    type: MethodType
+    supervised: MethodBlock | None = None
+    asft: MethodBlock | None = None
+    safelora: MethodBlock | None = None
+    asft_safelora: MethodBlock | None = Field(None, alias="asft+safelora")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_block(self) -> Method:
+        for name in METHOD_TYPES:
+            block = getattr(self, name.replace("+", "_"))
+            if block is not None and name != self.type:
+                raise ValueError(f"method.{name} given but method.type is {self.type}")
+        return self
+
+    def block(self) -> MethodBlock:
+        """The hyperparameter block of the chosen type (empty when not given)."""
+        found: MethodBlock | None = getattr(self, self.type.replace("+", "_"))
+        return found or MethodBlock()
+
+
+class EvaluationSpec(Strict):
+    """How to score task accuracy: a matcher on a held-out prompt/completion file."""
+
+    matcher: Literal["exact_label", "regex", "final_number"] = "exact_label"
+    pattern: str | None = Field(None, max_length=1000, description="Required for regex.")
+    file: str | None = Field(
+        None, description="File id of the held-out set; default: the validation file."
+    )
+    max_examples: int | None = Field(None, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _pattern(self) -> EvaluationSpec:
+        if self.matcher == "regex":
+            if not self.pattern:
+                raise ValueError("the regex matcher needs a pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as error:
+                raise ValueError(f"invalid regex: {error}") from None
+        return self
+
+
+class JobCreate(BaseModel):
+    """``POST /v1/fine_tuning/jobs``."""
+
+    model: str = Field(min_length=1, max_length=128, examples=["tiny-chat"])
+    training_file: str = Field(min_length=1, max_length=64, examples=["file-abc123"])
+    validation_file: str | None = Field(None, max_length=64)
+    hyperparameters: Hyperparameters | None = Field(
+        None, description="OpenAI's older place for n_epochs, batch_size, lr multiplier."
+    )
+    method: Method | None = Field(None, description="Default: {'type': 'asft'}.")
+    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs.")
+    integrations: list[Any] | None = Field(None, max_length=0, description="Not supported.")
+    evaluation: EvaluationSpec | None = None
+    auto_start: bool = Field(
+        True, description="False: validate only, stop in 'validated'; POST .../start queues it."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "tiny-chat",
+                    "training_file": "file-abc123",
+                    "method": {"type": "asft", "asft": {"hyperparameters": {"lambda": 1.0}}},
+                    "suffix": "support-bot",
+                }
+            ]
+        },
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            if len(value) > 16:
+                raise ValueError("metadata holds at most 16 keys")
+            for key, item in value.items():
+                if not key or len(key) > 64 or len(item) > 512:
+                    raise ValueError("metadata keys are 1-64 characters, values at most 512")
+        return value
+
+
+def resolve_method(request: JobCreate) -> dict[str, Any]:
+    """The method with every hyperparameter resolved to the number it trains with."""
+    method = request.method or Method(type="asft")
+    given = method.block().hyperparameters
+    legacy = request.hyperparameters or Hyperparameters()
+    merged = {
+        **legacy.model_dump(exclude_none=True),
+        **given.model_dump(exclude_none=True),
+    }
+    epochs = merged.get("n_epochs", "auto")
+    batch = merged.get("batch_size", "auto")
+    multiplier = merged.get("learning_rate_multiplier", "auto")
+    multiplier = 1.0 if multiplier == "auto" else float(multiplier)
+    resolved: dict[str, Any] = {
+        "n_epochs": DEFAULT_EPOCHS if epochs == "auto" else epochs,
+        "batch_size": DEFAULT_BATCH_SIZE if batch == "auto" else batch,
+        "learning_rate_multiplier": multiplier,
+        "learning_rate": merged.get("learning_rate", BASE_LEARNING_RATE * multiplier),
+        **{key: merged.get(key, value) for key, value in DEFAULT_LORA.items()},
+        "max_seq_len": merged.get("max_seq_len", 512),
+        "gradient_accumulation_steps": merged.get("gradient_accumulation_steps", 1),
+        "warmup_steps": merged.get("warmup_steps", 0),
+    }
+    if method.type in ("asft", "asft+safelora"):
+        resolved["lambda"] = merged.get("lambda_", 1.0)
+        resolved["penalty_rank"] = merged.get("penalty_rank")
+    if method.type in ("safelora", "asft+safelora"):
+        resolved["safelora_threshold"] = merged.get("safelora_threshold")
+        resolved["safelora_num_modules"] = merged.get("safelora_num_modules")
+        if resolved["safelora_threshold"] is None and resolved["safelora_num_modules"] is None:
+            resolved["safelora_threshold"] = 0.5
+    return {"type": method.type, method.type: {"hyperparameters": resolved}}
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobHyperparameters(BaseModel):
+    """OpenAI's top-level hyperparameters echo."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class FineTuningJob(BaseModel):
+    """The ``fine_tuning.job`` object, plus ``evaluation``, ``safety`` and ``validation``."""
+
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str = Field(examples=["ftjob-Gq3kLx0sTfR1kq5mC3pZyA7d"])
+    model: str
+    created_at: int
+    finished_at: int | None = None
+    fine_tuned_model: str | None = None
+    organization_id: str
+    result_files: list[str] = Field(default_factory=list)
+    status: Literal[
+        "validating_files", "validated", "queued", "running", "succeeded", "failed", "cancelled"
+    ]
+    validation_file: str | None = None
+    training_file: str
+    hyperparameters: JobHyperparameters
+    trained_tokens: int | None = None
+    error: JobError | None = None
+    user_provided_suffix: str | None = None
+    seed: int
+    estimated_finish: int | None = None
+    integrations: list[Any] = Field(default_factory=list)
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
+    safety: dict[str, Any] | None = Field(
+        None, description="Harmful score before/after and the gate verdict, once evaluated."
+    )
+    validation: dict[str, Any] | None = Field(
+        None, description="Dataset checks: example counts, token counts, warnings."
+    )
+
+
+class JobEvent(BaseModel):
+    """A ``fine_tuning.job.event``; ``metrics`` events carry step, loss, penalty, lr, tokens/s."""
+
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+
+class JobCheckpoint(BaseModel):
+    """A ``fine_tuning.job.checkpoint``."""
+
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, Any]
+    fine_tuning_job_id: str
+
+
+class JobReport(BaseModel):
+    """The evaluation of a job's adapter: safety and utility, per category, failing prompts."""
+
+    object: Literal["fine_tuning.job.report"] = "fine_tuning.job.report"
+    fine_tuning_job_id: str
+    created_at: int
+    approved: bool
+    report: dict[str, Any]

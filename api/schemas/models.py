@@ -1,0 +1,54 @@
+"""``model`` objects: registered model pairs and the team's fine-tuned models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelObject(BaseModel):
+    """A model a job can name (a registered pair) or a fine-tuned model (an adapter)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    kind: Literal["model_pair", "fine_tuned"]
+    base_model: str | None = Field(None, description="Model pairs: the base model.")
+    aligned_model: str | None = Field(None, description="Model pairs: the model fine-tuned.")
+    parent: str | None = Field(None, description="Fine-tuned models: the model pair.")
+    job_id: str | None = None
+    approved: bool | None = Field(None, description="Fine-tuned: passed the safety gate.")
+
+
+class ModelPairCreate(BaseModel):
+    """``POST /v1/models`` (admin): register a base/aligned model pair."""
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    aligned_model: str = Field(min_length=1, max_length=1000, description="Folder or hub id.")
+    base_model: str = Field(min_length=1, max_length=1000, description="Folder or hub id.")
+    eval_suite: str | None = Field(
+        None, max_length=1000, description="Path of the pair's evaluation suite JSON."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "llama-2-7b-chat",
+                    "aligned_model": "meta-llama/Llama-2-7b-chat-hf",
+                    "base_model": "meta-llama/Llama-2-7b-hf",
+                }
+            ]
+        },
+    )
+
+
+class ModelDeleted(BaseModel):
+    """The answer to deleting a fine-tuned model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True

@@ -1,0 +1,125 @@
+"""The artifact store: uploaded files, checkpoints and adapters on a local or shared disk.
+
+Every location is a *storage key* built here from ids (``files/file-abc.jsonl``), never from a
+user string, and every write goes to a temporary file in the same folder that is fsynced and
+renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from api.errors import TooLarge
+
+_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+CHUNK_BYTES = 1 << 20
+# What an adapter archive holds: the PEFT folder's files and the evaluation report.
+ARCHIVE_MEMBERS = ("adapter_config.json", "adapter_model.safetensors", "report.json")
+
+
+def _checked(identifier: str) -> str:
+    if not _ID.match(identifier):
+        raise ValueError(f"not an id: {identifier!r}")
+    return identifier
+
+
+def file_key(file_id: str) -> str:
+    """Storage key of an uploaded file."""
+    return f"files/{_checked(file_id)}.jsonl"
+
+
+def job_key(job_id: str, *parts: str) -> str:
+    """Storage key under a job's folder (checkpoints, adapter)."""
+    return "/".join(["jobs", _checked(job_id), *(_checked(p) for p in parts)])
+
+
+class ArtifactStore:
+    """Keys -> paths under one root folder."""
+
+    def __init__(self, root: Path) -> None:
+        """Use ``root`` (created when missing)."""
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        """The path of ``key``; refuses keys that would leave the root."""
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"storage key escapes the store: {key!r}")
+        return path
+
+    async def save_stream(
+        self, key: str, chunks: AsyncIterator[bytes], max_bytes: int
+    ) -> tuple[int, str]:
+        """Write ``chunks`` atomically at ``key``; returns (bytes, sha256).
+
+        Raises :class:`TooLarge` (and leaves nothing behind) past ``max_bytes``.
+        """
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with os.fdopen(handle, "wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise TooLarge(
+                            "file_too_large",
+                            f"the file is larger than the limit of {max_bytes} bytes",
+                            "file",
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return size, digest.hexdigest()
+
+    def delete(self, key: str) -> None:
+        """Remove a file or a whole folder; a missing one is fine."""
+        path = self.path(key)
+        if path.is_dir():
+            for child in sorted(path.rglob("*"), reverse=True):
+                child.rmdir() if child.is_dir() else child.unlink()
+            path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+
+
+def adapter_archive(folder: Path) -> tuple[Path, str]:
+    """A tar.gz of the adapter in ``folder`` and its sha256, built once and cached beside it.
+
+    The archive holds ``adapter/`` with the PEFT files (and the report when present), so
+    ``tar xzf`` gives a folder that ``PeftModel.from_pretrained`` and vLLM load as is.
+    """
+    archive = folder.with_name(folder.name + ".tar.gz")
+    checksum = folder.with_name(folder.name + ".tar.gz.sha256")
+    if archive.exists() and checksum.exists():
+        return archive, checksum.read_text().strip()
+    handle, temporary = tempfile.mkstemp(prefix=".archive-", dir=folder.parent)
+    os.close(handle)
+    try:
+        with tarfile.open(temporary, "w:gz") as tar:
+            for name in ARCHIVE_MEMBERS:
+                if (folder / name).exists():
+                    tar.add(folder / name, arcname=f"adapter/{name}")
+        digest = hashlib.sha256()
+        with open(temporary, "rb") as source:
+            for block in iter(lambda: source.read(CHUNK_BYTES), b""):
+                digest.update(block)
+        os.replace(temporary, archive)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    checksum.write_text(digest.hexdigest())
+    return archive, digest.hexdigest()
