@@ -18,16 +18,20 @@ def newest_first(
     model: type[Row],
     after: str | None,
     limit: int,
+    cursor_scope: Select[Any] | None = None,
 ) -> tuple[list[Row], bool]:
     """One page of ``statement`` ordered by (created_at, id) descending; returns (rows, has_more).
 
     ``statement`` must already restrict rows to the caller's team, so a cursor from another
-    team is simply not found.
+    team is simply not found. ``cursor_scope`` (default: ``statement``) is where ``after`` is
+    looked up: the team's rows without filters such as ``status``, which can change between
+    pages.
     """
     created, identifier = model.created_at, model.id  # type: ignore[attr-defined]
     if after is not None:
+        scope = statement if cursor_scope is None else cursor_scope
         cursor = session.execute(
-            statement.with_only_columns(created, identifier).where(identifier == after)
+            scope.with_only_columns(created, identifier).where(identifier == after)
         ).first()
         if cursor is None:
             raise NotFound("invalid_cursor", f"no item {after!r} to page after", "after")

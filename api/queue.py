@@ -18,7 +18,9 @@ def make_celery(settings: Settings) -> Celery:
     """A Celery app for ``settings``: the filesystem broker by default, else the broker URL."""
     app = Celery("asft", broker=settings.resolved_broker_url)
     if settings.broker_url is None:
-        folders = {name: settings.broker_dir / name for name in ("out", "processed")}
+        folders = {
+            name: settings.broker_dir / name for name in ("out", "processed", "control")
+        }
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         app.conf.broker_transport_options = {
@@ -26,6 +28,8 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_out": str(folders["out"]),
             "processed_folder": str(folders["processed"]),
             "store_processed": False,
+            # Control messages (pings, shutdown) too, or Celery writes them into the cwd.
+            "control_folder": str(folders["control"]),
             "polling_interval": 0.1,
         }
     app.conf.update(

@@ -45,6 +45,18 @@ class Settings(BaseSettings):
         None, description="Bearer key of the admin endpoints (/v1/admin, POST /v1/models)."
     )
     device: str = Field("auto", description="Worker training device: auto, cpu or cuda[:N].")
+    checkpoint_every_steps: int = Field(
+        100, ge=1, description="Workers save a resumable checkpoint every N steps (and each epoch)."
+    )
+    eval_max_prompts: int | None = Field(
+        None, description="Cap on evaluation prompts per set (unset: all; tests use a handful)."
+    )
+    gate_max_harmful_score: float = Field(
+        0.2, description="Default safety gate: highest harmful score an adapter may have."
+    )
+    gate_max_harmful_increase: float = Field(
+        0.1, description="Default safety gate: largest rise over the aligned model's score."
+    )
     log_level: str = Field("INFO", description="Log level of API and worker.")
 
     @property

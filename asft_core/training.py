@@ -108,11 +108,15 @@ class TrainSpec:
     # Written into adapter_config.json as base_model_name_or_path (e.g. the registered id).
     base_model_id: str | None = None
 
-    def validate(self) -> None:
-        """Raise :class:`TrainingError` for values that cannot work together."""
+    def validate(self, require_alignment: bool = True) -> None:
+        """Raise :class:`TrainingError` for values that cannot work together.
+
+        ``require_alignment=False`` checks a spec whose alignment artifact comes later
+        (the recipe computes it after validating the data).
+        """
         if self.method not in METHODS:
             raise TrainingError("invalid_method", f"method must be one of {', '.join(METHODS)}")
-        if self.method != "supervised" and self.alignment_path is None:
+        if require_alignment and self.method != "supervised" and self.alignment_path is None:
             raise TrainingError(
                 "alignment_required", f"method {self.method!r} needs an alignment artifact"
             )

@@ -18,3 +18,5 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 app = make_celery()
+# Register the tasks with the app the worker command loads.
+app.conf.imports = ("worker.tasks",)

@@ -138,6 +138,10 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease of the worker running the job, renewed by its heartbeat thread; a stale
+    # heartbeat lets the reconciler hand the job to another worker.
+    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    heartbeat_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[int] = mapped_column(Integer, default=now)
     started_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)

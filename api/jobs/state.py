@@ -63,3 +63,8 @@ def transition(session: Session, job_id: str, current: str, target: str, **value
         .execution_options(synchronize_session="fetch")
     )
     return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def fine_tuned_name(job: Job, team_name: str) -> str:
+    """``ft:{model}:{team}:{suffix}:{id}``, the name a job's adapter is served under."""
+    return f"ft:{job.model}:{team_name}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')}"

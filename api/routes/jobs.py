@@ -35,7 +35,7 @@ from api.db.models import (
 )
 from api.deps import CurrentTeam, QueueDep, SessionDep, SettingsDep, StoreDep
 from api.errors import Conflict, NotFound, TooMany, Unprocessable
-from api.jobs.state import ACTIVE, TERMINAL, transition
+from api.jobs.state import ACTIVE, TERMINAL, fine_tuned_name, transition
 from api.pagination import newest_first, team_rows
 from api.queue import enqueue_job
 from api.routes.files import get_team_file
@@ -56,11 +56,6 @@ from asft_core.formats import iter_examples
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
 logger = logging.getLogger("asft.api")
 MAX_OVERLAP_REPORTED = 20
-
-
-def fine_tuned_name(job: Job, team_name: str) -> str:
-    """``ft:{model}:{team}:{suffix}:{id}``, the name a job's adapter is served under."""
-    return f"ft:{job.model}:{team_name}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')}"
 
 
 def job_object(job: Job) -> FineTuningJob:
@@ -116,7 +111,11 @@ def add_event(session: SessionDep, job_id: str, level: str, message: str) -> Non
 def _usable_file(
     session: SessionDep, team_id: str, file_id: str, param: str, min_examples: int
 ) -> Any:
-    row = get_team_file(session, team_id, file_id)
+    try:
+        row = get_team_file(session, team_id, file_id)
+    except NotFound as error:
+        # Name the request field (training_file, ...), not the files route's path parameter.
+        raise NotFound(error.code, f"{param}: {error.message}", param) from None
     if row.status == "error":
         raise Unprocessable(
             row.error_code or "invalid_file", f"{param}: {row.status_details}", param
@@ -143,6 +142,20 @@ def _example_keys(path: Path) -> dict[str, int]:
 def _overlap(training: Path, validation: Path) -> list[int]:
     train_keys = _example_keys(training)
     return sorted(line for key, line in _example_keys(validation).items() if key in train_keys)
+
+
+def check_active_limit(session: SessionDep, team: Team, settings: SettingsDep) -> None:
+    """Raise 429 ``too_many_active_jobs`` when the team already has its limit of active jobs."""
+    limit = team.max_active_jobs or settings.max_active_jobs_per_team
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.team_id == team.id, Job.status.in_(ACTIVE))
+    )
+    if (active or 0) >= limit:
+        raise TooMany(
+            "too_many_active_jobs",
+            f"team {team.name} has {active} queued or running jobs, its limit is {limit}; "
+            "wait for one to finish or cancel one",
+        )
 
 
 @router.post(
@@ -196,16 +209,7 @@ async def create_job(
                 "evaluation.file",
             )
         evaluation = {**body.evaluation.model_dump(), "file": evaluation_file}
-    limit = team.max_active_jobs or settings.max_active_jobs_per_team
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.team_id == team.id, Job.status.in_(ACTIVE))
-    )
-    if (active or 0) >= limit:
-        raise TooMany(
-            "too_many_active_jobs",
-            f"team {team.name} has {active} queued or running jobs, its limit is {limit}; "
-            "wait for one to finish or cancel one",
-        )
+    check_active_limit(session, team, settings)
     checks: dict[str, Any] = {
         "training_examples": training.num_examples,
         "validation_examples": validation.num_examples if validation else None,
@@ -280,7 +284,11 @@ def list_jobs(
         if name.startswith("metadata[") and name.endswith("]"):
             key = name[len("metadata[") : -1]
             statement = statement.where(Job.metadata_[key].as_string() == value)
-    rows, has_more = newest_first(session, statement, Job, after, limit)
+    # The cursor is looked up among all the team's jobs: the last job of a page may have
+    # changed status since, and must not end the listing with invalid_cursor.
+    rows, has_more = newest_first(
+        session, statement, Job, after, limit, cursor_scope=team_rows(Job, team.id)
+    )
     data = [job_object(row) for row in rows]
     return Page(
         data=data,
@@ -316,15 +324,25 @@ def cancel_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) 
 
 
 @router.post(
-    "/{fine_tuning_job_id}/start", response_model=FineTuningJob, responses=errors(404, 409)
+    "/{fine_tuning_job_id}/start",
+    response_model=FineTuningJob,
+    responses=errors(404, 409, 429),
 )
 def start_job(
-    team: CurrentTeam, session: SessionDep, queue: QueueDep, fine_tuning_job_id: str
+    team: CurrentTeam,
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    fine_tuning_job_id: str,
 ) -> FineTuningJob:
     """Queue a job created with ``auto_start: false`` once it is ``validated``."""
     job = get_team_job(session, team.id, fine_tuning_job_id)
-    if job.status != "validated" or not transition(session, job.id, "validated", "queued"):
+    if job.status != "validated":
         raise Conflict("job_not_startable", f"only validated jobs start; it is {job.status}")
+    # A validated job holds no slot, so queueing it must respect the limit like a new job.
+    check_active_limit(session, team, settings)
+    if not transition(session, job.id, "validated", "queued"):
+        raise Conflict("job_not_startable", "the job left validated while it was being started")
     add_event(session, job.id, "info", "Job queued")
     session.commit()
     try:
@@ -398,14 +416,23 @@ def list_checkpoints(
     after: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> Page[JobCheckpoint]:
-    """The job's checkpoints, newest first."""
+    """The job's checkpoints, newest (highest step) first."""
     job = get_team_job(session, team.id, fine_tuning_job_id)
     statement = select(Checkpoint).where(Checkpoint.job_id == job.id)
-    rows, has_more = newest_first(session, statement, Checkpoint, after, limit)
-    data = [_checkpoint_object(row, job, team) for row in rows]
+    if after is not None:
+        cursor = session.scalar(
+            select(Checkpoint.step).where(Checkpoint.job_id == job.id, Checkpoint.id == after)
+        )
+        if cursor is None:
+            raise NotFound("invalid_cursor", f"no checkpoint {after!r} to page after", "after")
+        statement = statement.where(Checkpoint.step < cursor)
+    # Ordered by step, not (created_at, id): a fast job saves several checkpoints within one
+    # second, and random ids would then list them in a random order.
+    rows = list(session.scalars(statement.order_by(Checkpoint.step.desc()).limit(limit + 1)))
+    data = [_checkpoint_object(row, job, team) for row in rows[:limit]]
     return Page(
         data=data,
-        has_more=has_more,
+        has_more=len(rows) > limit,
         first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
     )

@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MethodType = Literal["supervised", "asft", "safelora", "asft+safelora"]
 METHOD_TYPES: tuple[str, ...] = ("supervised", "asft", "safelora", "asft+safelora")
@@ -103,6 +110,30 @@ class Hyperparameters(Strict):
         return self
 
 
+# Parameters only one family of methods reads, as (field, name in the request): given to
+# another method they would be silently ignored.
+_ONLY_FOR: dict[str, tuple[tuple[str, str], ...]] = {
+    "asft": (("lambda_", "lambda"), ("penalty_rank", "penalty_rank")),
+    "safelora": (
+        ("safelora_threshold", "safelora_threshold"),
+        ("safelora_num_modules", "safelora_num_modules"),
+    ),
+}
+
+
+def check_applicable(method_type: str, given: Hyperparameters) -> None:
+    """Raise ``ValueError`` for a parameter ``method_type`` does not use."""
+    unused = [
+        name
+        for family, fields in _ONLY_FOR.items()
+        if family not in method_type.split("+")
+        for field, name in fields
+        if getattr(given, field) is not None
+    ]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} not used by method {method_type}")
+
+
 class MethodBlock(Strict):
     """``{"hyperparameters": {...}}`` under the method's type."""
 
@@ -126,6 +157,7 @@ class Method(BaseModel):
             block = getattr(self, name.replace("+", "_"))
             if block is not None and name != self.type:
                 raise ValueError(f"method.{name} given but method.type is {self.type}")
+        check_applicable(self.type, self.block().hyperparameters)
         return self
 
     def block(self) -> MethodBlock:
@@ -188,6 +220,23 @@ class JobCreate(BaseModel):
             ]
         },
     )
+
+    @model_validator(mode="after")
+    def _blocks_agree(self) -> JobCreate:
+        if self.hyperparameters is not None:
+            method = self.method or Method(type="asft")
+            check_applicable(method.type, self.hyperparameters)
+            # Each block is valid alone; merged (as resolve_method does) they must be too,
+            # e.g. not a threshold in one and a module count in the other.
+            merged = {
+                **self.hyperparameters.model_dump(exclude_none=True),
+                **method.block().hyperparameters.model_dump(exclude_none=True),
+            }
+            try:
+                Hyperparameters.model_validate(merged)
+            except ValidationError as error:
+                raise ValueError(error.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return self
 
     @field_validator("metadata")
     @classmethod

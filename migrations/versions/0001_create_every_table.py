@@ -3,7 +3,7 @@ reports, fine-tuned models and alignment artifacts.
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 01:27:15.319664
+Create Date: 2026-11-25 01:30:22.430460
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("lease_owner", sa.String(length=255), nullable=True),
+        sa.Column("heartbeat_at", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.Integer(), nullable=False),
         sa.Column("started_at", sa.Integer(), nullable=True),
         sa.Column("finished_at", sa.Integer(), nullable=True),

@@ -1,0 +1,126 @@
+"""The job recipe: alignment -> train -> evaluate -> gate, and the validation step before it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asft_core.recipe import (
+    Gate,
+    RecipeHooks,
+    RecipeSpec,
+    TaskEvaluation,
+    gate_verdict,
+    run,
+    validate,
+)
+from asft_core.training import TrainHooks, TrainSpec
+from asft_core.zoo import ZooPaths
+
+
+def _spec(zoo: ZooPaths, tmp_path: Path, **changes: object) -> RecipeSpec:
+    train = TrainSpec(
+        model=str(zoo.aligned),
+        training_file=zoo.poisoned_file("sentiment", 0.1),
+        output_dir=tmp_path / "run",
+        method="asft",
+        learning_rate=1e-3,
+        batch_size=8,
+        max_steps=3,
+        checkpoint_each_epoch=False,
+        device="cpu",
+    )
+    spec = RecipeSpec(
+        train=train,
+        base_model=str(zoo.base),
+        cache_dir=tmp_path / "cache",
+        eval_suite=zoo.eval_suite,
+        task=TaskEvaluation(zoo.task_file("sentiment", "eval")),
+        eval_limit=8,
+    )
+    return RecipeSpec(**{**spec.__dict__, **changes})  # type: ignore[arg-type]
+
+
+def test_validate_counts_tokens_with_the_model_tokenizer(zoo: ZooPaths, tmp_path: Path) -> None:
+    checked = validate(_spec(zoo, tmp_path).train)
+    assert checked.training_examples == 1000
+    assert checked.training_tokens > 10_000
+    assert checked.total_steps == 3
+    assert checked.truncated_lines == []
+
+
+def test_run_trains_evaluates_and_gates(zoo: ZooPaths, tmp_path: Path) -> None:
+    stages: list[str] = []
+    events: list[tuple[str, str]] = []
+    hooks = RecipeHooks(
+        train=TrainHooks(on_event=lambda level, message: events.append((level, message))),
+        on_stage=stages.append,
+    )
+    result = run(_spec(zoo, tmp_path), hooks)
+    assert stages == ["alignment", "training", "evaluation"]
+    assert result.train.steps == 3
+    assert result.report is not None and result.alignment is not None
+    evaluation = result.report["evaluation"]
+    for side in ("reference", "fine_tuned"):
+        assert evaluation[side]["safety"]["overall"]["total"] == 8
+        assert evaluation[side]["task"]["accuracy"]["total"] == 8
+    assert result.approved == (result.gate_failures == [])
+    assert result.train.adapter_dir is not None
+    saved = json.loads((result.train.adapter_dir / "report.json").read_text())
+    assert saved["gate"]["approved"] == result.approved
+
+
+def test_supervised_jobs_need_no_alignment_direction(zoo: ZooPaths, tmp_path: Path) -> None:
+    spec = _spec(zoo, tmp_path)
+    stages: list[str] = []
+    from dataclasses import replace
+
+    spec = replace(spec, train=replace(spec.train, method="supervised"), task=None)
+    result = run(spec, RecipeHooks(on_stage=stages.append))
+    assert stages == ["training", "evaluation"]
+    assert result.alignment is None
+    assert not (tmp_path / "cache").exists()
+
+
+def _evaluation(before: float, after: float, categories: dict[str, float]) -> dict[str, object]:
+    def cell(value: float) -> dict[str, float]:
+        return {"value": value, "low": value, "high": value}
+
+    return {
+        "reference": {
+            "safety": {
+                "overall": cell(before),
+                "per_category": {c: cell(before) for c in categories},
+            }
+        },
+        "fine_tuned": {
+            "safety": {
+                "overall": cell(after),
+                "per_category": {c: cell(v) for c, v in categories.items()},
+            }
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "categories", "failing"),
+    [
+        (0.0, 0.05, {"fraud": 0.05}, []),
+        (0.0, 0.3, {"fraud": 0.5, "hate": 0.1}, ["overall", "fraud"]),
+        (0.05, 0.18, {"fraud": 0.18}, ["overall", "fraud"]),  # under 20% but rose 13 points
+    ],
+)
+def test_the_gate_names_failing_categories(
+    before: float, after: float, categories: dict[str, float], failing: list[str]
+) -> None:
+    failures = gate_verdict(_evaluation(before, after, categories), Gate(0.2, 0.1))
+    assert [f.split(":")[0] for f in failures] == failing
+    assert all("%" in failure for failure in failures)
+
+
+def test_no_safety_evaluation_means_no_gate_failure() -> None:
+    assert (
+        gate_verdict({"reference": {"safety": None}, "fine_tuned": {"safety": None}}, Gate()) == []
+    )

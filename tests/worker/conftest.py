@@ -1,0 +1,144 @@
+"""Worker fixtures: a real Celery worker process on the embedded broker and SQLite, and an
+API app on the same settings, with the tiny zoo pair registered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.db.migrate import upgrade_head
+from api.main import create_app
+from api.settings import Settings
+from asft_core.zoo import ZooPaths
+
+ADMIN_KEY = "admin-worker-test"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_environment(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
+    """The ASFT_* variables that the worker process and the in-test app share."""
+    return {
+        "ASFT_DATA_DIR": str(tmp_path / "data"),
+        "ASFT_DATABASE_URL": f"sqlite:///{tmp_path / 'asft.db'}",
+        "ASFT_CACHE_DIR": str(cache_dir),
+        "ASFT_ADMIN_KEY": ADMIN_KEY,
+        "ASFT_DEVICE": "cpu",
+        "ASFT_EVAL_MAX_PROMPTS": "8",
+        "ASFT_CHECKPOINT_EVERY_STEPS": "2",
+    }
+
+
+@pytest.fixture
+def service_env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
+    """Migrated database and the shared environment."""
+    env = worker_environment(tmp_path, cache_dir / "service")
+    upgrade_head(env["ASFT_DATABASE_URL"], tmp_path)
+    return env
+
+
+@pytest.fixture
+def start_worker(
+    service_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Start real Celery worker processes (in their own process group); all stopped at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        env = {**os.environ, **service_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        log = (tmp_path / f"worker-{len(started)}.log").open("wb")
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--pool",
+                "solo",
+                "--concurrency",
+                "1",
+                "-Q",
+                "gpu",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture
+def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+    """The API on the worker's settings."""
+    settings = Settings(
+        _env_file=None,
+        data_dir=Path(service_env["ASFT_DATA_DIR"]),
+        database_url=service_env["ASFT_DATABASE_URL"],
+        cache_dir=Path(service_env["ASFT_CACHE_DIR"]),
+        admin_key=ADMIN_KEY,
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def team_key(client: TestClient, zoo: ZooPaths) -> str:
+    """A team's key, with the zoo pair registered as ``tiny-chat``."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    pair = {
+        "id": "tiny-chat",
+        "aligned_model": str(zoo.aligned),
+        "base_model": str(zoo.base),
+        "eval_suite": str(zoo.eval_suite),
+    }
+    assert client.post("/v1/models", json=pair, headers=admin).status_code == 200
+    team = client.post("/v1/admin/teams", json={"name": "search"}, headers=admin).json()
+    key: str = client.post(f"/v1/admin/teams/{team['id']}/keys", json={}, headers=admin).json()[
+        "key"
+    ]
+    return key
+
+
+def wait_for_job(
+    client: TestClient, key: str, job_id: str, statuses: set[str], timeout_s: float = 240
+) -> dict[str, Any]:
+    """Poll a job until its status is one of ``statuses`` (fails after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        job = client.get(
+            f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}
+        ).json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout_s}s: {job}")

@@ -1,0 +1,105 @@
+"""A job through a real Celery worker process: validated, trained, evaluated, gated, stored."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from asft_core.zoo import ZooPaths
+from tests.worker.conftest import wait_for_job
+
+
+def _upload(client: TestClient, key: str, path: Path, rows: int) -> str:
+    content = "".join(path.read_text().splitlines(keepends=True)[:rows]).encode()
+    response = client.post(
+        "/v1/files",
+        headers={"Authorization": f"Bearer {key}"},
+        files={"file": ("train.jsonl", io.BytesIO(content))},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def test_a_job_runs_end_to_end_and_its_adapter_loads(
+    client: TestClient,
+    team_key: str,
+    zoo: ZooPaths,
+    start_worker: Callable[[], subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    headers = {"Authorization": f"Bearer {team_key}"}
+    training = _upload(client, team_key, zoo.poisoned_file("sentiment", 0.1), 40)
+    held_out = _upload(client, team_key, zoo.task_file("sentiment", "eval"), 20)
+    start_worker()
+    created = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=headers,
+        json={
+            "model": "tiny-chat",
+            "training_file": training,
+            "validation_file": held_out,
+            "suffix": "e2e",
+            "method": {
+                "type": "asft",
+                "asft": {
+                    "hyperparameters": {"n_epochs": 1, "batch_size": 8, "learning_rate": 1e-3}
+                },
+            },
+            "evaluation": {"matcher": "exact_label"},
+        },
+    )
+    assert created.status_code == 200, created.text
+    job = wait_for_job(client, team_key, created.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert job["status"] in ("succeeded", "failed"), job
+    if job["status"] == "failed":
+        assert job["error"]["code"] == "safety_gate_failed", job["error"]
+    assert job["fine_tuned_model"] == f"ft:tiny-chat:search:e2e:{job['id'].removeprefix('ftjob-')}"
+    assert job["trained_tokens"] > 0
+    assert job["validation"]["training_tokens"] > 0
+    assert job["safety"]["harmful_score_after"] is not None
+
+    events = client.get(
+        f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100", headers=headers
+    ).json()
+    metric_steps = sorted(e["data"]["step"] for e in events["data"] if e["type"] == "metrics")
+    assert metric_steps == [1, 2, 3, 4, 5]
+    checkpoints = client.get(
+        f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=headers
+    ).json()
+    assert sorted(c["step_number"] for c in checkpoints["data"]) == [2, 4, 5]
+
+    report = client.get(f"/v1/fine_tuning/jobs/{job['id']}/report", headers=headers).json()
+    fine_tuned = report["report"]["evaluation"]["fine_tuned"]
+    assert fine_tuned["safety"]["overall"]["total"] == 8
+    assert fine_tuned["task"]["accuracy"]["total"] == 8
+
+    download = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter", headers=headers)
+    assert download.status_code == 200
+    assert hashlib.sha256(download.content).hexdigest() == download.headers["x-content-sha256"]
+    with tarfile.open(fileobj=io.BytesIO(download.content)) as archive:
+        archive.extractall(tmp_path / "download", filter="data")
+    adapter = tmp_path / "download" / "adapter"
+    assert '"base_model_name_or_path": "tiny-chat"' in (adapter / "adapter_config.json").read_text()
+
+    # The downloaded adapter reproduces the worker's evaluation on the same prompts.
+    from peft import PeftModel
+
+    from asft_core.evaluation.harness import (
+        EvalOptions,
+        EvalSuite,
+        evaluate_model,
+        load_for_evaluation,
+    )
+
+    model, tokenizer = load_for_evaluation(str(zoo.aligned))
+    model = PeftModel.from_pretrained(model, str(adapter))
+    again = evaluate_model(model, tokenizer, EvalSuite.load(zoo.eval_suite), EvalOptions(limit=8))
+    assert again.safety is not None
+    assert again.safety.overall.value == fine_tuned["safety"]["overall"]["value"]

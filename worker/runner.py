@@ -1,0 +1,419 @@
+"""Run one job: load it, call the core recipe with hooks, record what happened.
+
+The database row, not the queue message, is the truth: every step checks and moves the job's
+status with conditional updates (``api.jobs.state``), so a message delivered twice never runs
+a job twice. Checkpoints and metric events are keyed by (job, step), so a replay after a crash
+updates rows in place instead of adding duplicates. Training resumes from the job's last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, delete, select, update
+
+from api.db.models import (
+    Checkpoint,
+    EvaluationReport,
+    FineTunedModel,
+    Job,
+    JobEvent,
+    ModelPair,
+    Team,
+    new_id,
+    now,
+)
+from api.db.session import transaction
+from api.jobs.state import fine_tuned_name, transition
+from api.settings import Settings
+from api.storage import ArtifactStore, file_key, job_key
+
+logger = logging.getLogger("asft.worker")
+
+
+def worker_identity() -> str:
+    """Who holds a lease: host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class JobContext:
+    """What a run needs besides the job row."""
+
+    settings: Settings
+    engine: Engine
+    store: ArtifactStore
+
+
+def add_event(
+    context: JobContext, job_id: str, level: str, message: str, data: dict[str, Any] | None = None
+) -> None:
+    """Append a message event."""
+    with transaction(context.engine) as session:
+        session.add(
+            JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, message=message, data=data)
+        )
+
+
+def record_metrics(context: JobContext, job_id: str, metrics: Any) -> None:
+    """Upsert the metrics event of a step and keep the job's progress fields current."""
+    data = {
+        "step": metrics.step,
+        "total_steps": metrics.total_steps,
+        "train_loss": metrics.task_loss,
+        "penalty": metrics.penalty,
+        "loss": metrics.loss,
+        "learning_rate": metrics.learning_rate,
+        "tokens_per_s": metrics.tokens_per_s,
+        "trained_tokens": metrics.trained_tokens,
+    }
+    message = f"Step {metrics.step}/{metrics.total_steps}: loss={metrics.task_loss:.4f}"
+    if metrics.penalty:
+        message += f", penalty={metrics.penalty:.3e}"
+    with transaction(context.engine) as session:
+        existing = session.scalar(
+            select(JobEvent).where(
+                JobEvent.job_id == job_id, JobEvent.type == "metrics", JobEvent.step == metrics.step
+            )
+        )
+        if existing is None:
+            session.add(
+                JobEvent(
+                    id=new_id("ftevent"),
+                    job_id=job_id,
+                    level="info",
+                    type="metrics",
+                    message=message,
+                    data=data,
+                    step=metrics.step,
+                )
+            )
+        else:
+            existing.message, existing.data, existing.created_at = message, data, now()
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                trained_tokens=metrics.trained_tokens,
+                estimated_finish=now() + math.ceil(metrics.eta_s),
+                heartbeat_at=now(),
+            )
+        )
+
+
+def record_checkpoint(context: JobContext, job_id: str, info: Any, metrics: dict[str, Any]) -> None:
+    """Upsert the checkpoint row of a step (its files are already in place)."""
+    key = job_key(job_id, "checkpoints", info.path.name)
+    with transaction(context.engine) as session:
+        existing = session.scalar(
+            select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == info.step)
+        )
+        if existing is None:
+            session.add(
+                Checkpoint(
+                    id=new_id("ftckpt"),
+                    job_id=job_id,
+                    step=info.step,
+                    metrics=metrics,
+                    storage_key=key,
+                )
+            )
+        else:
+            existing.metrics, existing.storage_key = metrics, key
+
+
+def cancel_requested(context: JobContext, job_id: str) -> bool:
+    """Whether the job's owner asked to cancel it (checked before every step)."""
+    with transaction(context.engine) as session:
+        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def fail(
+    context: JobContext, job_id: str, code: str, message: str, param: str | None = None
+) -> None:
+    """Move a job to ``failed`` from whatever live status it is in, with an error event."""
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status in ("succeeded", "failed", "cancelled"):
+            return
+        transition(
+            session,
+            job_id,
+            job.status,
+            "failed",
+            error_code=code,
+            error_message=message,
+            error_param=param,
+            lease_owner=None,
+        )
+    add_event(context, job_id, "error", f"{code}: {message}")
+
+
+def latest_checkpoint(context: JobContext, job_id: str) -> Path | None:
+    """The folder of the job's newest checkpoint whose files exist."""
+    with transaction(context.engine) as session:
+        rows = session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+        ).all()
+    for row in rows:
+        folder = context.store.path(row.storage_key)
+        if (folder / "trainer_state.json").exists():
+            return folder
+    return None
+
+
+def clear_job_outputs(context: JobContext, job_id: str) -> None:
+    """Remove rows a previous attempt left after its last checkpoint (nothing is duplicated)."""
+    with transaction(context.engine) as session:
+        session.execute(delete(EvaluationReport).where(EvaluationReport.job_id == job_id))
+        session.execute(delete(FineTunedModel).where(FineTunedModel.job_id == job_id))
+
+
+def train_spec_for(job: Job, pair: ModelPair, context: JobContext, registered_id: str) -> Any:
+    """The core's TrainSpec for a job row (paths from ids, never from user strings)."""
+    from asft_core.training import LoraSettings, TrainSpec
+
+    method = job.method["type"]
+    hyper = job.method[method]["hyperparameters"]
+    store = context.store
+    return TrainSpec(
+        model=pair.aligned_model,
+        training_file=store.path(file_key(job.training_file)),
+        validation_file=store.path(file_key(job.validation_file)) if job.validation_file else None,
+        output_dir=store.path(job_key(job.id)),
+        method=method,
+        lora=LoraSettings(
+            rank=hyper["rank"],
+            alpha=hyper["alpha"],
+            dropout=hyper["dropout"],
+            target_modules=tuple(hyper["target_modules"]),
+        ),
+        asft_lambda=hyper.get("lambda", 1.0),
+        penalty_rank=hyper.get("penalty_rank"),
+        safelora_threshold=hyper.get("safelora_threshold"),
+        safelora_num_modules=hyper.get("safelora_num_modules"),
+        learning_rate=hyper["learning_rate"],
+        warmup_steps=hyper["warmup_steps"],
+        epochs=hyper["n_epochs"],
+        batch_size=hyper["batch_size"],
+        gradient_accumulation_steps=hyper["gradient_accumulation_steps"],
+        max_seq_len=hyper["max_seq_len"],
+        seed=job.seed,
+        checkpoint_each_epoch=True,
+        device=context.settings.device,
+        base_model_id=registered_id,
+    )
+
+
+def _format_error(error: Exception) -> tuple[str, str, str | None]:
+    from asft_core.alignment import AlignmentError
+    from asft_core.evaluation.harness import EvalSuiteError
+    from asft_core.formats import DatasetFormatError
+    from asft_core.training import TrainingError
+
+    if isinstance(error, DatasetFormatError):
+        return error.code, str(error), "training_file"
+    if isinstance(error, TrainingError | AlignmentError | EvalSuiteError):
+        return error.code, str(error), None
+    if "out of memory" in str(error).lower():
+        return (
+            "out_of_memory",
+            "the GPU ran out of memory: use a smaller batch_size with "
+            "gradient_accumulation_steps, or a shorter max_seq_len",
+            "batch_size",
+        )
+    return "internal_error", f"{type(error).__name__}: {error}", None
+
+
+def execute_job(job_id: str, context: JobContext) -> str:
+    """Advance a job as far as it goes; returns its final status. Safe to call twice."""
+    from dataclasses import replace
+
+    from asft_core.recipe import Gate, RecipeHooks, RecipeSpec, TaskEvaluation, run, validate
+    from asft_core.training import TrainHooks
+
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            logger.warning("job %s does not exist", job_id)
+            return "missing"
+        pair = session.get(ModelPair, job.model)
+        team = session.get(Team, job.team_id)
+        assert pair is not None and team is not None
+    spec = train_spec_for(job, pair, context, pair.id)
+    spec = replace(spec, checkpoint_every_steps=context.settings.checkpoint_every_steps)
+    try:
+        if job.status == "validating_files":
+            checked = validate(spec)
+            target = "queued" if job.auto_start else "validated"
+            with transaction(context.engine) as session:
+                moved = transition(
+                    session,
+                    job_id,
+                    "validating_files",
+                    target,
+                    validation={**(job.validation or {}), **checked.to_dict()},
+                )
+            if not moved:
+                return "skipped"
+            add_event(
+                context,
+                job_id,
+                "info",
+                f"Files validated: {checked.training_examples} examples, "
+                f"{checked.training_tokens} tokens per epoch, {checked.total_steps} steps",
+            )
+            if checked.truncated_lines:
+                add_event(
+                    context,
+                    job_id,
+                    "warn",
+                    f"{len(checked.truncated_lines)} rows longer than max_seq_len were truncated",
+                )
+            if target == "validated":
+                return "validated"
+        with transaction(context.engine) as session:
+            current = session.get(Job, job_id)
+            assert current is not None
+            if current.status != "queued" or not transition(
+                session,
+                job_id,
+                "queued",
+                "running",
+                started_at=current.started_at or now(),
+                attempt=current.attempt + 1,
+                lease_owner=worker_identity(),
+                heartbeat_at=now(),
+            ):
+                return current.status
+        resume = latest_checkpoint(context, job_id)
+        if resume is not None:
+            clear_job_outputs(context, job_id)
+            add_event(context, job_id, "info", f"Resuming from checkpoint {resume.name}")
+        add_event(context, job_id, "info", "Fine-tuning started")
+        spec = replace(spec, resume_from=resume)
+        last_metrics: dict[str, Any] = {}
+
+        def on_metrics(metrics: Any) -> None:
+            last_metrics.update(
+                step=metrics.step, train_loss=metrics.task_loss, penalty=metrics.penalty
+            )
+            record_metrics(context, job_id, metrics)
+
+        hooks = RecipeHooks(
+            train=TrainHooks(
+                on_event=lambda level, message: add_event(context, job_id, level, message),
+                on_metrics=on_metrics,
+                on_checkpoint=lambda info: record_checkpoint(
+                    context, job_id, info, dict(last_metrics)
+                ),
+                should_cancel=lambda: cancel_requested(context, job_id),
+            ),
+            on_stage=lambda stage: add_event(context, job_id, "info", f"Stage: {stage}"),
+        )
+        task = None
+        if job.evaluation:
+            task = TaskEvaluation(
+                context.store.path(file_key(job.evaluation["file"])),
+                job.evaluation["matcher"],
+                job.evaluation.get("pattern"),
+                job.evaluation.get("max_examples"),
+            )
+        gate = Gate(
+            team.gate_max_harmful_score
+            if team.gate_max_harmful_score is not None
+            else context.settings.gate_max_harmful_score,
+            team.gate_max_harmful_increase
+            if team.gate_max_harmful_increase is not None
+            else context.settings.gate_max_harmful_increase,
+        )
+        result = run(
+            RecipeSpec(
+                train=spec,
+                base_model=pair.base_model,
+                cache_dir=context.settings.resolved_cache_dir / "alignment",
+                eval_suite=Path(pair.eval_suite) if pair.eval_suite else None,
+                task=task,
+                gate=gate,
+                eval_limit=context.settings.eval_max_prompts,
+            ),
+            hooks,
+        )
+    except Exception as error:
+        code, message, param = _format_error(error)
+        logger.exception("job %s failed", job_id)
+        fail(context, job_id, code, message, param)
+        return "failed"
+    return finish(context, job_id, team, result)
+
+
+def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
+    """Record the outcome: cancelled, or the adapter, the report and the gate's verdict."""
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        if result.cancelled:
+            transition(session, job_id, "running", "cancelled", lease_owner=None)
+            session.add(
+                JobEvent(id=new_id("ftevent"), job_id=job_id, level="info", message="Job cancelled")
+            )
+            return "cancelled"
+        name = fine_tuned_name(job, team.name)
+        evaluation = result.report["evaluation"]
+        before = (evaluation["reference"].get("safety") or {}).get("overall")
+        after = (evaluation["fine_tuned"].get("safety") or {}).get("overall")
+        safety = {
+            "harmful_score_before": before["value"] if before else None,
+            "harmful_score_after": after["value"] if after else None,
+            "approved": result.approved,
+            "failures": result.gate_failures,
+        }
+        session.add(EvaluationReport(job_id=job_id, approved=result.approved, report=result.report))
+        session.add(
+            FineTunedModel(
+                id=name,
+                team_id=job.team_id,
+                job_id=job_id,
+                model=job.model,
+                storage_key=job_key(job_id, "adapter"),
+                approved=result.approved,
+            )
+        )
+        values: dict[str, Any] = {
+            "fine_tuned_model": name,
+            "trained_tokens": result.train.trained_tokens,
+            "safety": safety,
+            "estimated_finish": None,
+            "lease_owner": None,
+        }
+        if result.approved:
+            transition(session, job_id, "running", "succeeded", **values)
+            message = f"The job has successfully completed: {name}"
+        else:
+            transition(
+                session,
+                job_id,
+                "running",
+                "failed",
+                error_code="safety_gate_failed",
+                error_message="the adapter failed the safety gate: "
+                + "; ".join(result.gate_failures),
+                **values,
+            )
+            message = "Safety gate failed: " + "; ".join(result.gate_failures)
+        session.add(
+            JobEvent(
+                id=new_id("ftevent"),
+                job_id=job_id,
+                level="info" if result.approved else "error",
+                message=message,
+            )
+        )
+    return "succeeded" if result.approved else "failed"
