@@ -24,7 +24,8 @@ USER asft
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["uvicorn", "api.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+# Refuses to start on an old schema: run `asft db upgrade` first (a one-shot service).
+CMD ["asft", "api", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
 # The default torch wheel for Linux is the CUDA build, which is what GPU workers want.
@@ -32,4 +33,4 @@ RUN pip install --no-cache-dir ".[worker]"
 USER asft
 HEALTHCHECK --interval=60s --timeout=20s --retries=3 \
     CMD ["celery", "-A", "worker.celery_app", "inspect", "ping", "--timeout", "10"]
-CMD ["celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO", "--concurrency", "1"]
+CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "--loglevel", "INFO", "--concurrency", "1"]

@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo miniature clean
+.PHONY: setup test lint bench demo miniature api clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ demo: setup
 PROFILE ?= full
 miniature: setup
 	$(PY) -m asft_core.experiments --profile $(PROFILE) --data-dir var
+
+# The REST API on the embedded default (migrates first; prints a key on first start).
+api: setup
+	$(VENV)/bin/asft db upgrade
+	$(VENV)/bin/asft api
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

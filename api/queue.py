@@ -18,9 +18,7 @@ def make_celery(settings: Settings) -> Celery:
     """A Celery app for ``settings``: the filesystem broker by default, else the broker URL."""
     app = Celery("asft", broker=settings.resolved_broker_url)
     if settings.broker_url is None:
-        folders = {
-            name: settings.broker_dir / name for name in ("out", "processed", "control")
-        }
+        folders = {name: settings.broker_dir / name for name in ("out", "processed", "control")}
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         app.conf.broker_transport_options = {

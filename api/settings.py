@@ -45,6 +45,14 @@ class Settings(BaseSettings):
         None, description="Bearer key of the admin endpoints (/v1/admin, POST /v1/models)."
     )
     device: str = Field("auto", description="Worker training device: auto, cpu or cuda[:N].")
+    heartbeat_interval_s: float = Field(
+        10.0, gt=0, description="How often a worker renews the lease of the job it runs."
+    )
+    stale_after_s: int = Field(
+        60,
+        ge=1,
+        description="A running job whose heartbeat is older is requeued by the reconciler.",
+    )
     checkpoint_every_steps: int = Field(
         100, ge=1, description="Workers save a resumable checkpoint every N steps (and each epoch)."
     )

@@ -299,6 +299,7 @@ def execute_job(job_id: str, context: JobContext) -> str:
             add_event(context, job_id, "info", f"Resuming from checkpoint {resume.name}")
         add_event(context, job_id, "info", "Fine-tuning started")
         spec = replace(spec, resume_from=resume)
+        heartbeat = Heartbeat(context, job_id, context.settings.heartbeat_interval_s)
         last_metrics: dict[str, Any] = {}
 
         def on_metrics(metrics: Any) -> None:
@@ -334,18 +335,19 @@ def execute_job(job_id: str, context: JobContext) -> str:
             if team.gate_max_harmful_increase is not None
             else context.settings.gate_max_harmful_increase,
         )
-        result = run(
-            RecipeSpec(
-                train=spec,
-                base_model=pair.base_model,
-                cache_dir=context.settings.resolved_cache_dir / "alignment",
-                eval_suite=Path(pair.eval_suite) if pair.eval_suite else None,
-                task=task,
-                gate=gate,
-                eval_limit=context.settings.eval_max_prompts,
-            ),
-            hooks,
-        )
+        with heartbeat:
+            result = run(
+                RecipeSpec(
+                    train=spec,
+                    base_model=pair.base_model,
+                    cache_dir=context.settings.resolved_cache_dir / "alignment",
+                    eval_suite=Path(pair.eval_suite) if pair.eval_suite else None,
+                    task=task,
+                    gate=gate,
+                    eval_limit=context.settings.eval_max_prompts,
+                ),
+                hooks,
+            )
     except Exception as error:
         code, message, param = _format_error(error)
         logger.exception("job %s failed", job_id)
@@ -417,3 +419,83 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
             )
         )
     return "succeeded" if result.approved else "failed"
+
+
+class Heartbeat:
+    """Renews a running job's lease every ``interval_s`` from a thread of its own.
+
+    Independent of training steps, since loading a model, computing the alignment direction
+    and evaluating take minutes without a step.
+    """
+
+    def __init__(self, context: JobContext, job_id: str, interval_s: float = 10.0) -> None:
+        """Prepare (``start`` begins beating)."""
+        import threading
+
+        self.context, self.job_id, self.interval_s = context, job_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with transaction(self.context.engine) as session:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id, Job.status == "running")
+                        .values(heartbeat_at=now())
+                    )
+            except Exception:  # a database blip must not kill the job; the next beat retries
+                logger.exception("heartbeat of %s failed", self.job_id)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def reconcile(context: JobContext, queue: Any, stale_after_s: int = 60) -> list[str]:
+    """Re-enqueue what the broker may have lost; returns the job ids re-enqueued.
+
+    Running jobs whose heartbeat is older than ``stale_after_s`` (their worker died) go back
+    to ``queued`` and resume from their last checkpoint; jobs waiting in ``queued`` or
+    ``validating_files`` for longer than that get a fresh message (the filesystem broker
+    deletes a message when it is taken, and a flushed Redis loses them all). A duplicate
+    message is harmless: the conditional status changes let one worker run the job.
+    """
+    from api.queue import enqueue_job
+
+    cutoff = now() - stale_after_s
+    requeued: list[str] = []
+    with transaction(context.engine) as session:
+        stale = session.scalars(
+            select(Job.id).where(
+                Job.status == "running", (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff)
+            )
+        ).all()
+        for job_id in stale:
+            if transition(session, job_id, "running", "queued", lease_owner=None):
+                session.add(
+                    JobEvent(
+                        id=new_id("ftevent"),
+                        job_id=job_id,
+                        level="warn",
+                        message="The worker running this job stopped answering; requeued",
+                    )
+                )
+                requeued.append(job_id)
+        waiting = session.scalars(
+            select(Job.id).where(
+                Job.status.in_(("queued", "validating_files")), Job.updated_at < cutoff
+            )
+        ).all()
+        requeued += [job_id for job_id in waiting if job_id not in requeued]
+        # Touch them so the next pass waits a full period before sending again.
+        if waiting:
+            session.execute(update(Job).where(Job.id.in_(waiting)).values(updated_at=now()))
+    for job_id in requeued:
+        enqueue_job(queue, job_id)
+    return requeued

@@ -1,15 +1,28 @@
-"""Celery tasks: thin. Load the job, run it through ``worker.runner``, nothing else."""
+"""Celery tasks: thin. Load the job, run it through ``worker.runner``, nothing else.
+
+Every worker process also runs the reconciler: once at start and then periodically in a
+thread of its own (so it runs while the worker trains), re-enqueueing jobs whose worker died
+or whose message the broker lost. ``asft.reconcile`` is the same pass as a task, for Celery
+beat.
+"""
 
 from __future__ import annotations
 
-from celery.signals import worker_process_init
+import logging
+import threading
+
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from api.db.session import engine_for
 from api.queue import RUN_JOB_TASK
 from api.settings import get_settings
 from api.storage import ArtifactStore
 from worker.celery_app import app
-from worker.runner import JobContext, execute_job
+from worker.runner import JobContext, execute_job, reconcile
+
+logger = logging.getLogger("asft.worker")
+RECONCILE_TASK = "asft.reconcile"
+_stop_reconciler = threading.Event()
 
 
 @worker_process_init.connect
@@ -31,3 +44,37 @@ def _context() -> JobContext:
 def run_job(job_id: str) -> str:
     """Run one fine-tuning job (validation, training, evaluation, gate); returns its status."""
     return execute_job(job_id, _context())
+
+
+@app.task(name=RECONCILE_TASK)
+def reconcile_jobs() -> list[str]:
+    """One reconciler pass; returns the ids of the jobs it re-enqueued."""
+    return reconcile(_context(), app, get_settings().stale_after_s)
+
+
+def _reconcile_forever() -> None:
+    interval = max(1.0, get_settings().stale_after_s / 2)
+    while True:
+        try:
+            requeued = reconcile_jobs()
+            if requeued:
+                logger.warning("reconciler re-enqueued %s", ", ".join(requeued))
+        except Exception:  # the database may be restarting: try again next period
+            logger.exception("reconciler pass failed")
+        if _stop_reconciler.wait(interval):
+            return
+
+
+@worker_ready.connect
+def _start_reconciler(**_: object) -> None:
+    threading.Thread(target=_reconcile_forever, name="reconciler", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop(**_: object) -> None:
+    _stop_reconciler.set()
+
+
+app.conf.beat_schedule = {
+    "reconcile": {"task": RECONCILE_TASK, "schedule": max(1.0, get_settings().stale_after_s / 2)}
+}

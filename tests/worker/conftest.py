@@ -35,6 +35,9 @@ def worker_environment(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
         "ASFT_DEVICE": "cpu",
         "ASFT_EVAL_MAX_PROMPTS": "8",
         "ASFT_CHECKPOINT_EVERY_STEPS": "2",
+        # Fast leases, so a killed worker's job is picked up within seconds.
+        "ASFT_HEARTBEAT_INTERVAL_S": "1",
+        "ASFT_STALE_AFTER_S": "5",
     }
 
 
@@ -142,3 +145,18 @@ def wait_for_job(
             return job
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} still {job.get('status')} after {timeout_s}s: {job}")
+
+
+def upload_rows(client: TestClient, key: str, path: Path, rows: int) -> str:
+    """Upload the first ``rows`` lines of ``path`` as a fine-tune file; returns its id."""
+    import io
+
+    content = "".join(path.read_text().splitlines(keepends=True)[:rows]).encode()
+    response = client.post(
+        "/v1/files",
+        headers={"Authorization": f"Bearer {key}"},
+        files={"file": ("train.jsonl", io.BytesIO(content))},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])

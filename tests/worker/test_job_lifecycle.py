@@ -12,19 +12,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from asft_core.zoo import ZooPaths
-from tests.worker.conftest import wait_for_job
-
-
-def _upload(client: TestClient, key: str, path: Path, rows: int) -> str:
-    content = "".join(path.read_text().splitlines(keepends=True)[:rows]).encode()
-    response = client.post(
-        "/v1/files",
-        headers={"Authorization": f"Bearer {key}"},
-        files={"file": ("train.jsonl", io.BytesIO(content))},
-        data={"purpose": "fine-tune"},
-    )
-    assert response.status_code == 200, response.text
-    return str(response.json()["id"])
+from tests.worker.conftest import upload_rows, wait_for_job
 
 
 def test_a_job_runs_end_to_end_and_its_adapter_loads(
@@ -35,8 +23,8 @@ def test_a_job_runs_end_to_end_and_its_adapter_loads(
     tmp_path: Path,
 ) -> None:
     headers = {"Authorization": f"Bearer {team_key}"}
-    training = _upload(client, team_key, zoo.poisoned_file("sentiment", 0.1), 40)
-    held_out = _upload(client, team_key, zoo.task_file("sentiment", "eval"), 20)
+    training = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.1), 40)
+    held_out = upload_rows(client, team_key, zoo.task_file("sentiment", "eval"), 20)
     start_worker()
     created = client.post(
         "/v1/fine_tuning/jobs",
