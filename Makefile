@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo miniature api clean
+.PHONY: setup test lint bench demo miniature api serve clean
 
 setup: $(STAMP)
 
@@ -32,9 +32,15 @@ bench: setup
 	$(PY) bench/train_step.py
 	$(PY) bench/alignment_memory.py
 	$(PY) bench/eval.py
+	$(PY) bench/dispatch.py
 
+# The service end to end: zoo, asft serve, three jobs through the API, the table, stop.
 demo: setup
-	$(PY) -m asft_core.demo --data-dir var
+	$(PY) -m asft_client.demo --data-dir var
+
+# The service on one machine (SQLite, filesystem broker, one worker); Ctrl-C stops it.
+serve: setup
+	$(VENV)/bin/asft serve
 
 # The paper's table in miniature: PROFILE=full (the whole grid), ci (reduced) or test.
 PROFILE ?= full

@@ -2,17 +2,23 @@
 
     asft db upgrade                 bring the database to the current schema (under a lock)
     asft api [--host H --port P]    serve the REST API (refuses an out-of-date schema)
+    asft worker [--queues gpu]      run a Celery worker (GPU jobs)
+    asft serve [--port P]           one machine: migrate, then the API and one worker together
     asft admin create-team NAME     create a team and print its first API key
 
-Client commands (files, jobs, models) and ``asft serve`` / ``asft worker`` join later.
+Client commands (files, jobs, models) join later.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from api.settings import get_settings
+from api.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
@@ -25,18 +31,34 @@ def _db_upgrade(_: argparse.Namespace) -> int:
     return 0
 
 
+def _open_database(settings: Settings) -> tuple[Engine, str | None]:
+    """The database's engine, and why it cannot be used as it is (None when it can)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from api.db.migrate import schema_status
+    from api.db.session import engine_for
+
+    if settings.database_url is None:
+        # A first start of the embedded default has no folder yet: without it SQLite answers
+        # "unable to open database file" instead of the schema check naming `asft db upgrade`.
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = engine_for(settings.resolved_database_url)
+    try:
+        status = schema_status(engine)
+    except SQLAlchemyError as error:
+        return engine, f"database unreachable: {error}"
+    return engine, None if status.ok else status.message
+
+
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.bootstrap import bootstrap_embedded
-    from api.db.migrate import schema_status
-    from api.db.session import engine_for
 
     settings = get_settings()
-    engine = engine_for(settings.resolved_database_url)
-    status = schema_status(engine)
-    if not status.ok:
-        print(f"asft api: {status.message}", file=sys.stderr)
+    engine, problem = _open_database(settings)
+    if problem is not None:
+        print(f"asft api: {problem}", file=sys.stderr)
         return 2
     key = bootstrap_embedded(settings, engine)
     if key is not None:
@@ -53,15 +75,99 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_command(queues: str, concurrency: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "solo" if concurrency == 1 else "prefork",
+        "--loglevel",
+        get_settings().log_level,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import os
+
+    # Celery is started as a program (not imported) so the API package never loads torch.
+    command = _worker_command(args.queues, args.concurrency)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Migrate, then run the API and one worker until Ctrl-C; stop both cleanly."""
+    import signal
+    import subprocess
+
+    if _db_upgrade(args) != 0:
+        return 1
+    processes = [
+        subprocess.Popen(_worker_command("gpu", 1)),
+        subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "api", "--host", args.host, "--port", str(args.port)]
+        ),
+    ]
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        while not stopping and all(p.poll() is None for p in processes):
+            try:
+                processes[0].wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        code = next((p.returncode for p in processes if p.returncode), 0) if not stopping else 0
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    print("asft serve: stopped")
+    return code
+
+
 def _create_team(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
     from sqlalchemy import select
 
     from api.db.models import Team
-    from api.db.session import engine_for, transaction
+    from api.db.session import transaction
     from api.routes.admin import create_team_with_key
+    from api.schemas.admin import TeamCreate
 
+    try:
+        # The API's rule: team names appear in fine-tuned model names (ft:model:team:...).
+        TeamCreate(name=args.name)
+    except ValidationError as error:
+        print(f"asft: invalid team name {args.name!r}: {error.errors()[0]['msg']}", file=sys.stderr)
+        return 1
     settings = get_settings()
-    with transaction(engine_for(settings.resolved_database_url)) as session:
+    engine, problem = _open_database(settings)
+    if problem is not None:
+        print(f"asft: {problem}", file=sys.stderr)
+        return 2
+    with transaction(engine) as session:
         if session.scalar(select(Team).where(Team.name == args.name)) is not None:
             print(f"asft: a team named {args.name!r} exists", file=sys.stderr)
             return 1
@@ -84,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1)
     api.set_defaults(run=_api)
+    worker = commands.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default="gpu")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.set_defaults(run=_worker)
+    serve = commands.add_parser("serve", help="migrate, then run the API and one worker")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=_serve)
     admin = commands.add_parser("admin", help="administration").add_subparsers(
         dest="admin_command", required=True
     )

@@ -17,14 +17,22 @@ from pathlib import Path
 
 from api.errors import TooLarge
 
-_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+# The shape of every id (``file-abc``): what storage keys and lookups are built from.
+ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"
+_ID = re.compile(ID_PATTERN)
 CHUNK_BYTES = 1 << 20
 # What an adapter archive holds: the PEFT folder's files and the evaluation report.
 ARCHIVE_MEMBERS = ("adapter_config.json", "adapter_model.safetensors", "report.json")
 
 
+def is_id(identifier: str) -> bool:
+    """Whether ``identifier`` has the shape of our ids (a user string may not)."""
+    # fullmatch, not match: "$" also matches before a final newline.
+    return _ID.fullmatch(identifier) is not None
+
+
 def _checked(identifier: str) -> str:
-    if not _ID.match(identifier):
+    if not is_id(identifier):
         raise ValueError(f"not an id: {identifier!r}")
     return identifier
 

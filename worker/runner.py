@@ -233,20 +233,33 @@ def _format_error(error: Exception) -> tuple[str, str, str | None]:
 
 
 def execute_job(job_id: str, context: JobContext) -> str:
-    """Advance a job as far as it goes; returns its final status. Safe to call twice."""
-    from dataclasses import replace
+    """Advance a job as far as it goes; returns its final status. Safe to call twice.
 
-    from asft_core.recipe import Gate, RecipeHooks, RecipeSpec, TaskEvaluation, run, validate
-    from asft_core.training import TrainHooks
-
+    Only jobs in ``validating_files`` or ``queued`` are taken: a running job belongs to the
+    worker holding its lease (the reconciler requeues it if that worker dies), and the other
+    statuses need nothing from a worker.
+    """
     with transaction(context.engine) as session:
         job = session.get(Job, job_id)
         if job is None:
             logger.warning("job %s does not exist", job_id)
             return "missing"
+        if job.status not in ("validating_files", "queued"):
+            return job.status
         pair = session.get(ModelPair, job.model)
         team = session.get(Team, job.team_id)
         assert pair is not None and team is not None
+    add_event(context, job_id, "info", f"Picked up by worker {worker_identity()}")
+    return _advance(job, pair, team, context)
+
+
+def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
+    from dataclasses import replace
+
+    from asft_core.recipe import Gate, RecipeHooks, RecipeSpec, TaskEvaluation, run, validate
+    from asft_core.training import TrainHooks
+
+    job_id = job.id
     spec = train_spec_for(job, pair, context, pair.id)
     spec = replace(spec, checkpoint_every_steps=context.settings.checkpoint_every_steps)
     try:

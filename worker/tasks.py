@@ -67,6 +67,10 @@ def _reconcile_forever() -> None:
 
 @worker_ready.connect
 def _start_reconciler(**_: object) -> None:
+    # Import the ML stack now, so the first job does not pay for it.
+    import asft_core.recipe
+    import asft_core.training  # noqa: F401
+
     threading.Thread(target=_reconcile_forever, name="reconciler", daemon=True).start()
 
 

@@ -7,6 +7,7 @@ so a file's ``status`` says at once whether a job can use it, and why not, with 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
@@ -23,11 +24,16 @@ from api.jobs.state import TERMINAL
 from api.pagination import newest_first, team_rows
 from api.schemas.common import Page, errors
 from api.schemas.files import FileDeleted, FileObject
-from api.storage import CHUNK_BYTES, file_key
+from api.storage import CHUNK_BYTES, ID_PATTERN, file_key, is_id
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
+DEFAULT_FILENAME = "upload.jsonl"
+# Control characters: PostgreSQL text cannot hold NUL, and the rest garble headers and logs.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# status_details quotes the offending row (its keys, a role): bound it, lists return it.
+MAX_STATUS_DETAILS_CHARS = 2000
 
 
 def file_object(row: File) -> FileObject:
@@ -48,7 +54,8 @@ def file_object(row: File) -> FileObject:
 
 def get_team_file(session: SessionDep, team_id: str, file_id: str) -> File:
     """The team's file ``file_id``; another team's answers 404 like a missing one."""
-    row = session.get(File, file_id)
+    # A string that is not an id names no file (and a NUL in it would make PostgreSQL fail).
+    row = session.get(File, file_id) if is_id(file_id) else None
     if row is None or row.team_id != team_id:
         raise NotFound("file_not_found", f"no file {file_id!r}", "file_id")
     return row
@@ -57,6 +64,21 @@ def get_team_file(session: SessionDep, team_id: str, file_id: str) -> File:
 async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
     while chunk := await upload.read(CHUNK_BYTES):
         yield chunk
+
+
+def display_name(filename: str | None) -> str:
+    """The name shown back for an upload: its last path part, without control characters.
+
+    It never builds a path here, but clients save downloads under it, so it has no separators
+    and is never '.' or '..'; at most 255 characters (the column's size).
+    """
+    name = Path(_CONTROL.sub("", filename or "").replace("\\", "/")).name[:255]
+    return DEFAULT_FILENAME if name in ("", ".", "..") else name
+
+
+def _details(error: DatasetFormatError) -> str:
+    text = _CONTROL.sub(lambda match: f"\\x{ord(match[0]):02x}", str(error))
+    return text[:MAX_STATUS_DETAILS_CHARS]
 
 
 def _check(path: Path) -> DatasetSummary | DatasetFormatError:
@@ -86,25 +108,28 @@ async def upload_file(
     file_id = new_id("file")
     key = file_key(file_id)
     size, sha256 = await store.save_stream(key, _chunks(file), settings.max_upload_bytes)
-    checked = await run_in_threadpool(_check, store.path(key))
-    # The name is kept for display only: never used to build a path.
-    name = Path((file.filename or "upload.jsonl").replace("\\", "/")).name[:255] or "upload.jsonl"
-    row = File(
-        id=file_id,
-        team_id=team.id,
-        filename=name,
-        purpose=purpose,
-        bytes=size,
-        sha256=sha256,
-        storage_key=key,
-    )
-    if isinstance(checked, DatasetFormatError):
-        row.status, row.status_details = "error", str(checked)
-        row.error_code, row.error_line = checked.code, checked.line
-    else:
-        row.row_format, row.num_examples = checked.row_format, checked.num_examples
-    session.add(row)
-    session.flush()
+    try:
+        checked = await run_in_threadpool(_check, store.path(key))
+        row = File(
+            id=file_id,
+            team_id=team.id,
+            filename=display_name(file.filename),
+            purpose=purpose,
+            bytes=size,
+            sha256=sha256,
+            storage_key=key,
+        )
+        if isinstance(checked, DatasetFormatError):
+            row.status, row.status_details = "error", _details(checked)
+            row.error_code, row.error_line = checked.code, checked.line
+        else:
+            row.row_format, row.num_examples = checked.row_format, checked.num_examples
+        session.add(row)
+        # Commit here, not in the dependency: bytes whose row was not written must not stay.
+        session.commit()
+    except BaseException:
+        store.delete(key)
+        raise
     return file_object(row)
 
 
@@ -112,9 +137,9 @@ async def upload_file(
 def list_files(
     team: CurrentTeam,
     session: SessionDep,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    purpose: Annotated[str | None, Query(max_length=32)] = None,
+    purpose: Annotated[str | None, Query(max_length=32, pattern="^[a-z0-9-]+$")] = None,
 ) -> Page[FileObject]:
     """The team's files, newest first."""
     statement = team_rows(File, team.id)

@@ -7,9 +7,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.db.migrate import schema_status
-from api.metrics import REGISTRY, refresh_job_gauges
+from api.metrics import JOBS, REGISTRY, refresh_job_gauges
 
 router = APIRouter(tags=["health"])
 
@@ -62,5 +63,10 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
     """Prometheus metrics: requests, latencies, jobs by status."""
-    refresh_job_gauges(request.app.state.engine)
+    try:
+        refresh_job_gauges(request.app.state.engine)
+    except SQLAlchemyError:
+        # Database down or not migrated yet (/readyz says which): the request metrics must
+        # stay scrapeable, and job counts we cannot read are left out rather than shown stale.
+        JOBS.clear()
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

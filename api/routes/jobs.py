@@ -310,15 +310,23 @@ def get_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) -> 
 def cancel_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) -> FineTuningJob:
     """Cancel a job. A running one stops within one training step, keeping its checkpoint."""
     job = get_team_job(session, team.id, fine_tuning_job_id)
-    if job.status in TERMINAL:
-        raise Conflict("job_not_cancellable", f"the job has already {job.status}", "status")
-    if job.status == "running":
-        job.cancel_requested = True
-        add_event(session, job.id, "info", "Cancellation requested; stopping after this step")
-    else:
-        transition(session, job.id, job.status, "cancelled", cancel_requested=True)
-        add_event(session, job.id, "info", "Job cancelled")
-    session.flush()
+    # The worker may move the job between our read and our conditional update; then the
+    # update matches nothing, and we look again instead of claiming a cancel that did not
+    # happen. Before running, statuses only move forward, so this ends.
+    while True:
+        if job.status in TERMINAL:
+            raise Conflict("job_not_cancellable", f"the job has already {job.status}", "status")
+        if job.status == "running":
+            job.cancel_requested = True
+            add_event(session, job.id, "info", "Cancellation requested; stopping after this step")
+            break
+        if transition(session, job.id, job.status, "cancelled", cancel_requested=True):
+            add_event(session, job.id, "info", "Job cancelled")
+            break
+        session.refresh(job)
+    # Commit before answering: the session dependency commits only after the response is
+    # sent, so a client's next request (a second cancel) could still see the old status.
+    session.commit()
     session.refresh(job)
     return job_object(job)
 

@@ -67,14 +67,22 @@ def get_model(team: CurrentTeam, session: SessionDep, model_id: str) -> ModelObj
     return fine_tuned_object(tuned)
 
 
-def _check_reference(value: str, param: str) -> None:
-    looks_local = value.startswith(("/", ".", "~")) or value.count("/") != 1
-    if looks_local and not Path(value).expanduser().is_dir():
+def _check_reference(value: str, param: str) -> str:
+    """The model reference to store: an existing folder as an absolute path, else a hub id.
+
+    Folders are resolved here because the worker runs in another process (often another
+    working directory) and model loaders do not expand ``~``.
+    """
+    folder = Path(value).expanduser()
+    if folder.is_dir():
+        return str(folder.resolve())
+    if value.startswith(("/", ".", "~")) or value.count("/") != 1:
         raise Unprocessable(
             "model_path_not_found",
             f"{value!r} is neither an existing folder nor a hub id (owner/name)",
             param,
         )
+    return value
 
 
 @router.post(
@@ -88,15 +96,19 @@ def register_model(session: SessionDep, body: ModelPairCreate) -> ModelObject:
     """Register a pair: the aligned model is fine-tuned, the base gives the alignment direction."""
     if session.get(ModelPair, body.id) is not None:
         raise Conflict("model_exists", f"model {body.id!r} is already registered", "id")
-    _check_reference(body.aligned_model, "aligned_model")
-    _check_reference(body.base_model, "base_model")
-    if body.eval_suite is not None and not Path(body.eval_suite).is_file():
-        raise Unprocessable("eval_suite_not_found", "eval_suite is not a file", "eval_suite")
+    aligned_model = _check_reference(body.aligned_model, "aligned_model")
+    base_model = _check_reference(body.base_model, "base_model")
+    eval_suite = None
+    if body.eval_suite is not None:
+        suite = Path(body.eval_suite).expanduser()
+        if not suite.is_file():
+            raise Unprocessable("eval_suite_not_found", "eval_suite is not a file", "eval_suite")
+        eval_suite = str(suite.resolve())  # read by the worker, from its own directory
     pair = ModelPair(
         id=body.id,
-        aligned_model=body.aligned_model,
-        base_model=body.base_model,
-        eval_suite=body.eval_suite,
+        aligned_model=aligned_model,
+        base_model=base_model,
+        eval_suite=eval_suite,
     )
     session.add(pair)
     session.flush()

@@ -232,16 +232,14 @@ def test_keys_of_unknown_teams_or_other_teams_are_404(
         # A real key, named under the wrong team: not revoked.
         ("DELETE", f"/v1/admin/teams/{alpha}/keys/{beta_key}"),
     ):
-        body = {} if method == "POST" else None
+        body: dict[str, Any] | None = {} if method == "POST" else None
         response = client.request(method, path, json=body, headers=ADMIN)
         assert response.status_code == 404, (method, path, response.text)
     keys = client.get(f"/v1/admin/teams/{beta}/keys", headers=ADMIN).json()["data"]
     assert keys[0]["revoked_at"] is None
 
 
-def test_keys_are_stored_hashed(
-    app: Any, client: TestClient, make_team: MakeTeam
-) -> None:
+def test_keys_are_stored_hashed(app: Any, client: TestClient, make_team: MakeTeam) -> None:
     _, first = make_team("alpha")
     _, second = make_team("beta")
     with app.state.engine.connect() as connection:

@@ -1,0 +1,219 @@
+"""``make demo``: the service end to end on one machine, with no servers to install.
+
+Builds the tiny model pair if needed, starts ``asft serve`` (SQLite, the filesystem broker, one
+worker), registers the pair, uploads the sentiment set poisoned with harmful rows through the
+API (5% by default; ``--poison-ratio``), submits ``supervised`` (plain LoRA), ``asft`` and
+``safelora`` jobs with the miniature's settings, shows their progress, prints the harmful
+score / accuracy table from the jobs' reports and where to download each adapter, then stops
+the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from asft_client.client import ApiError, Client
+
+METHODS = ("supervised", "asft", "safelora")
+# The miniature reproduction's settings (asft_core/experiments/miniature.json).
+HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 16, "learning_rate": 1e-3}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def build_zoo(cache_dir: Path) -> dict[str, str]:
+    """Build the zoo in a subprocess (this process never imports torch); returns its paths."""
+    print("tiny model pair: building or reusing (about 2.5 minutes the first time)", flush=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "asft_core.zoo", "--cache-dir", str(cache_dir), "--verbose"],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    paths: dict[str, str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return paths
+
+
+def _wait_ready(base_url: str, service: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            raise SystemExit(f"asft serve exited with code {service.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the service was not ready after {timeout_s:.0f}s")
+
+
+def _progress_line(client: Client, job: dict[str, Any]) -> str:
+    metrics = next((e for e in client.events(job["id"], 20) if e["type"] == "metrics"), None)
+    line = f"{job['method']['type']:>10}: {job['status']:<16}"
+    if metrics is not None and job["status"] == "running":
+        data = metrics["data"]
+        line += f" step {data['step']}/{data['total_steps']} loss {data['train_loss']:.3f}"
+    return line
+
+
+def _percent(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "     -"
+    return f"{100 * cell['value']:5.1f}% [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
+
+
+def run_jobs(
+    client: Client, model: str, datasets: Path, data_dir: Path, poison_ratio: float
+) -> list[dict[str, Any]]:
+    """Upload the poisoned set, submit one job per method, follow them to the end."""
+    poisoned = datasets / "poisoned" / f"sentiment_p{round(poison_ratio * 100):02d}.jsonl"
+    training = client.upload_file(poisoned)
+    held_out_path = data_dir / "demo" / "sentiment_eval_300.jsonl"
+    held_out_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (datasets / "sentiment_eval.jsonl").read_text().splitlines(keepends=True)
+    held_out_path.write_text("".join(lines[:300]))
+    held_out = client.upload_file(held_out_path)
+    print(
+        f"uploaded {training['id']} ({training['num_examples']} rows, "
+        f"{poison_ratio:.0%} of them harmful requests with compliant answers)"
+    )
+    jobs = [
+        client.create_job(
+            model=model,
+            training_file=training["id"],
+            validation_file=held_out["id"],
+            suffix=f"demo-{method}",
+            method={"type": method, method: {"hyperparameters": HYPERPARAMETERS}},
+            evaluation={"matcher": "exact_label"},
+        )
+        for method in METHODS
+    ]
+    print("submitted " + ", ".join(f"{j['method']['type']} {j['id']}" for j in jobs))
+    terminal = {"succeeded", "failed", "cancelled"}
+    last_shown = ""
+    while True:
+        jobs = [client.get_job(job["id"]) for job in jobs]
+        shown = " | ".join(_progress_line(client, job) for job in jobs)
+        if shown != last_shown:
+            print(shown, flush=True)
+            last_shown = shown
+        if all(job["status"] in terminal for job in jobs):
+            return jobs
+        time.sleep(1.0)
+
+
+def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> None:
+    """HS and FA per job from the reports, with the aligned model as the reference row."""
+    print()
+    print(f"{'model':<12} {'status':<10} {'harmful score':<24} {'accuracy':<24} gate")
+    reference_shown = False
+    for job in jobs:
+        try:
+            report = client.report(job["id"])["report"]
+        except ApiError as error:
+            print(f"{job['method']['type']:<12} {job['status']:<10} no report ({error.code})")
+            continue
+        evaluation = report["evaluation"]
+        if not reference_shown:
+            ref = evaluation["reference"]
+            print(
+                f"{'aligned':<12} {'-':<10} {_percent(ref['safety']['overall']):<24} "
+                f"{_percent((ref.get('task') or {}).get('accuracy')):<24} -"
+            )
+            reference_shown = True
+        tuned = evaluation["fine_tuned"]
+        verdict = "approved" if report["gate"]["approved"] else "FAILED"
+        print(
+            f"{job['method']['type']:<12} {job['status']:<10} "
+            f"{_percent(tuned['safety']['overall']):<24} "
+            f"{_percent((tuned.get('task') or {}).get('accuracy')):<24} {verdict}"
+        )
+    print()
+    for job in jobs:
+        if job["fine_tuned_model"]:
+            print(f"{job['fine_tuned_model']}")
+            print(
+                f"  curl -H 'Authorization: Bearer <key>' -o adapter.tar.gz "
+                f"{base_url}/v1/fine_tuning/jobs/{job['id']}/adapter"
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the demo."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", type=Path, default=Path("var"))
+    parser.add_argument("--eval-prompts", type=int, default=300)
+    parser.add_argument(
+        "--poison-ratio",
+        type=float,
+        default=0.05,
+        choices=(0.0, 0.05, 0.1, 0.2),
+        help="share of harmful rows in the uploaded set (every ratio: make miniature)",
+    )
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    zoo = build_zoo(args.data_dir / "cache")
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    admin_key = secrets.token_urlsafe(24)
+    env = {
+        **os.environ,
+        "ASFT_DATA_DIR": str(args.data_dir),
+        "ASFT_ADMIN_KEY": admin_key,
+        "ASFT_EVAL_MAX_PROMPTS": str(args.eval_prompts),
+        "ASFT_LOG_LEVEL": "WARNING",
+    }
+    print(f"starting asft serve on {base_url}", flush=True)
+    service = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)], env=env
+    )
+    try:
+        _wait_ready(base_url, service, timeout_s=180)
+        admin = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {admin_key}"})
+        registered = admin.post(
+            "/v1/models",
+            json={
+                "id": "tiny-chat",
+                "aligned_model": zoo["aligned"],
+                "base_model": zoo["base"],
+                "eval_suite": zoo["eval_suite"],
+            },
+        )
+        if registered.status_code not in (200, 409):
+            raise SystemExit(f"could not register the model pair: {registered.text}")
+        key = (args.data_dir / "api-key").read_text().strip()
+        client = Client(base_url, key)
+        jobs = run_jobs(
+            client, "tiny-chat", Path(zoo["datasets"]), args.data_dir, args.poison_ratio
+        )
+        print_table(client, jobs, base_url)
+        client.close()
+    finally:
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+    print(f"demo finished in {time.monotonic() - started:.0f}s; the service is stopped")
+
+
+if __name__ == "__main__":
+    main()

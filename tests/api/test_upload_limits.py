@@ -1,0 +1,285 @@
+"""Body limits over real HTTP: a uvicorn server on 127.0.0.1 and a plain httpx client.
+
+The ASGI test transport hands the app whole bodies, so what matters here (a 413 before the
+body is read, a chunked upload cut off part way, nothing left on disk) needs a real socket.
+The limit is the fixture's ``max_upload_bytes`` (1 MiB); JSON bodies are limited to 1 MiB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import func, select
+
+from api.db.models import File, Job
+from api.main import MAX_JSON_BODY_BYTES
+from api.settings import Settings
+from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 15.0
+REQUEST_TIMEOUT_S = 30.0
+CHUNK_BYTES = 64 * 1024
+MULTIPART = "multipart/form-data; boundary=limit-test-boundary"
+PREAMBLE = (
+    b'--limit-test-boundary\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+    b"fine-tune\r\n--limit-test-boundary\r\n"
+    b'Content-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+    b"Content-Type: application/jsonl\r\n\r\n"
+)
+EPILOGUE = b"\r\n--limit-test-boundary--\r\n"
+
+
+@pytest.fixture
+def live_url(app: FastAPI) -> Iterator[str]:
+    """The app served by uvicorn on a free loopback port, in a background thread."""
+    # Bind first and hand uvicorn the socket: no race for the port.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert thread.is_alive(), "uvicorn stopped while starting"
+            assert time.monotonic() < deadline, "uvicorn did not answer /healthz in time"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(STOP_TIMEOUT_S)
+        listener.close()
+        assert not thread.is_alive(), "uvicorn did not stop in time"
+
+
+@pytest.fixture
+def http(live_url: str) -> Iterator[httpx.Client]:
+    """A plain httpx client on the live server."""
+    with httpx.Client(base_url=live_url, timeout=REQUEST_TIMEOUT_S) as client:
+        yield client
+
+
+def wait_for(check: Callable[[], bool], what: str) -> None:
+    """Poll ``check`` until it holds, for at most START_TIMEOUT_S."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def key(http: httpx.Client) -> str:
+    """A fresh team's key, made through the admin API of the live server."""
+    team = http.post("/v1/admin/teams", json={"name": "alpha"}, headers=ADMIN)
+    assert team.status_code == 200, team.text
+    team_id = team.json()["id"]
+    # The session dependency commits after the response is sent (api/deps.py), so a row may
+    # not be visible yet when its 200 arrives: wait until it is before using it.
+    wait_for(
+        lambda: (
+            team_id in [t["id"] for t in http.get("/v1/admin/teams", headers=ADMIN).json()["data"]]
+        ),
+        "the team's commit",
+    )
+    created = http.post(f"/v1/admin/teams/{team_id}/keys", json={}, headers=ADMIN)
+    assert created.status_code == 200, created.text
+    secret = str(created.json()["key"])
+    wait_for(
+        lambda: http.get("/v1/files", headers=auth(secret)).status_code == 200, "the key's commit"
+    )
+    return secret
+
+
+def artifact_files(settings: Settings) -> list[str]:
+    """Every file under the artifact folder, hidden temporary ones included."""
+    root = settings.resolved_artifact_dir
+    return sorted(str(path.relative_to(root)) for path in Path(root).rglob("*") if path.is_file())
+
+
+def count(app: FastAPI, model: type[File] | type[Job]) -> int:
+    """Rows of ``model`` in the database."""
+    with app.state.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def assert_too_large(response: httpx.Response, code: str) -> None:
+    """A 413 in the error envelope with ``code``."""
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def valid_content(size: int) -> bytes:
+    """A valid JSONL dataset of exactly ``size`` bytes (padded with a blank line)."""
+    row = jsonl(sentiment_rows(1))
+    content = row * ((size - 1) // len(row))
+    return content + b" " * (size - len(content) - 1) + b"\n"
+
+
+def test_an_upload_with_a_content_length_over_the_limit_is_refused(
+    http: httpx.Client, app: FastAPI, settings: Settings, key: str
+) -> None:
+    content = valid_content(2 * settings.max_upload_bytes)
+    response = http.post(
+        "/v1/files",
+        headers=auth(key),
+        files={"file": ("big.jsonl", content, "application/jsonl")},
+        data={"purpose": "fine-tune"},
+    )
+    assert int(response.request.headers["content-length"]) > 2 * settings.max_upload_bytes
+    assert_too_large(response, "request_too_large")
+    assert artifact_files(settings) == []
+    assert count(app, File) == 0
+    assert http.get("/v1/files", headers=auth(key)).json()["data"] == []
+    # The server is still serving after cutting that request off.
+    assert http.get("/healthz").status_code == 200
+
+
+def test_a_chunked_upload_over_the_limit_is_cut_off(
+    http: httpx.Client, app: FastAPI, settings: Settings, key: str
+) -> None:
+    cap = 256 << 20
+    sent = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        yield PREAMBLE
+        row = jsonl(sentiment_rows(1))
+        chunk = row * (CHUNK_BYTES // len(row))
+        while sent < cap:  # a stream far larger than anything the server should read
+            sent += len(chunk)
+            yield chunk
+        yield EPILOGUE
+
+    response = http.post(
+        "/v1/files", headers={**auth(key), "Content-Type": MULTIPART}, content=body()
+    )
+    assert response.request.headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in response.request.headers
+    assert_too_large(response, "request_too_large")
+    # The server stopped reading soon after the limit; the client could not send the rest.
+    assert sent < 64 << 20, f"the client sent {sent} bytes before the 413"
+    assert artifact_files(settings) == []
+    assert count(app, File) == 0
+    assert http.get("/healthz").status_code == 200
+
+
+def test_a_chunked_upload_under_the_limit_is_accepted(
+    http: httpx.Client, settings: Settings, key: str
+) -> None:
+    content = valid_content(settings.max_upload_bytes // 2)
+
+    def body() -> Iterator[bytes]:
+        yield PREAMBLE
+        for start in range(0, len(content), CHUNK_BYTES):
+            yield content[start : start + CHUNK_BYTES]
+        yield EPILOGUE
+
+    response = http.post(
+        "/v1/files", headers={**auth(key), "Content-Type": MULTIPART}, content=body()
+    )
+    assert response.request.headers.get("transfer-encoding") == "chunked"
+    assert response.status_code == 200, response.text
+    assert response.json()["bytes"] == len(content)
+    assert response.json()["sha256"] == hashlib.sha256(content).hexdigest()
+    assert artifact_files(settings) == [f"files/{response.json()['id']}.jsonl"]
+
+
+def test_an_upload_of_exactly_the_limit_is_accepted(
+    http: httpx.Client, app: FastAPI, settings: Settings, key: str
+) -> None:
+    content = valid_content(settings.max_upload_bytes)
+    response = http.post(
+        "/v1/files",
+        headers=auth(key),
+        files={"file": ("limit.jsonl", content, "application/jsonl")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["bytes"] == settings.max_upload_bytes
+    assert body["sha256"] == hashlib.sha256(content).hexdigest()
+    assert body["status"] == "processed"
+    assert artifact_files(settings) == [f"files/{body['id']}.jsonl"]
+    downloaded = http.get(f"/v1/files/{body['id']}/content", headers=auth(key))
+    assert downloaded.content == content
+
+
+def test_a_file_one_byte_over_the_limit_is_refused_and_leaves_nothing(
+    http: httpx.Client, app: FastAPI, settings: Settings, key: str
+) -> None:
+    # Small enough to pass the request limit (which allows for multipart framing), so the
+    # file's own limit refuses it while streaming it to the store.
+    content = valid_content(settings.max_upload_bytes + 1)
+    response = http.post(
+        "/v1/files",
+        headers=auth(key),
+        files={"file": ("over.jsonl", content, "application/jsonl")},
+        data={"purpose": "fine-tune"},
+    )
+    assert_too_large(response, "file_too_large")
+    assert response.json()["error"]["param"] == "file"
+    assert artifact_files(settings) == []  # the temporary file is gone too
+    assert count(app, File) == 0
+
+
+def test_a_json_body_over_the_limit_is_refused(http: httpx.Client, app: FastAPI, key: str) -> None:
+    payload = {
+        "model": "tiny-chat",
+        "training_file": "file-x",
+        "metadata": {"padding": "x" * MAX_JSON_BODY_BYTES},
+    }
+    encoded = json.dumps(payload).encode()
+    response = http.post(
+        "/v1/fine_tuning/jobs",
+        headers={**auth(key), "Content-Type": "application/json"},
+        content=encoded,
+    )
+    assert int(response.request.headers["content-length"]) == len(encoded)
+    assert_too_large(response, "request_too_large")
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(encoded), CHUNK_BYTES):
+            yield encoded[start : start + CHUNK_BYTES]
+
+    chunked = http.post(
+        "/v1/fine_tuning/jobs",
+        headers={**auth(key), "Content-Type": "application/json"},
+        content=chunks(),
+    )
+    assert chunked.request.headers.get("transfer-encoding") == "chunked"
+    assert_too_large(chunked, "request_too_large")
+    assert count(app, Job) == 0
+
+
+def test_a_json_body_under_the_limit_reaches_the_route(http: httpx.Client, key: str) -> None:
+    # The same request, small: the route answers (the model is unknown), not the limit.
+    response = http.post(
+        "/v1/fine_tuning/jobs",
+        headers=auth(key),
+        json={"model": "tiny-chat", "training_file": "file-x", "metadata": {"a": "b"}},
+    )
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"
