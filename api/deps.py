@@ -55,7 +55,9 @@ def get_queue(request: Request) -> Celery:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client's next request sees the
+# write and a failed commit is an error answer, not a 200 (the default runs it afterwards).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 QueueDep = Annotated[Celery, Depends(get_queue)]
 

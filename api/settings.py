@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     checkpoint_every_steps: int = Field(
         100, ge=1, description="Workers save a resumable checkpoint every N steps (and each epoch)."
     )
+    max_job_runtime_s: float | None = Field(
+        None, gt=0, description="A job training longer fails with job_limit_exceeded (unset: none)."
+    )
+    max_job_steps: int | None = Field(
+        None, ge=1, description="Jobs planning more optimizer steps are refused at validation."
+    )
+    max_job_tokens: int | None = Field(
+        None, ge=1, description="Jobs planning to train on more tokens are refused at validation."
+    )
     eval_max_prompts: int | None = Field(
         None, description="Cap on evaluation prompts per set (unset: all; tests use a handful)."
     )

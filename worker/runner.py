@@ -13,7 +13,10 @@ import logging
 import math
 import os
 import socket
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,29 @@ class JobContext:
     settings: Settings
     engine: Engine
     store: ArtifactStore
+    # Puts a job id back on the queue (the Celery app's send); None: nothing to requeue with.
+    requeue: Callable[[str], None] | None = None
+    # Set when the worker is asked to stop (SIGTERM): checkpoint, requeue, return.
+    preempt: threading.Event = field(default_factory=threading.Event)
+
+
+class JobLimitExceeded(RuntimeError):
+    """A job went past one of the service's per-job limits (runtime, steps, tokens)."""
+
+    code = "job_limit_exceeded"
+
+
+def check_limits(settings: Settings, steps: int, tokens: int) -> None:
+    """Refuse, before any GPU time, a job whose planned steps or tokens exceed the limits."""
+    if settings.max_job_steps is not None and steps > settings.max_job_steps:
+        raise JobLimitExceeded(
+            f"the job needs {steps} steps; the limit is {settings.max_job_steps}: "
+            "use fewer epochs or a larger batch_size"
+        )
+    if settings.max_job_tokens is not None and tokens > settings.max_job_tokens:
+        raise JobLimitExceeded(
+            f"the job trains on {tokens} tokens; the limit is {settings.max_job_tokens}"
+        )
 
 
 def add_event(
@@ -220,7 +246,7 @@ def _format_error(error: Exception) -> tuple[str, str, str | None]:
 
     if isinstance(error, DatasetFormatError):
         return error.code, str(error), "training_file"
-    if isinstance(error, TrainingError | AlignmentError | EvalSuiteError):
+    if isinstance(error, TrainingError | AlignmentError | EvalSuiteError | JobLimitExceeded):
         return error.code, str(error), None
     if "out of memory" in str(error).lower():
         return (
@@ -265,6 +291,7 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
     try:
         if job.status == "validating_files":
             checked = validate(spec)
+            check_limits(context.settings, checked.total_steps, checked.estimated_tokens)
             target = "queued" if job.auto_start else "validated"
             with transaction(context.engine) as session:
                 moved = transition(
@@ -314,12 +341,22 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
         spec = replace(spec, resume_from=resume)
         heartbeat = Heartbeat(context, job_id, context.settings.heartbeat_interval_s)
         last_metrics: dict[str, Any] = {}
+        run_started = time.monotonic()
+        max_runtime_s = context.settings.max_job_runtime_s
 
         def on_metrics(metrics: Any) -> None:
             last_metrics.update(
                 step=metrics.step, train_loss=metrics.task_loss, penalty=metrics.penalty
             )
             record_metrics(context, job_id, metrics)
+            if max_runtime_s is not None and time.monotonic() - run_started > max_runtime_s:
+                raise JobLimitExceeded(
+                    f"the job ran longer than the limit of {max_runtime_s:.0f}s "
+                    f"(stopped at step {metrics.step})"
+                )
+
+        def should_stop() -> bool:
+            return context.preempt.is_set() or cancel_requested(context, job_id)
 
         hooks = RecipeHooks(
             train=TrainHooks(
@@ -328,7 +365,7 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
                 on_checkpoint=lambda info: record_checkpoint(
                     context, job_id, info, dict(last_metrics)
                 ),
-                should_cancel=lambda: cancel_requested(context, job_id),
+                should_cancel=should_stop,
             ),
             on_stage=lambda stage: add_event(context, job_id, "info", f"Stage: {stage}"),
         )
@@ -366,7 +403,22 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
         logger.exception("job %s failed", job_id)
         fail(context, job_id, code, message, param)
         return "failed"
+    if result.cancelled and context.preempt.is_set() and not cancel_requested(context, job_id):
+        return requeue_preempted(context, job_id)
     return finish(context, job_id, team, result)
+
+
+def requeue_preempted(context: JobContext, job_id: str) -> str:
+    """The worker is stopping: the job (checkpointed by the trainer) goes back to the queue."""
+    with transaction(context.engine) as session:
+        moved = transition(session, job_id, "running", "queued", lease_owner=None)
+    if moved:
+        add_event(
+            context, job_id, "warn", "The worker is shutting down; job checkpointed and requeued"
+        )
+        if context.requeue is not None:
+            context.requeue(job_id)
+    return "queued"
 
 
 def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:

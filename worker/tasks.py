@@ -11,10 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from api.db.session import engine_for
-from api.queue import RUN_JOB_TASK
+from api.queue import RUN_JOB_TASK, enqueue_job
 from api.settings import get_settings
 from api.storage import ArtifactStore
 from worker.celery_app import app
@@ -23,6 +28,8 @@ from worker.runner import JobContext, execute_job, reconcile
 logger = logging.getLogger("asft.worker")
 RECONCILE_TASK = "asft.reconcile"
 _stop_reconciler = threading.Event()
+# Set on SIGTERM (warm shutdown): the running job checkpoints and is requeued, not lost.
+_preempt = threading.Event()
 
 
 @worker_process_init.connect
@@ -37,6 +44,8 @@ def _context() -> JobContext:
         settings=settings,
         engine=engine_for(settings.resolved_database_url),
         store=ArtifactStore(settings.resolved_artifact_dir),
+        requeue=lambda job_id: enqueue_job(app, job_id),
+        preempt=_preempt,
     )
 
 
@@ -72,6 +81,11 @@ def _start_reconciler(**_: object) -> None:
     import asft_core.training  # noqa: F401
 
     threading.Thread(target=_reconcile_forever, name="reconciler", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _preempt_running_job(**_: object) -> None:
+    _preempt.set()
 
 
 @worker_shutdown.connect
