@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     max_job_tokens: int | None = Field(
         None, ge=1, description="Jobs planning to train on more tokens are refused at validation."
     )
+    webhook_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs webhooks may reach although private/loopback (JSON list).",
+    )
+    webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery.")
+    webhook_backoff_s: float = Field(
+        2.0, ge=0, description="Wait before the 2nd try; doubled before each later one."
+    )
     eval_max_prompts: int | None = Field(
         None, description="Cap on evaluation prompts per set (unset: all; tests use a handful)."
     )

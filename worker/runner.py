@@ -276,7 +276,50 @@ def execute_job(job_id: str, context: JobContext) -> str:
         team = session.get(Team, job.team_id)
         assert pair is not None and team is not None
     add_event(context, job_id, "info", f"Picked up by worker {worker_identity()}")
-    return _advance(job, pair, team, context)
+    status = _advance(job, pair, team, context)
+    if status in ("succeeded", "failed", "cancelled"):
+        notify(context, job_id)
+    return status
+
+
+def notify(context: JobContext, job_id: str) -> threading.Thread | None:
+    """Send the team's webhook for a finished job, with retries, from a thread of its own.
+
+    The outcome is recorded as a job event. Returns the thread (None without a webhook).
+    """
+    from api.routes.jobs import job_object
+    from api.webhooks import deliver, payload
+
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        team = session.get(Team, job.team_id) if job else None
+        if job is None or team is None or not team.webhook_url or not team.webhook_secret:
+            return None
+        url, secret = team.webhook_url, team.webhook_secret
+        body = payload(job_object(job).model_dump(mode="json"), new_id("evt"))
+    settings = context.settings
+
+    def send() -> None:
+        delivered, attempts, outcome = deliver(
+            url,
+            secret,
+            body,
+            settings.webhook_allowlist,
+            attempts=settings.webhook_attempts,
+            backoff_s=settings.webhook_backoff_s,
+        )
+        verdict = "delivered" if delivered else "not delivered"
+        add_event(
+            context,
+            job_id,
+            "info" if delivered else "warn",
+            f"Webhook {body['type']} {verdict} ({outcome}, {attempts} attempt(s))",
+        )
+
+    # Not a daemon: a worker shutting down finishes its deliveries first.
+    thread = threading.Thread(target=send, name=f"webhook-{job_id}")
+    thread.start()
+    return thread
 
 
 def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:

@@ -55,6 +55,8 @@ class Team(Base):
     gate_max_harmful_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     gate_max_harmful_increase: Mapped[float | None] = mapped_column(Float, nullable=True)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Signs webhook bodies (HMAC-SHA256); made when a URL is first set, shown to the admin.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ApiKey(Base):

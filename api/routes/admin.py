@@ -8,10 +8,11 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from api.db.models import ApiKey, Team, new_id, now
-from api.deps import AdminDep, SessionDep, hash_key
-from api.errors import Conflict, NotFound
+from api.deps import AdminDep, SessionDep, SettingsDep, hash_key
+from api.errors import Conflict, NotFound, Unprocessable
 from api.schemas.admin import KeyCreate, KeyObject, TeamCreate, TeamObject, TeamUpdate
 from api.schemas.common import Page, errors
+from api.webhooks import WebhookRefused, check_url
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
 KEY_PREFIX = "asft-"
@@ -27,6 +28,7 @@ def team_object(team: Team) -> TeamObject:
         gate_max_harmful_score=team.gate_max_harmful_score,
         gate_max_harmful_increase=team.gate_max_harmful_increase,
         webhook_url=team.webhook_url,
+        webhook_secret=team.webhook_secret,
     )
 
 
@@ -89,11 +91,24 @@ def list_teams(session: SessionDep) -> Page[TeamObject]:
 
 
 @router.patch("/teams/{team_id}", response_model=TeamObject, responses=errors(404))
-def update_team(session: SessionDep, team_id: str, body: TeamUpdate) -> TeamObject:
-    """Set a team's job limit, safety-gate thresholds or webhook URL."""
+def update_team(
+    session: SessionDep, settings: SettingsDep, team_id: str, body: TeamUpdate
+) -> TeamObject:
+    """Set a team's job limit, safety-gate thresholds or webhook URL.
+
+    A webhook URL must not reach private or loopback addresses unless allow-listed (422
+    ``webhook_url_not_allowed``); the first URL set gives the team its signing secret.
+    """
     team = _team(session, team_id)
     for field, value in body.model_dump(exclude_unset=True).items():
-        setattr(team, field, str(value) if field == "webhook_url" and value else value)
+        if field == "webhook_url" and value:
+            value = str(value)
+            try:
+                check_url(value, settings.webhook_allowlist)
+            except WebhookRefused as error:
+                raise Unprocessable(error.code, str(error), "webhook_url") from None
+            team.webhook_secret = team.webhook_secret or secrets.token_hex(32)
+        setattr(team, field, value)
     session.flush()
     return team_object(team)
 

@@ -37,6 +37,9 @@ class TeamObject(BaseModel):
     gate_max_harmful_score: float | None
     gate_max_harmful_increase: float | None
     webhook_url: str | None
+    webhook_secret: str | None = Field(
+        None, description="Verifies the X-ASFT-Signature of webhook calls (HMAC-SHA256)."
+    )
 
 
 class KeyCreate(BaseModel):

@@ -3,7 +3,7 @@ reports, fine-tuned models and alignment artifacts.
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 01:30:22.430460
+Create Date: 2026-11-25 01:44:10.457374
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("gate_max_harmful_score", sa.Float(), nullable=True),
         sa.Column("gate_max_harmful_increase", sa.Float(), nullable=True),
         sa.Column("webhook_url", sa.Text(), nullable=True),
+        sa.Column("webhook_secret", sa.String(length=64), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
     )

@@ -38,6 +38,8 @@ def worker_environment(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
         # Fast leases, so a killed worker's job is picked up within seconds.
         "ASFT_HEARTBEAT_INTERVAL_S": "1",
         "ASFT_STALE_AFTER_S": "5",
+        "ASFT_WEBHOOK_ALLOWLIST": '["127.0.0.1"]',
+        "ASFT_WEBHOOK_BACKOFF_S": "0.2",
     }
 
 
@@ -108,6 +110,7 @@ def client(service_env: dict[str, str]) -> Iterator[TestClient]:
         database_url=service_env["ASFT_DATABASE_URL"],
         cache_dir=Path(service_env["ASFT_CACHE_DIR"]),
         admin_key=ADMIN_KEY,
+        webhook_allowlist=["127.0.0.1"],
     )
     with TestClient(create_app(settings)) as test_client:
         yield test_client
