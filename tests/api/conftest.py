@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,32 +20,9 @@ from fastapi.testclient import TestClient
 from api.db.migrate import upgrade_head
 from api.main import create_app
 from api.settings import Settings
+from tests.conftest import postgres_database
 
 ADMIN_KEY = "admin-test-key"
-PG_SERVER = os.environ.get("ASFT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-
-
-def _postgres_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"asft_test_{uuid.uuid4().hex[:12]}"
-    plain = PG_SERVER.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        admin = psycopg.connect(f"{plain}/test", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required under CI=true: {error}")
-        pytest.skip(f"PostgreSQL not reachable: {error}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        from api.db.session import engine_for
-
-        engine_for(f"{PG_SERVER}/{name}").dispose()
-        with psycopg.connect(f"{plain}/test", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -58,7 +33,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         upgrade_head(url, tmp_path)
         yield url
         return
-    for url in _postgres_database():
+    for url in postgres_database():
         upgrade_head(url, tmp_path)
         yield url
 

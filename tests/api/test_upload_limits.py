@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -79,34 +79,19 @@ def http(live_url: str) -> Iterator[httpx.Client]:
         yield client
 
 
-def wait_for(check: Callable[[], bool], what: str) -> None:
-    """Poll ``check`` until it holds, for at most START_TIMEOUT_S."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def key(http: httpx.Client) -> str:
-    """A fresh team's key, made through the admin API of the live server."""
+    """A fresh team's key, made through the admin API of the live server.
+
+    Each answer is used at once: sessions commit before the response is sent, so a row is
+    visible as soon as its 200 arrives (a commit after it made this fixture flaky).
+    """
     team = http.post("/v1/admin/teams", json={"name": "alpha"}, headers=ADMIN)
     assert team.status_code == 200, team.text
-    team_id = team.json()["id"]
-    # The session dependency commits after the response is sent (api/deps.py), so a row may
-    # not be visible yet when its 200 arrives: wait until it is before using it.
-    wait_for(
-        lambda: (
-            team_id in [t["id"] for t in http.get("/v1/admin/teams", headers=ADMIN).json()["data"]]
-        ),
-        "the team's commit",
-    )
-    created = http.post(f"/v1/admin/teams/{team_id}/keys", json={}, headers=ADMIN)
+    created = http.post(f"/v1/admin/teams/{team.json()['id']}/keys", json={}, headers=ADMIN)
     assert created.status_code == 200, created.text
     secret = str(created.json()["key"])
-    wait_for(
-        lambda: http.get("/v1/files", headers=auth(secret)).status_code == 200, "the key's commit"
-    )
+    assert http.get("/v1/files", headers=auth(secret)).status_code == 200
     return secret
 
 

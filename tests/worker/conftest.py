@@ -101,18 +101,20 @@ def start_worker(
                 process.wait()
 
 
+def settings_from(env: dict[str, str]) -> Settings:
+    """The Settings the worker process reads from ``env``, built the same way here."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("ASFT_")]:
+            patch.delenv(name)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return Settings(_env_file=None)
+
+
 @pytest.fixture
 def client(service_env: dict[str, str]) -> Iterator[TestClient]:
     """The API on the worker's settings."""
-    settings = Settings(
-        _env_file=None,
-        data_dir=Path(service_env["ASFT_DATA_DIR"]),
-        database_url=service_env["ASFT_DATABASE_URL"],
-        cache_dir=Path(service_env["ASFT_CACHE_DIR"]),
-        admin_key=ADMIN_KEY,
-        webhook_allowlist=["127.0.0.1"],
-    )
-    with TestClient(create_app(settings)) as test_client:
+    with TestClient(create_app(settings_from(service_env))) as test_client:
         yield test_client
 
 
