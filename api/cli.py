@@ -54,6 +54,7 @@ def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.bootstrap import bootstrap_embedded
+    from api.logs import configure_logging
 
     settings = get_settings()
     engine, problem = _open_database(settings)
@@ -64,6 +65,7 @@ def _api(args: argparse.Namespace) -> int:
     if key is not None:
         print(f"created team 'default'; its API key (also in {settings.data_dir / 'api-key'}):")
         print(f"  {key}")
+    configure_logging(settings.log_level)
     uvicorn.run(
         "api.main:create_app",
         factory=True,
@@ -71,6 +73,7 @@ def _api(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep our JSON lines
     )
     return 0
 

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api.db.session import engine_for, session_factory
 from api.errors import install_error_handlers
-from api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from api.queue import make_celery
 from api.routes import admin, files, health, jobs, models
 from api.settings import Settings, get_settings
@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, files, jobs, models, admin):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=MAX_JSON_BODY_BYTES,

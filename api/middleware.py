@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import logs
 from api.errors import envelope
 from api.metrics import LATENCY, REQUESTS
 
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # Multipart framing around an uploaded file (boundaries, part headers, the purpose field).
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
@@ -97,6 +101,37 @@ async def _respond(send: Send, status: int, code: str, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class RequestIdMiddleware:
+    """Give each request an id (``X-Request-ID`` when the client sends a sane one), put it in
+    the logs' context and echo it in the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        """Wrap ``app``."""
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        identifier = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        token = logs.request_id.set(identifier)
+
+        async def tagged_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", identifier.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tagged_send)
+        finally:
+            logs.request_id.reset(token)
 
 
 class MetricsMiddleware:

@@ -67,6 +67,7 @@ class RecipeResult:
     approved: bool
     gate_failures: list[str]
     alignment: dict[str, Any] | None
+    alignment_path: Path | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -181,6 +182,7 @@ def run(spec: RecipeSpec, hooks: RecipeHooks | None = None) -> RecipeResult:
     hooks = hooks or RecipeHooks()
     train_spec = spec.train
     alignment = None
+    alignment_path = None
     if train_spec.method != "supervised":
         hooks.on_stage("alignment")
         artifact = get_or_compute_alignment(
@@ -189,7 +191,7 @@ def run(spec: RecipeSpec, hooks: RecipeHooks | None = None) -> RecipeResult:
             spec.cache_dir,
             target_modules=train_spec.lora.target_modules,
         )
-        alignment = artifact.summary()
+        alignment, alignment_path = artifact.summary(), artifact.path
         if artifact.degenerate:
             hooks.train.on_event(
                 "warn",
@@ -200,7 +202,7 @@ def run(spec: RecipeSpec, hooks: RecipeHooks | None = None) -> RecipeResult:
     hooks.on_stage("training")
     trained = train(train_spec, hooks.train)
     if trained.status == "cancelled" or trained.adapter_dir is None:
-        return RecipeResult(trained, None, False, [], alignment)
+        return RecipeResult(trained, None, False, [], alignment, alignment_path)
 
     hooks.on_stage("evaluation")
     started = time.monotonic()
@@ -220,7 +222,7 @@ def run(spec: RecipeSpec, hooks: RecipeHooks | None = None) -> RecipeResult:
         "evaluation_seconds": time.monotonic() - started,
     }
     (trained.adapter_dir / "report.json").write_text(json.dumps(report, indent=2))
-    return RecipeResult(trained, report, not failures, failures, alignment)
+    return RecipeResult(trained, report, not failures, failures, alignment, alignment_path)
 
 
 def evaluate(spec: RecipeSpec, adapter_dir: Path) -> dict[str, Any]:

@@ -16,12 +16,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
 
+from api import logs
 from api.db.models import (
     Checkpoint,
     EvaluationReport,
@@ -275,11 +277,18 @@ def execute_job(job_id: str, context: JobContext) -> str:
         pair = session.get(ModelPair, job.model)
         team = session.get(Team, job.team_id)
         assert pair is not None and team is not None
-    add_event(context, job_id, "info", f"Picked up by worker {worker_identity()}")
-    status = _advance(job, pair, team, context)
-    if status in ("succeeded", "failed", "cancelled"):
-        notify(context, job_id)
-    return status
+    token = logs.job_id.set(job_id)
+    try:
+        add_event(context, job_id, "info", f"Picked up by worker {worker_identity()}")
+        logger.info("job picked up (status %s, attempt %d)", job.status, job.attempt + 1)
+        started = time.monotonic()
+        status = _advance(job, pair, team, context)
+        logger.info("job %s after %.1fs", status, time.monotonic() - started)
+        if status in ("succeeded", "failed", "cancelled"):
+            notify(context, job_id)
+        return status
+    finally:
+        logs.job_id.reset(token)
 
 
 def notify(context: JobContext, job_id: str) -> threading.Thread | None:
@@ -446,9 +455,36 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
         logger.exception("job %s failed", job_id)
         fail(context, job_id, code, message, param)
         return "failed"
+    if result.alignment_path is not None:
+        record_alignment(context, job.model, result.alignment_path, result.alignment or {})
     if result.cancelled and context.preempt.is_set() and not cancel_requested(context, job_id):
         return requeue_preempted(context, job_id)
     return finish(context, job_id, team, result)
+
+
+def record_alignment(
+    context: JobContext, pair_id: str, path: Path, summary: dict[str, Any]
+) -> None:
+    """Remember a pair's cached alignment artifact (once per cache key)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from api.db.models import AlignmentArtifactRow
+
+    with suppress(IntegrityError), transaction(context.engine) as session:
+        # Two workers may finish the same pair at once: the second insert is refused, fine.
+        known = session.scalar(
+            select(AlignmentArtifactRow).where(AlignmentArtifactRow.cache_key == path.stem)
+        )
+        if known is None:
+            session.add(
+                AlignmentArtifactRow(
+                    id=new_id("align"),
+                    model_pair=pair_id,
+                    cache_key=path.stem,
+                    path=str(path),
+                    summary=summary,
+                )
+            )
 
 
 def requeue_preempted(context: JobContext, job_id: str) -> str:

@@ -12,6 +12,7 @@ import logging
 import threading
 
 from celery.signals import (
+    setup_logging,
     worker_process_init,
     worker_ready,
     worker_shutdown,
@@ -19,6 +20,7 @@ from celery.signals import (
 )
 
 from api.db.session import engine_for
+from api.logs import configure_logging
 from api.queue import RUN_JOB_TASK, enqueue_job
 from api.settings import get_settings
 from api.storage import ArtifactStore
@@ -30,6 +32,12 @@ RECONCILE_TASK = "asft.reconcile"
 _stop_reconciler = threading.Event()
 # Set on SIGTERM (warm shutdown): the running job checkpoints and is requeued, not lost.
 _preempt = threading.Event()
+
+
+@setup_logging.connect
+def _json_logs(**_: object) -> None:
+    # Connecting this signal stops Celery from installing its own text handlers.
+    configure_logging(get_settings().log_level)
 
 
 @worker_process_init.connect

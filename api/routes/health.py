@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.db.migrate import schema_status
-from api.metrics import JOBS, REGISTRY, refresh_job_gauges
+from api.metrics import REGISTRY, WORKER_GAUGES, refresh_job_gauges
 
 router = APIRouter(tags=["health"])
 
@@ -68,5 +68,6 @@ def metrics(request: Request) -> Response:
     except SQLAlchemyError:
         # Database down or not migrated yet (/readyz says which): the request metrics must
         # stay scrapeable, and job counts we cannot read are left out rather than shown stale.
-        JOBS.clear()
+        for gauge in WORKER_GAUGES:
+            gauge.clear()
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,64 @@
+"""The database, not the queue, decides: a job delivered twice trains once."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from api.db.models import AlignmentArtifactRow
+from api.db.session import make_engine
+from api.queue import enqueue_job
+from asft_core.zoo import ZooPaths
+from tests.worker.conftest import upload_rows, wait_for_job
+from worker.runner import _format_error
+
+
+def test_a_job_delivered_twice_to_two_workers_trains_once(
+    client: TestClient,
+    team_key: str,
+    zoo: ZooPaths,
+    start_worker: Callable[[], subprocess.Popen[bytes]],
+    service_env: dict[str, str],
+) -> None:
+    headers = {"Authorization": f"Bearer {team_key}"}
+    training = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.0), 80)
+    start_worker()
+    start_worker()
+    job_id = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=headers,
+        json={
+            "model": "tiny-chat",
+            "training_file": training,
+            "method": {"type": "asft", "asft": {"hyperparameters": {"n_epochs": 1}}},
+        },
+    ).json()["id"]
+    enqueue_job(client.app.state.queue, job_id)  # type: ignore[attr-defined]
+    job = wait_for_job(client, team_key, job_id, {"succeeded", "failed", "cancelled"})
+    assert job["status"] in ("succeeded", "failed")
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=500", headers=headers).json()
+    messages = [e["message"] for e in events["data"]]
+    assert messages.count("Fine-tuning started") == 1
+    steps = [e["data"]["step"] for e in events["data"] if e["type"] == "metrics"]
+    assert sorted(steps) == list(range(1, 11))
+    # The pair's alignment direction is recorded once, where the cache holds it.
+    engine = make_engine(service_env["ASFT_DATABASE_URL"])
+    with engine.connect() as connection:
+        rows = connection.execute(select(AlignmentArtifactRow)).all()
+    engine.dispose()
+    assert len(rows) == 1
+    assert Path(rows[0].path).exists() and rows[0].model_pair == "tiny-chat"
+
+
+def test_running_out_of_memory_fails_with_a_hint_not_a_retry() -> None:
+    code, message, param = _format_error(
+        RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+    )
+    assert code == "out_of_memory"
+    assert "batch_size" in message and "gradient_accumulation_steps" in message
+    assert param == "batch_size"
+    assert _format_error(ValueError("boom"))[0] == "internal_error"
