@@ -14,6 +14,7 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -67,6 +68,10 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Declares the scheme in the OpenAPI document (so /docs can send keys); checks are ours.
+_BEARER_SCHEME = HTTPBearer(auto_error=False, description="A team key, or the admin key.")
+
+
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -79,7 +84,11 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-def current_team(request: Request, session: SessionDep) -> Team:
+def current_team(
+    request: Request,
+    session: SessionDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER_SCHEME)] = None,
+) -> Team:
     """The team whose (unrevoked) key authenticates the request."""
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(_bearer(request))))
     # The lookup is by hash, but compare once more in constant time: equal work either way.
@@ -98,13 +107,21 @@ def current_team(request: Request, session: SessionDep) -> Team:
     return team
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
+def require_admin(
+    request: Request,
+    settings: SettingsDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER_SCHEME)] = None,
+) -> None:
     """Allow only the admin key from the settings (compared in constant time)."""
     token = _bearer(request)
     if settings.admin_key is None or not hmac.compare_digest(
         token.encode(), settings.admin_key.encode()
     ):
-        raise Unauthorized("invalid_admin_key", "this endpoint needs the admin key")
+        raise Unauthorized(
+            "invalid_admin_key",
+            "this endpoint needs the admin key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 CurrentTeam = Annotated[Team, Depends(current_team)]

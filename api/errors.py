@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("asft.api")
@@ -133,6 +134,16 @@ def install_error_handlers(app: FastAPI) -> None:
             ),
             status_code=error.status_code,
             headers=getattr(error, "headers", None),
+        )
+
+    @app.exception_handler(DataError)
+    async def _data_error(_: Request, error: DataError) -> JSONResponse:
+        # A value the database cannot hold (a NUL character on PostgreSQL, say): the client
+        # sent it, so it is a 422, not a 500.
+        logger.info("database refused a value: %s", error.orig)
+        return JSONResponse(
+            envelope(422, "invalid_value", "a value in the request cannot be stored or matched"),
+            status_code=422,
         )
 
     @app.exception_handler(Exception)

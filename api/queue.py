@@ -30,6 +30,11 @@ def make_celery(settings: Settings) -> Celery:
             "control_folder": str(folders["control"]),
             "polling_interval": 0.1,
         }
+    else:
+        # Redis hands an unacknowledged message to another worker after this long; it must
+        # outlast the longest job, or a running job would be delivered twice (the lease
+        # would stop the second run, but the message would be wasted).
+        app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout_s}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         None, description="Bearer key of the admin endpoints (/v1/admin, POST /v1/models)."
     )
     device: str = Field("auto", description="Worker training device: auto, cpu or cuda[:N].")
+    visibility_timeout_s: int = Field(
+        172_800, ge=60, description="Redis redelivers an unacknowledged job after this (2 days)."
+    )
     heartbeat_interval_s: float = Field(
         10.0, gt=0, description="How often a worker renews the lease of the job it runs."
     )

@@ -44,14 +44,20 @@ def _allowed(host: str, address: str, allowlist: Sequence[str]) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def check_url(url: str, allowlist: Sequence[str]) -> None:
-    """Raise :class:`WebhookRefused` unless ``url`` is http(s) to allowed addresses only."""
+def check_url(url: str, allowlist: Sequence[str], require_resolution: bool = True) -> None:
+    """Raise :class:`WebhookRefused` unless ``url`` is http(s) to allowed addresses only.
+
+    ``require_resolution=False`` (when a URL is set) lets a host that does not resolve yet
+    pass; delivery always resolves and checks again.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookRefused("the webhook URL must be http or https with a host")
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
     except socket.gaierror as error:
+        if not require_resolution:
+            return
         raise WebhookRefused(f"cannot resolve {parts.hostname}: {error}") from None
     for *_, address in infos:
         if not _allowed(parts.hostname, str(address[0]), allowlist):

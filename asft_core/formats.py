@@ -190,6 +190,8 @@ def parse_line(text: str | bytes, line: int) -> Example | None:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise DatasetFormatError("invalid_json", f"invalid JSON: {error.msg}", line) from None
+    except RecursionError:
+        raise DatasetFormatError("invalid_json", "invalid JSON: nested too deeply", line) from None
     return parse_row(value, line)
 
 
@@ -197,6 +199,12 @@ def iter_examples(lines: Iterable[str | bytes]) -> Iterator[Example]:
     """Yield normalised examples from JSONL lines, enforcing one format per file."""
     first_format: RowFormat | None = None
     for number, text in enumerate(lines, start=1):
+        if number == 1:
+            # Editors on Windows often start UTF-8 files with a byte-order mark.
+            if isinstance(text, bytes):
+                text = text.removeprefix(b"\xef\xbb\xbf")
+            else:
+                text = text.removeprefix("\ufeff")
         example = parse_line(text, number)
         if example is None:
             continue

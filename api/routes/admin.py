@@ -6,6 +6,7 @@ import secrets
 
 from fastapi import APIRouter
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from api.db.models import ApiKey, Team, new_id, now
 from api.deps import AdminDep, SessionDep, SettingsDep, hash_key
@@ -79,7 +80,10 @@ def create_team(session: SessionDep, body: TeamCreate) -> TeamObject:
         raise Conflict("team_exists", f"a team named {body.name!r} exists", "name")
     team = Team(id=new_id("team"), name=body.name)
     session.add(team)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # created concurrently by another request
+        raise Conflict("team_exists", f"a team named {body.name!r} exists", "name") from None
     return team_object(team)
 
 
@@ -104,7 +108,7 @@ def update_team(
         if field == "webhook_url" and value:
             value = str(value)
             try:
-                check_url(value, settings.webhook_allowlist)
+                check_url(value, settings.webhook_allowlist, require_resolution=False)
             except WebhookRefused as error:
                 raise Unprocessable(error.code, str(error), "webhook_url") from None
             team.webhook_secret = team.webhook_secret or secrets.token_hex(32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
@@ -13,6 +15,7 @@ from api.db.migrate import schema_status
 from api.metrics import REGISTRY, WORKER_GAUGES, refresh_job_gauges
 
 router = APIRouter(tags=["health"])
+logger = logging.getLogger("asft.api")
 
 
 @router.get("/healthz")
@@ -27,7 +30,8 @@ def _check_database(request: Request) -> str | None:
             connection.execute(text("SELECT 1"))
         status = schema_status(request.app.state.engine)
     except Exception as error:  # any driver error means "not ready"
-        return f"database unreachable: {type(error).__name__}: {error}"
+        logger.warning("readiness: database unreachable: %s", error)
+        return f"database unreachable ({type(error).__name__})"
     return None if status.ok else status.message
 
 
@@ -36,7 +40,8 @@ def _check_broker(request: Request) -> str | None:
         with request.app.state.queue.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=2)
     except Exception as error:
-        return f"broker unreachable: {type(error).__name__}: {error}"
+        logger.warning("readiness: broker unreachable: %s", error)
+        return f"broker unreachable ({type(error).__name__})"
     return None
 
 

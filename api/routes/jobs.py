@@ -493,6 +493,8 @@ def get_adapter(
     """The job's final adapter (also when the safety gate failed: marked not approved)."""
     job = get_team_job(session, team.id, fine_tuning_job_id)
     model = session.scalar(select(FineTunedModel).where(FineTunedModel.job_id == job.id))
+    if model is None and job.fine_tuned_model is not None:
+        raise NotFound("model_deleted", f"{job.fine_tuned_model} was deleted with its adapter")
     if model is None:
         raise Conflict("adapter_not_ready", f"the job is {job.status}; no adapter yet")
     return _archive_response(

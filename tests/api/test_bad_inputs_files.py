@@ -174,12 +174,6 @@ def test_a_long_status_detail_is_bounded(
     assert len(body["status_details"]) <= 2000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="asft_core.formats.parse_line lets json's RecursionError escape (a 500): it should "
-    "be a DatasetFormatError 'invalid_json' with the line",
-)
 def test_deeply_nested_json_is_an_invalid_json_line(
     client: TestClient, team_key: str, upload: Callable[..., dict[str, Any]]
 ) -> None:

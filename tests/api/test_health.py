@@ -81,7 +81,7 @@ def test_readyz_with_an_unreachable_database(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as client:
         response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json()["checks"]["database"].startswith("database unreachable:")
+    assert response.json()["checks"]["database"].startswith("database unreachable")
     assert response.json()["checks"]["broker"] == "ok"
 
 
@@ -97,7 +97,7 @@ def test_readyz_with_an_unreachable_broker(database_url: str, tmp_path: Path) ->
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["database"] == "ok"
-    assert checks["broker"].startswith("broker unreachable:")
+    assert checks["broker"].startswith("broker unreachable")
 
 
 def test_metrics_count_requests_and_jobs(

@@ -24,7 +24,8 @@ from api.db.models import Base
 from api.db.session import SQLITE_BUSY_TIMEOUT_MS, engine_for, make_engine
 from api.main import create_app
 from api.settings import Settings
-from tests.api.conftest import _postgres_database, auth
+from tests.api.conftest import auth
+from tests.conftest import postgres_database
 
 ASFT = Path(sys.executable).parent / "asft"
 TABLES = set(Base.metadata.tables) | {"alembic_version"}
@@ -36,7 +37,7 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fresh.db'}"
         return
-    yield from _postgres_database()
+    yield from postgres_database()
 
 
 def test_upgrade_head_creates_every_table(fresh_url: str, tmp_path: Path) -> None:

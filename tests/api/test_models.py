@@ -244,6 +244,9 @@ def test_delete_removes_rows_and_files(
         f"/v1/fine_tuning/jobs/{finished.job_id}/checkpoints", headers=auth(team_key)
     ).json()
     assert checkpoints["data"] == []
+    adapter = client.get(f"/v1/fine_tuning/jobs/{finished.job_id}/adapter", headers=auth(team_key))
+    assert adapter.status_code == 404
+    assert adapter.json()["error"]["code"] == "model_deleted"
 
 
 def test_a_model_pair_cannot_be_deleted_by_a_team(

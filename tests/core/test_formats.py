@@ -131,3 +131,15 @@ def test_files_empty_and_valid(tmp_path: Path) -> None:
         2,
     )
     assert summary.characters == 5
+
+
+def test_a_byte_order_mark_on_the_first_line_is_accepted() -> None:
+    from asft_core.formats import iter_examples
+
+    rows = [
+        b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n',
+        b'{"prompt": "c", "completion": "d"}\n',
+    ]
+    examples = list(iter_examples(rows))
+    assert [e.line for e in examples] == [1, 2]
+    assert examples[0].messages[0].content == "a"

@@ -62,3 +62,19 @@ def test_running_out_of_memory_fails_with_a_hint_not_a_retry() -> None:
     assert "batch_size" in message and "gradient_accumulation_steps" in message
     assert param == "batch_size"
     assert _format_error(ValueError("boom"))[0] == "internal_error"
+
+
+def test_jobs_over_the_limits_are_refused_before_training() -> None:
+    import pytest
+
+    from api.settings import Settings
+    from worker.runner import JobLimitExceeded, check_limits
+
+    settings = Settings(_env_file=None, max_job_steps=100, max_job_tokens=10_000)
+    check_limits(settings, steps=100, tokens=10_000)
+    with pytest.raises(JobLimitExceeded, match="101 steps"):
+        check_limits(settings, steps=101, tokens=1)
+    with pytest.raises(JobLimitExceeded, match="tokens"):
+        check_limits(settings, steps=1, tokens=10_001)
+    assert JobLimitExceeded.code == "job_limit_exceeded"
+    assert _format_error(JobLimitExceeded("x"))[0] == "job_limit_exceeded"
