@@ -22,7 +22,7 @@ from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
 from api.errors import Conflict, NotFound, Unprocessable
 from api.jobs.state import TERMINAL
 from api.pagination import newest_first, team_rows
-from api.schemas.common import Page, errors
+from api.schemas.common import Page, errors, page_of
 from api.schemas.files import FileDeleted, FileObject
 from api.storage import CHUNK_BYTES, ID_PATTERN, file_key, is_id
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
@@ -147,12 +147,7 @@ def list_files(
         statement = statement.where(File.purpose == purpose)
     rows, has_more = newest_first(session, statement, File, after, limit)
     data = [file_object(row) for row in rows]
-    return Page(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return page_of(data, has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=errors(404))

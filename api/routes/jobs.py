@@ -39,7 +39,7 @@ from api.jobs.state import ACTIVE, TERMINAL, fine_tuned_name, transition
 from api.pagination import newest_first, team_rows
 from api.queue import enqueue_job
 from api.routes.files import get_team_file
-from api.schemas.common import Page, errors
+from api.schemas.common import Page, errors, page_of
 from api.schemas.jobs import (
     FineTuningJob,
     JobCheckpoint,
@@ -290,12 +290,7 @@ def list_jobs(
         session, statement, Job, after, limit, cursor_scope=team_rows(Job, team.id)
     )
     data = [job_object(row) for row in rows]
-    return Page(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return page_of(data, has_more)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=errors(404))
@@ -393,12 +388,7 @@ def list_events(
         )
         for row in rows[:limit]
     ]
-    return Page(
-        data=data,
-        has_more=len(rows) > limit,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return page_of(data, len(rows) > limit)
 
 
 def _checkpoint_object(row: Checkpoint, job: Job, team: Team) -> JobCheckpoint:
@@ -438,12 +428,7 @@ def list_checkpoints(
     # second, and random ids would then list them in a random order.
     rows = list(session.scalars(statement.order_by(Checkpoint.step.desc()).limit(limit + 1)))
     data = [_checkpoint_object(row, job, team) for row in rows[:limit]]
-    return Page(
-        data=data,
-        has_more=len(rows) > limit,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return page_of(data, len(rows) > limit)
 
 
 @router.get("/{fine_tuning_job_id}/report", response_model=JobReport, responses=errors(404, 409))

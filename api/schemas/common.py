@@ -49,6 +49,16 @@ class Page(BaseModel, Generic[T]):
     last_id: str | None = None
 
 
+def page_of(data: list[T], has_more: bool) -> Page[T]:
+    """A page of ``data`` (items with an ``id``), its first and last ids filled in."""
+    return Page(
+        data=data,
+        has_more=has_more,
+        first_id=getattr(data[0], "id", None) if data else None,
+        last_id=getattr(data[-1], "id", None) if data else None,
+    )
+
+
 _DESCRIPTIONS = {
     400: "Malformed request.",
     401: "Missing, unknown or revoked API key.",
