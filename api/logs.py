@@ -37,10 +37,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def _not_filesystem_broker_noise(record: logging.LogRecord) -> bool:
+    # kombu warns on every connection to the filesystem broker, which has no host by design.
+    return not record.getMessage().startswith("No hostname was supplied")
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send every logger's records to stderr as JSON lines at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(_not_filesystem_broker_noise)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
