@@ -64,6 +64,9 @@ def test_cancelling_a_running_job_stops_it_within_a_step_and_keeps_a_checkpoint(
     start_worker()
     job_id = _start_long_job(client, team_key, zoo)
     _wait_checkpoints(client, team_key, job_id, 2)
+    running = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
+    assert running["status"] == "running"
+    assert running["estimated_finish"] >= running["created_at"]  # kept current while training
     answer = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=headers)
     assert answer.status_code == 200
     steps_at_cancel = max(_metric_steps(client, team_key, job_id))
