@@ -47,3 +47,26 @@ def newest_first(
 def team_rows(model: type[Row], team_id: str) -> Select[Any]:
     """``SELECT model WHERE team_id = ...``."""
     return select(model).where(model.team_id == team_id)  # type: ignore[attr-defined]
+
+
+def descending_by(
+    session: Session,
+    statement: Select[Any],
+    model: type[Row],
+    column: Any,
+    after: str | None,
+    limit: int,
+    what: str,
+) -> tuple[list[Row], bool]:
+    """One page of ``statement`` ordered by a unique ``column`` descending (an event's
+    sequence number, a checkpoint's step); the cursor ``after`` is an id in that statement.
+    """
+    if after is not None:
+        cursor = session.scalar(
+            statement.with_only_columns(column).where(model.id == after)  # type: ignore[attr-defined]
+        )
+        if cursor is None:
+            raise NotFound("invalid_cursor", f"no {what} {after!r} to page after", "after")
+        statement = statement.where(column < cursor)
+    rows = list(session.scalars(statement.order_by(column.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

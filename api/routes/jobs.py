@@ -36,7 +36,7 @@ from api.db.models import (
 from api.deps import CurrentTeam, QueueDep, SessionDep, SettingsDep, StoreDep
 from api.errors import Conflict, NotFound, TooMany, Unprocessable
 from api.jobs.state import ACTIVE, TERMINAL, fine_tuned_name, transition
-from api.pagination import newest_first, team_rows
+from api.pagination import descending_by, newest_first, team_rows
 from api.queue import enqueue_job
 from api.routes.files import get_team_file
 from api.schemas.common import Page, errors, page_of
@@ -369,14 +369,9 @@ def list_events(
     """The job's events, newest first (``metrics`` events carry per-step figures)."""
     job = get_team_job(session, team.id, fine_tuning_job_id)
     statement = select(JobEvent).where(JobEvent.job_id == job.id)
-    if after is not None:
-        cursor = session.scalar(
-            select(JobEvent.seq).where(JobEvent.job_id == job.id, JobEvent.id == after)
-        )
-        if cursor is None:
-            raise NotFound("invalid_cursor", f"no event {after!r} to page after", "after")
-        statement = statement.where(JobEvent.seq < cursor)
-    rows = list(session.scalars(statement.order_by(JobEvent.seq.desc()).limit(limit + 1)))
+    rows, has_more = descending_by(
+        session, statement, JobEvent, JobEvent.seq, after, limit, "event"
+    )
     data = [
         JobEventObject(
             id=row.id,
@@ -386,9 +381,9 @@ def list_events(
             type=row.type,
             data=row.data,
         )
-        for row in rows[:limit]
+        for row in rows
     ]
-    return page_of(data, len(rows) > limit)
+    return page_of(data, has_more)
 
 
 def _checkpoint_object(row: Checkpoint, job: Job, team: Team) -> JobCheckpoint:
@@ -417,18 +412,13 @@ def list_checkpoints(
     """The job's checkpoints, newest (highest step) first."""
     job = get_team_job(session, team.id, fine_tuning_job_id)
     statement = select(Checkpoint).where(Checkpoint.job_id == job.id)
-    if after is not None:
-        cursor = session.scalar(
-            select(Checkpoint.step).where(Checkpoint.job_id == job.id, Checkpoint.id == after)
-        )
-        if cursor is None:
-            raise NotFound("invalid_cursor", f"no checkpoint {after!r} to page after", "after")
-        statement = statement.where(Checkpoint.step < cursor)
     # Ordered by step, not (created_at, id): a fast job saves several checkpoints within one
     # second, and random ids would then list them in a random order.
-    rows = list(session.scalars(statement.order_by(Checkpoint.step.desc()).limit(limit + 1)))
-    data = [_checkpoint_object(row, job, team) for row in rows[:limit]]
-    return page_of(data, len(rows) > limit)
+    rows, has_more = descending_by(
+        session, statement, Checkpoint, Checkpoint.step, after, limit, "checkpoint"
+    )
+    data = [_checkpoint_object(row, job, team) for row in rows]
+    return page_of(data, has_more)
 
 
 @router.get("/{fine_tuning_job_id}/report", response_model=JobReport, responses=errors(404, 409))
