@@ -21,8 +21,8 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -378,36 +378,49 @@ def compute_alignment_direction(
                 f"{aligned_entries[name].shape}",
             )
 
-    out_dtype = _TORCH_DTYPES[dtype]
     modules = [name.removesuffix(".weight") for name in names]
-    writer = StreamingSafetensorsWriter(
-        output_path,
-        [
-            (module, _DTYPE_NAMES[out_dtype], base_entries[name].shape)
-            for module, name in zip(modules, names, strict=True)
-        ],
-        metadata_reserve=2048 + 256 * len(modules),
-    )
-    stats: dict[str, ModuleStats] = {}
-    try:
+
+    def differences() -> Iterator[tuple[str, torch.Tensor]]:
         for module, name in zip(modules, names, strict=True):
             direction = read_tensor(aligned_entries[name]).float()
             direction -= read_tensor(base_entries[name]).float()
+            yield module, direction
+            del direction  # one V in memory at a time
+
+    template = AlignmentArtifact(
+        path=output_path,
+        modules=modules,
+        shapes={m: list(base_entries[n].shape) for m, n in zip(modules, names, strict=True)},
+        dtype=dtype,
+        target_modules=list(target_modules),
+        base_model=str(base_model),
+        aligned_model=str(aligned_model),
+        base_fingerprint=checkpoint_fingerprint(base_path),
+        aligned_fingerprint=checkpoint_fingerprint(aligned_path),
+        stats={},
+    )
+    return _write_artifact(template, differences())
+
+
+def _write_artifact(
+    template: AlignmentArtifact, directions: Iterable[tuple[str, torch.Tensor]]
+) -> AlignmentArtifact:
+    """Stream ``directions`` ((module, V in fp32), in ``template.modules`` order) to
+    ``template.path`` in ``template.dtype``; returns the artifact with its statistics.
+    """
+    out_dtype = _TORCH_DTYPES[template.dtype]
+    writer = StreamingSafetensorsWriter(
+        template.path,
+        [(m, _DTYPE_NAMES[out_dtype], tuple(template.shapes[m])) for m in template.modules],
+        metadata_reserve=2048 + 256 * len(template.modules),
+    )
+    stats: dict[str, ModuleStats] = {}
+    try:
+        for module, direction in directions:
             stats[module] = _module_stats(direction)
             writer.write(module, direction.to(out_dtype))
             del direction
-        artifact = AlignmentArtifact(
-            path=output_path,
-            modules=modules,
-            shapes={m: list(base_entries[n].shape) for m, n in zip(modules, names, strict=True)},
-            dtype=dtype,
-            target_modules=list(target_modules),
-            base_model=str(base_model),
-            aligned_model=str(aligned_model),
-            base_fingerprint=checkpoint_fingerprint(base_path),
-            aligned_fingerprint=checkpoint_fingerprint(aligned_path),
-            stats=stats,
-        )
+        artifact = replace(template, stats=stats)
         writer.close(_metadata(artifact))
     except BaseException:
         writer.abort()
@@ -556,32 +569,11 @@ def save_directions(
     For controls and tests that need a direction other than a real model pair's (say, V with
     its singular vectors rotated at random); statistics are recomputed from the tensors.
     """
-    modules = list(directions)
-    dtype = _TORCH_DTYPES[like.dtype]
-    writer = StreamingSafetensorsWriter(
-        path,
-        [(m, _DTYPE_NAMES[dtype], tuple(directions[m].shape)) for m in modules],
-        metadata_reserve=2048 + 256 * len(modules),
+    template = replace(
+        like,
+        path=path,
+        modules=list(directions),
+        shapes={m: list(v.shape) for m, v in directions.items()},
+        stats={},
     )
-    try:
-        stats = {}
-        for module in modules:
-            stats[module] = _module_stats(directions[module].float())
-            writer.write(module, directions[module].to(dtype))
-        artifact = AlignmentArtifact(
-            path=path,
-            modules=modules,
-            shapes={m: list(directions[m].shape) for m in modules},
-            dtype=like.dtype,
-            target_modules=like.target_modules,
-            base_model=like.base_model,
-            aligned_model=like.aligned_model,
-            base_fingerprint=like.base_fingerprint,
-            aligned_fingerprint=like.aligned_fingerprint,
-            stats=stats,
-        )
-        writer.close(_metadata(artifact))
-    except BaseException:
-        writer.abort()
-        raise
-    return artifact
+    return _write_artifact(template, ((m, v.float()) for m, v in directions.items()))
