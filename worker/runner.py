@@ -36,6 +36,7 @@ from api.db.models import (
     now,
 )
 from api.db.session import transaction
+from api.jobs.events import append_event
 from api.jobs.state import fine_tuned_name, transition
 from api.settings import Settings
 from api.storage import ArtifactStore, file_key, job_key
@@ -85,9 +86,7 @@ def add_event(
 ) -> None:
     """Append a message event."""
     with transaction(context.engine) as session:
-        session.add(
-            JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, message=message, data=data)
-        )
+        append_event(session, job_id, level, message, data)
 
 
 def record_metrics(context: JobContext, job_id: str, metrics: Any) -> None:
@@ -114,7 +113,6 @@ def record_metrics(context: JobContext, job_id: str, metrics: Any) -> None:
         if existing is None:
             session.add(
                 JobEvent(
-                    id=new_id("ftevent"),
                     job_id=job_id,
                     level="info",
                     type="metrics",
@@ -507,9 +505,7 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
         assert job is not None
         if result.cancelled:
             transition(session, job_id, "running", "cancelled", lease_owner=None)
-            session.add(
-                JobEvent(id=new_id("ftevent"), job_id=job_id, level="info", message="Job cancelled")
-            )
+            append_event(session, job_id, "info", "Job cancelled")
             return "cancelled"
         name = fine_tuned_name(job, team.name)
         evaluation = result.report["evaluation"]
@@ -554,14 +550,7 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
                 **values,
             )
             message = "Safety gate failed: " + "; ".join(result.gate_failures)
-        session.add(
-            JobEvent(
-                id=new_id("ftevent"),
-                job_id=job_id,
-                level="info" if result.approved else "error",
-                message=message,
-            )
-        )
+        append_event(session, job_id, "info" if result.approved else "error", message)
     return "succeeded" if result.approved else "failed"
 
 
@@ -622,13 +611,11 @@ def reconcile(context: JobContext, queue: Any, stale_after_s: int = 60) -> list[
         ).all()
         for job_id in stale:
             if transition(session, job_id, "running", "queued", lease_owner=None):
-                session.add(
-                    JobEvent(
-                        id=new_id("ftevent"),
-                        job_id=job_id,
-                        level="warn",
-                        message="The worker running this job stopped answering; requeued",
-                    )
+                append_event(
+                    session,
+                    job_id,
+                    "warn",
+                    "The worker running this job stopped answering; requeued",
                 )
                 requeued.append(job_id)
         waiting = session.scalars(

@@ -161,7 +161,7 @@ class JobEvent(Base):
     __tablename__ = "job_events"
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(64), unique=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, default=lambda: new_id("ftevent"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[int] = mapped_column(Integer, default=now)
     level: Mapped[str] = mapped_column(String(8))  # info | warn | error

@@ -35,6 +35,7 @@ from api.db.models import (
 )
 from api.deps import CurrentTeam, QueueDep, SessionDep, SettingsDep, StoreDep
 from api.errors import Conflict, NotFound, TooMany, Unprocessable
+from api.jobs.events import append_event
 from api.jobs.state import ACTIVE, TERMINAL, fine_tuned_name, transition
 from api.pagination import descending_by, newest_first, team_rows
 from api.queue import enqueue_job
@@ -101,11 +102,6 @@ def get_team_job(session: SessionDep, team_id: str, job_id: str) -> Job:
     if job is None or job.team_id != team_id:
         raise NotFound("job_not_found", f"no fine-tuning job {job_id!r}", "fine_tuning_job_id")
     return job
-
-
-def add_event(session: SessionDep, job_id: str, level: str, message: str) -> None:
-    """Append a message event to a job's log."""
-    session.add(JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, message=message))
 
 
 def _usable_file(
@@ -243,9 +239,9 @@ async def create_job(
         idempotency_key=idempotency_key,
     )
     session.add(job)
-    add_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
+    append_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
     for warning in checks["warnings"]:
-        add_event(session, job.id, "warn", warning)
+        append_event(session, job.id, "warn", warning)
     try:
         session.commit()
     except IntegrityError:
@@ -313,10 +309,12 @@ def cancel_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) 
             raise Conflict("job_not_cancellable", f"the job has already {job.status}", "status")
         if job.status == "running":
             job.cancel_requested = True
-            add_event(session, job.id, "info", "Cancellation requested; stopping after this step")
+            append_event(
+                session, job.id, "info", "Cancellation requested; stopping after this step"
+            )
             break
         if transition(session, job.id, job.status, "cancelled", cancel_requested=True):
-            add_event(session, job.id, "info", "Job cancelled")
+            append_event(session, job.id, "info", "Job cancelled")
             break
         session.refresh(job)
     # Commit before answering: the session dependency commits only after the response is
@@ -346,7 +344,7 @@ def start_job(
     check_active_limit(session, team, settings)
     if not transition(session, job.id, "validated", "queued"):
         raise Conflict("job_not_startable", "the job left validated while it was being started")
-    add_event(session, job.id, "info", "Job queued")
+    append_event(session, job.id, "info", "Job queued")
     session.commit()
     try:
         enqueue_job(queue, job.id)
