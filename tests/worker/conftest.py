@@ -165,3 +165,26 @@ def upload_rows(client: TestClient, key: str, path: Path, rows: int) -> str:
     )
     assert response.status_code == 200, response.text
     return str(response.json()["id"])
+
+
+def create_job(
+    client: TestClient,
+    key: str,
+    training_file: str,
+    method: str = "asft",
+    hyperparameters: dict[str, Any] | None = None,
+    **fields: Any,
+) -> str:
+    """Create a job on the registered tiny pair through the API; returns its id."""
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": "tiny-chat",
+            "training_file": training_file,
+            "method": {"type": method, method: {"hyperparameters": hyperparameters or {}}},
+            **fields,
+        },
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])

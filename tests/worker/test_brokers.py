@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from api.db.migrate import upgrade_head
 from asft_core.zoo import ZooPaths
 from tests.conftest import postgres_database
-from tests.worker.conftest import upload_rows, wait_for_job
+from tests.worker.conftest import create_job, upload_rows, wait_for_job
 
 SHORT_JOB = {"n_epochs": 1, "batch_size": 8}
 
@@ -33,17 +33,7 @@ def scale_out_env(
 
 def _submit(client: TestClient, key: str, zoo: ZooPaths) -> str:
     training = upload_rows(client, key, zoo.poisoned_file("sentiment", 0.0), 40)
-    created = client.post(
-        "/v1/fine_tuning/jobs",
-        headers={"Authorization": f"Bearer {key}"},
-        json={
-            "model": "tiny-chat",
-            "training_file": training,
-            "method": {"type": "asft", "asft": {"hyperparameters": SHORT_JOB}},
-        },
-    )
-    assert created.status_code == 200, created.text
-    return str(created.json()["id"])
+    return create_job(client, key, training, "asft", SHORT_JOB)
 
 
 def test_a_job_runs_on_redis_and_postgresql(

@@ -11,24 +11,14 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from asft_core.zoo import ZooPaths
-from tests.worker.conftest import upload_rows, wait_for_job
+from tests.worker.conftest import create_job, upload_rows, wait_for_job
 
 LONG_JOB = {"n_epochs": 1, "batch_size": 4, "learning_rate": 1e-3}  # 250 steps on 1000 rows
 
 
 def _start_long_job(client: TestClient, key: str, zoo: ZooPaths) -> str:
     training = upload_rows(client, key, zoo.poisoned_file("sentiment", 0.1), 1000)
-    created = client.post(
-        "/v1/fine_tuning/jobs",
-        headers={"Authorization": f"Bearer {key}"},
-        json={
-            "model": "tiny-chat",
-            "training_file": training,
-            "method": {"type": "asft", "asft": {"hyperparameters": LONG_JOB}},
-        },
-    )
-    assert created.status_code == 200, created.text
-    return str(created.json()["id"])
+    return create_job(client, key, training, "asft", LONG_JOB)
 
 
 def _wait_checkpoints(

@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from asft_core.zoo import ZooPaths
-from tests.worker.conftest import upload_rows, wait_for_job
+from tests.worker.conftest import create_job, upload_rows, wait_for_job
 
 
 def test_a_job_runs_end_to_end_and_its_adapter_loads(
@@ -26,25 +26,17 @@ def test_a_job_runs_end_to_end_and_its_adapter_loads(
     training = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.1), 40)
     held_out = upload_rows(client, team_key, zoo.task_file("sentiment", "eval"), 20)
     start_worker()
-    created = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=headers,
-        json={
-            "model": "tiny-chat",
-            "training_file": training,
-            "validation_file": held_out,
-            "suffix": "e2e",
-            "method": {
-                "type": "asft",
-                "asft": {
-                    "hyperparameters": {"n_epochs": 1, "batch_size": 8, "learning_rate": 1e-3}
-                },
-            },
-            "evaluation": {"matcher": "exact_label"},
-        },
+    job_id = create_job(
+        client,
+        team_key,
+        training,
+        "asft",
+        {"n_epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
+        validation_file=held_out,
+        suffix="e2e",
+        evaluation={"matcher": "exact_label"},
     )
-    assert created.status_code == 200, created.text
-    job = wait_for_job(client, team_key, created.json()["id"], {"succeeded", "failed", "cancelled"})
+    job = wait_for_job(client, team_key, job_id, {"succeeded", "failed", "cancelled"})
     assert job["status"] in ("succeeded", "failed"), job
     if job["status"] == "failed":
         assert job["error"]["code"] == "safety_gate_failed", job["error"]

@@ -13,7 +13,7 @@ from api.db.models import AlignmentArtifactRow
 from api.db.session import make_engine
 from api.queue import enqueue_job
 from asft_core.zoo import ZooPaths
-from tests.worker.conftest import upload_rows, wait_for_job
+from tests.worker.conftest import create_job, upload_rows, wait_for_job
 from worker.runner import _format_error
 
 
@@ -28,15 +28,7 @@ def test_a_job_delivered_twice_to_two_workers_trains_once(
     training = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.0), 80)
     start_worker()
     start_worker()
-    job_id = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=headers,
-        json={
-            "model": "tiny-chat",
-            "training_file": training,
-            "method": {"type": "asft", "asft": {"hyperparameters": {"n_epochs": 1}}},
-        },
-    ).json()["id"]
+    job_id = create_job(client, team_key, training, "asft", {"n_epochs": 1})
     enqueue_job(client.app.state.queue, job_id)  # type: ignore[attr-defined]
     job = wait_for_job(client, team_key, job_id, {"succeeded", "failed", "cancelled"})
     assert job["status"] in ("succeeded", "failed")

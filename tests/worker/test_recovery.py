@@ -11,7 +11,7 @@ from collections.abc import Callable
 from fastapi.testclient import TestClient
 
 from asft_core.zoo import ZooPaths
-from tests.worker.conftest import upload_rows, wait_for_job
+from tests.worker.conftest import create_job, upload_rows, wait_for_job
 
 
 def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(
@@ -23,21 +23,9 @@ def test_a_killed_worker_s_job_resumes_from_its_last_checkpoint(
     headers = {"Authorization": f"Bearer {team_key}"}
     training = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.1), 1000)
     first = start_worker()
-    created = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=headers,
-        json={
-            "model": "tiny-chat",
-            "training_file": training,
-            "method": {
-                "type": "asft",
-                "asft": {
-                    "hyperparameters": {"n_epochs": 1, "batch_size": 4, "learning_rate": 1e-3}
-                },
-            },
-        },
+    job_id = create_job(
+        client, team_key, training, "asft", {"n_epochs": 1, "batch_size": 4, "learning_rate": 1e-3}
     )
-    job_id = created.json()["id"]
     # Kill the whole process group once a few checkpoints exist, mid-training.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from api.webhooks import SIGNATURE_HEADER, WebhookRefused, check_url, verify
 from asft_core.zoo import ZooPaths
-from tests.worker.conftest import ADMIN_KEY, upload_rows, wait_for_job
+from tests.worker.conftest import ADMIN_KEY, create_job, upload_rows, wait_for_job
 
 
 class Receiver:
@@ -67,15 +67,7 @@ def test_a_finished_job_calls_the_team_webhook_signed_and_retried(
     assert secret
     training = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.0), 40)
     start_worker()
-    job_id = client.post(
-        "/v1/fine_tuning/jobs",
-        headers={"Authorization": f"Bearer {team_key}"},
-        json={
-            "model": "tiny-chat",
-            "training_file": training,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
-        },
-    ).json()["id"]
+    job_id = create_job(client, team_key, training, "supervised", {"n_epochs": 1})
     job = wait_for_job(client, team_key, job_id, {"succeeded", "failed", "cancelled"})
     assert receiver.got_one.wait(30)
     assert len(receiver.calls) == 2  # one failure (HTTP 500), then the retry
