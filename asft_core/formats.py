@@ -173,31 +173,13 @@ def parse_row(row: Any, line: int) -> Example:
     return Example(messages, line, row_format)
 
 
-def parse_line(text: str | bytes, line: int) -> Example | None:
-    """Parse one JSONL line; returns None for a blank line."""
-    if isinstance(text, bytes):
-        if len(text) > MAX_LINE_BYTES:
-            raise DatasetFormatError(
-                "line_too_long", f"line is longer than {MAX_LINE_BYTES} bytes", line
-            )
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DatasetFormatError("invalid_encoding", f"not UTF-8: {error}", line) from None
-    if not text.strip():
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DatasetFormatError("invalid_json", f"invalid JSON: {error.msg}", line) from None
-    except RecursionError:
-        raise DatasetFormatError("invalid_json", "invalid JSON: nested too deeply", line) from None
-    return parse_row(value, line)
+def json_lines(lines: Iterable[str | bytes]) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded value) for each non-blank JSONL line.
 
-
-def iter_examples(lines: Iterable[str | bytes]) -> Iterator[Example]:
-    """Yield normalised examples from JSONL lines, enforcing one format per file."""
-    first_format: RowFormat | None = None
+    The one decoder of every JSONL file the service reads (training rows, harmful prompts,
+    task sets). Raises :class:`DatasetFormatError` with the line: ``line_too_long``,
+    ``invalid_encoding``, ``invalid_json``.
+    """
     for number, text in enumerate(lines, start=1):
         if number == 1:
             # Editors on Windows often start UTF-8 files with a byte-order mark.
@@ -205,9 +187,35 @@ def iter_examples(lines: Iterable[str | bytes]) -> Iterator[Example]:
                 text = text.removeprefix(b"\xef\xbb\xbf")
             else:
                 text = text.removeprefix("\ufeff")
-        example = parse_line(text, number)
-        if example is None:
+        if isinstance(text, bytes):
+            if len(text) > MAX_LINE_BYTES:
+                raise DatasetFormatError(
+                    "line_too_long", f"line is longer than {MAX_LINE_BYTES} bytes", number
+                )
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DatasetFormatError(
+                    "invalid_encoding", f"not UTF-8: {error}", number
+                ) from None
+        if not text.strip():
             continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DatasetFormatError("invalid_json", f"invalid JSON: {error.msg}", number) from None
+        except RecursionError:
+            raise DatasetFormatError(
+                "invalid_json", "invalid JSON: nested too deeply", number
+            ) from None
+        yield number, value
+
+
+def iter_examples(lines: Iterable[str | bytes]) -> Iterator[Example]:
+    """Yield normalised examples from JSONL lines, enforcing one format per file."""
+    first_format: RowFormat | None = None
+    for number, value in json_lines(lines):
+        example = parse_row(value, number)
         if first_format is None:
             first_format = example.row_format
         elif example.row_format != first_format:

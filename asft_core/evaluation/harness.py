@@ -33,7 +33,7 @@ from asft_core.evaluation.safety import (
     read_harmful_prompts,
 )
 from asft_core.evaluation.stats import Proportion, wilson_interval
-from asft_core.formats import DatasetFormatError
+from asft_core.formats import DatasetFormatError, json_lines
 
 JUDGE_KINDS = ("keyword", "classifier")
 MATCHER_KINDS = ("exact_label", "regex", "final_number")
@@ -156,14 +156,8 @@ class ModelEvaluation:
 def read_task_rows(path: Path) -> list[tuple[str, str]]:
     """(prompt, reference) pairs of a prompt/completion JSONL file, with line-numbered errors."""
     rows = []
-    with path.open() as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DatasetFormatError("invalid_json", error.msg, line) from None
+    with path.open("rb") as handle:
+        for line, row in json_lines(handle):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise DatasetFormatError("invalid_row", "needs a 'prompt' string", line, "prompt")
             reference = row.get("label", row.get("completion"))

@@ -11,7 +11,6 @@ use the dataset format errors of :mod:`asft_core.formats` (code and line number)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from asft_core.evaluation.judges import Judge
 from asft_core.evaluation.stats import Proportion, wilson_interval
-from asft_core.formats import DatasetFormatError
+from asft_core.formats import DatasetFormatError, json_lines
 
 DEFAULT_CATEGORY = "uncategorised"
 
@@ -54,24 +53,13 @@ def read_harmful_prompts(path: Path) -> list[HarmfulPrompt]:
     """Read a harmful prompt JSONL file; blank lines are skipped but counted.
 
     Raises :class:`~asft_core.formats.DatasetFormatError` with the 1-based line number:
-    ``invalid_encoding``, ``invalid_json``, ``invalid_row`` (not an object, missing or empty
-    ``prompt``, a ``category`` that is not a non-empty string) or ``empty_file``.
+    the decoding errors of :func:`~asft_core.formats.json_lines`, ``invalid_row`` (not an
+    object, missing or empty ``prompt``, a ``category`` that is not a non-empty string) or
+    ``empty_file``.
     """
     prompts: list[HarmfulPrompt] = []
     with path.open("rb") as handle:
-        for line, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DatasetFormatError("invalid_encoding", f"not UTF-8: {error}", line) from None
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DatasetFormatError(
-                    "invalid_json", f"invalid JSON: {error.msg}", line
-                ) from None
+        for line, value in json_lines(handle):
             prompts.append(_parse_prompt_row(value, line))
     if not prompts:
         raise DatasetFormatError("empty_file", "the file holds no prompts")
