@@ -1,4 +1,6 @@
-"""``asft``: the service's server-side commands.
+"""``asft``: run the service, and use it from a laptop or a pipeline.
+
+Server side:
 
     asft db upgrade                 bring the database to the current schema (under a lock)
     asft api [--host H --port P]    serve the REST API (refuses an out-of-date schema)
@@ -6,7 +8,8 @@
     asft serve [--port P]           one machine: migrate, then the API and one worker together
     asft admin create-team NAME     create a team and print its first API key
 
-Client commands (files, jobs, models) join later.
+The client commands (``asft files|jobs|models ...``) are ``asft_client.cli``'s; they talk to
+a running service over HTTP.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import sys
 from typing import TYPE_CHECKING
 
 from api.settings import Settings, get_settings
+from asft_client.cli import add_client_commands, run_client_command
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+CLIENT_COMMANDS = frozenset({"files", "jobs", "models"})
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
@@ -207,12 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     create = admin.add_parser("create-team", help="create a team and print its key")
     create.add_argument("name")
     create.set_defaults(run=_create_team)
+    add_client_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args)
     code: int = args.run(args)
     return code
 

@@ -6,12 +6,16 @@ Errors raise :class:`ApiError` with the server's code and message, never a bare 
 from __future__ import annotations
 
 import hashlib
-import io
+import os
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+# Downloads are streamed to disk in pieces of this size, so an adapter never sits in memory.
+DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 
 class ApiError(RuntimeError):
@@ -27,11 +31,18 @@ class Client:
 
     def __init__(self, base_url: str, api_key: str, timeout_s: float = 60.0) -> None:
         """Open a connection pool."""
+        self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
+            base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=timeout_s,
         )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -39,12 +50,7 @@ class Client:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            try:
-                error = response.json()["error"]
-                raise ApiError(response.status_code, error.get("code"), error.get("message", ""))
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(response.status_code, None, response.text[:500]) from None
+        _raise_for_error(response)
         return response.json()
 
     def upload_file(self, path: Path) -> dict[str, Any]:
@@ -63,15 +69,48 @@ class Client:
         result: dict[str, Any] = self._call("POST", "/v1/fine_tuning/jobs", json=body)
         return result
 
+    def list_files(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The team's files, newest first."""
+        return self._page("/v1/files", {"limit": limit})
+
     def get_job(self, job_id: str) -> dict[str, Any]:
         """One job."""
         result: dict[str, Any] = self._call("GET", f"/v1/fine_tuning/jobs/{job_id}")
         return result
 
+    def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The team's jobs, newest first."""
+        return self._page("/v1/fine_tuning/jobs", {"limit": limit})
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Ask a job to stop; returns the job (``cancelled`` once the worker has stopped)."""
+        result: dict[str, Any] = self._call("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
+        return result
+
     def events(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """The job's newest events, newest first."""
-        page = self._call("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": limit})
-        data: list[dict[str, Any]] = page["data"]
+        return self._page(f"/v1/fine_tuning/jobs/{job_id}/events", {"limit": limit})
+
+    def checkpoints(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The job's checkpoints, newest first."""
+        return self._page(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", {"limit": limit})
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Registered model pairs and the team's fine-tuned models."""
+        return self._page("/v1/models", {})
+
+    def register_model(
+        self, model_id: str, aligned_model: str, base_model: str, eval_suite: str | None = None
+    ) -> dict[str, Any]:
+        """Register a base/aligned pair (needs the admin key)."""
+        body = {"id": model_id, "aligned_model": aligned_model, "base_model": base_model}
+        if eval_suite is not None:
+            body["eval_suite"] = eval_suite
+        result: dict[str, Any] = self._call("POST", "/v1/models", json=body)
+        return result
+
+    def _page(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._call("GET", path, params=params)["data"]
         return data
 
     def report(self, job_id: str) -> dict[str, Any]:
@@ -82,18 +121,41 @@ class Client:
     def download_adapter(self, job_id: str, target: Path, step: int | None = None) -> Path:
         """Download the adapter (or a checkpoint's), check its sha256, unpack it into ``target``.
 
+        The archive is streamed to a temporary file beside ``target`` and unpacked only once
+        its sha256 matches the server's ``X-Content-SHA256``; a bad download leaves nothing.
         Returns the adapter folder (``target/adapter``).
         """
         path = f"/v1/fine_tuning/jobs/{job_id}/adapter"
         if step is not None:
             path = f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{step}/adapter"
-        response = self._http.get(path)
-        if response.status_code >= 400:
-            self._call("GET", path)  # raises ApiError with the server's code
-        expected = response.headers.get("x-content-sha256")
-        if hashlib.sha256(response.content).hexdigest() != expected:
-            raise ApiError(200, "checksum_mismatch", "the download does not match its sha256")
         target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
-            archive.extractall(target, filter="data")
+        handle, partial = tempfile.mkstemp(dir=target, prefix=".download-", suffix=".tar.gz")
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(handle, "wb") as out, self._http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response)
+                expected = response.headers.get("x-content-sha256")
+                for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if expected is None or digest.hexdigest() != expected:
+                raise ApiError(200, "checksum_mismatch", "the download does not match its sha256")
+            with tarfile.open(partial) as archive:
+                archive.extractall(target, filter="data")
+        finally:
+            Path(partial).unlink(missing_ok=True)
         return target / "adapter"
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    """Raise :class:`ApiError` for an error answer, with the envelope's code and message."""
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        code, message = error.get("code"), error.get("message", "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        code, message = None, response.text[:500]
+    raise ApiError(response.status_code, code, message)

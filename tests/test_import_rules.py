@@ -68,6 +68,7 @@ def _loaded_modules_after(statement: str) -> set[str]:
         "import asft_core.zoo",
         "import api.cli",
         "import asft_client.demo",
+        "import asft_client.cli",
     ],
 )
 def test_light_imports_do_not_load_the_ml_stack(statement: str) -> None:

@@ -1,0 +1,531 @@
+"""The client half of the ``asft`` command: files, jobs and models over the REST API.
+
+    asft files upload FILE              validate locally (the server's rules), then upload
+    asft files list
+    asft jobs create --model M --training-file F [--method asft --lambda 1 ...] [--watch]
+    asft jobs list | get ID | cancel ID
+    asft jobs events ID [--follow]
+    asft jobs watch ID                  progress bar, then the safety/utility summary
+    asft jobs download ID [--checkpoint STEP] -o DIR
+    asft models list
+    asft models register --base B --aligned A [--id NAME] [--eval-suite FILE]
+
+The service and key come from ``ASFT_API_URL`` (default http://127.0.0.1:8000) and
+``ASFT_API_KEY``; with no key set, the embedded default's key file (``$ASFT_DATA_DIR/api-key``,
+``var/api-key``) is used when it exists. ``models register`` takes ``ASFT_ADMIN_KEY`` when set.
+Every listing takes ``--json`` for scripts. Errors print the server's message and code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from asft_client.client import ApiError, Client
+from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+METHODS = ("asft", "supervised", "safelora", "asft+safelora")
+
+
+class ExitCode:
+    """What ``asft`` returns, so pipelines can branch on the outcome."""
+
+    OK = 0
+    ERROR = 1  # the request failed: bad input, unreachable server, no such job
+    USAGE = 2  # argparse's own code for a malformed command line
+    JOB_FAILED = 3  # the job ended failed (not by the gate) or was cancelled
+    GATE_FAILED = 4  # training finished but the adapter failed the safety gate
+
+
+class CliError(Exception):
+    """A problem found on this side, printed as ``asft: error: ...`` with exit code 1."""
+
+
+def api_key_from_environment(environ: dict[str, str] | None = None) -> str:
+    """``ASFT_API_KEY``, else the embedded default's key file; raises when neither exists."""
+    environ = dict(os.environ) if environ is None else environ
+    key = environ.get("ASFT_API_KEY", "").strip()
+    if key:
+        return key
+    key_file = Path(environ.get("ASFT_DATA_DIR", "var")) / "api-key"
+    if key_file.is_file():
+        return key_file.read_text().strip()
+    raise CliError("no API key: set ASFT_API_KEY (an admin creates one: asft admin create-team)")
+
+
+def _client(args: argparse.Namespace, admin: bool = False) -> Client:
+    url = os.environ.get("ASFT_API_URL", DEFAULT_API_URL)
+    key = os.environ.get("ASFT_ADMIN_KEY", "").strip() if admin else ""
+    return Client(url, key or api_key_from_environment())
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _when(timestamp: int | None) -> str:
+    if not timestamp:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    """Left-aligned columns, as wide as their widest cell."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def validated(path: Path) -> DatasetSummary:
+    """Check a dataset with the server's own rules; raises :class:`CliError` naming the line."""
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
+    try:
+        return validate_file(path)
+    except DatasetFormatError as error:
+        # The same words the server stores in status_details: "line N: ...".
+        raise CliError(f"{path}: {error} ({error.code})") from None
+
+
+def _files_upload(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    if not args.no_validate:
+        summary = validated(path)
+        print(f"{path}: {summary.num_examples} {summary.row_format} examples, valid", flush=True)
+    with _client(args) as client:
+        uploaded = client.upload_file(path)
+    if args.json:
+        _print_json(uploaded)
+    else:
+        print(f"{uploaded['id']}  {uploaded['filename']}  {uploaded['bytes']} bytes")
+    if uploaded["status"] == "error":
+        # The server's rules are the same; this is a file that changed, or a server limit.
+        print(f"asft: error: the server rejected it: {uploaded['status_details']}", file=sys.stderr)
+        return ExitCode.ERROR
+    return ExitCode.OK
+
+
+def _files_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        files = client.list_files(args.limit)
+    if args.json:
+        _print_json(files)
+        return ExitCode.OK
+    rows = [
+        [
+            f["id"],
+            f["filename"],
+            str(f["bytes"]),
+            str(f.get("num_examples") or "-"),
+            f["status"],
+            _when(f["created_at"]),
+        ]
+        for f in files
+    ]
+    _table(rows, ["id", "filename", "bytes", "examples", "status", "created"])
+    return ExitCode.OK
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    """``--hyperparameter k=v`` values: JSON when they parse (numbers, lists), else strings."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def job_request(
+    args: argparse.Namespace, training_file: str, validation_file: str | None
+) -> dict[str, Any]:
+    """The ``POST /v1/fine_tuning/jobs`` body for ``asft jobs create``'s options."""
+    hyperparameters: dict[str, Any] = {}
+    for name, value in (
+        ("n_epochs", args.epochs),
+        ("batch_size", args.batch_size),
+        ("learning_rate", args.learning_rate),
+        ("lambda", args.lambda_),
+        ("rank", args.rank),
+    ):
+        if value is not None:
+            hyperparameters[name] = value
+    for pair in args.hyperparameter:
+        name, separator, value = pair.partition("=")
+        if not separator or not name:
+            raise CliError(f"--hyperparameter {pair!r}: expected NAME=VALUE")
+        hyperparameters[name] = _parse_value(value)
+    body: dict[str, Any] = {
+        "model": args.model,
+        "training_file": training_file,
+        "method": {"type": args.method, args.method: {"hyperparameters": hyperparameters}},
+    }
+    optional = {"validation_file": validation_file, "suffix": args.suffix, "seed": args.seed}
+    body.update({key: value for key, value in optional.items() if value is not None})
+    if args.matcher is not None:
+        body["evaluation"] = {"matcher": args.matcher}
+        if args.pattern is not None:
+            body["evaluation"]["pattern"] = args.pattern
+    return body
+
+
+def _file_reference(client: Client, reference: str | None) -> str | None:
+    """A file id as given, or a local JSONL path validated and uploaded first."""
+    if reference is None or not Path(reference).is_file():
+        return reference
+    path = Path(reference)
+    validated(path)
+    uploaded = client.upload_file(path)
+    if uploaded["status"] == "error":
+        raise CliError(f"{path}: the server rejected it: {uploaded['status_details']}")
+    print(f"uploaded {path} as {uploaded['id']}", file=sys.stderr)
+    file_id: str = uploaded["id"]
+    return file_id
+
+
+def _jobs_create(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        training = _file_reference(client, args.training_file)
+        assert training is not None
+        validation = _file_reference(client, args.validation_file)
+        job = client.create_job(**job_request(args, training, validation))
+        if args.json:
+            _print_json(job)
+        else:
+            print(f"{job['id']}  {job['status']}  {job['model']}  {job['method']['type']}")
+        if args.watch:
+            return watch(client, job["id"], sys.stderr)
+    return ExitCode.OK
+
+
+def _job_row(job: dict[str, Any]) -> list[str]:
+    return [
+        job["id"],
+        job["status"],
+        job["model"],
+        job["method"]["type"],
+        _when(job["created_at"]),
+        job.get("fine_tuned_model") or (job.get("error") or {}).get("code") or "-",
+    ]
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        jobs = client.list_jobs(args.limit)
+    if args.json:
+        _print_json(jobs)
+        return ExitCode.OK
+    _table(
+        [_job_row(job) for job in jobs],
+        ["id", "status", "model", "method", "created", "model / error"],
+    )
+    return ExitCode.OK
+
+
+def _jobs_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.get_job(args.job_id))
+    return ExitCode.OK
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel_job(args.job_id)
+    print(f"{job['id']}  {job['status']}")
+    return ExitCode.OK
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    return f"{_when(event['created_at'])}  {event['level']:<5}  {event['message']}"
+
+
+def follow_events(
+    client: Client,
+    job_id: str,
+    emit: Callable[[dict[str, Any]], None],
+    follow: bool,
+    poll_s: float = 1.0,
+) -> dict[str, Any]:
+    """Emit the job's events oldest first; with ``follow``, keep polling until it ends.
+
+    A step's metrics event is updated in place when a resumed job repeats the step, so an
+    event is shown again when its message changes. Returns the job as last read.
+    """
+    shown: dict[str, str] = {}
+    while True:
+        job = client.get_job(job_id)
+        for event in reversed(client.events(job_id, limit=100)):
+            if shown.get(event["id"]) != event["message"]:
+                shown[event["id"]] = event["message"]
+                emit(event)
+        if not follow or job["status"] in TERMINAL:
+            return job
+        time.sleep(poll_s)
+
+
+def _jobs_events(args: argparse.Namespace) -> int:
+    def emit(event: dict[str, Any]) -> None:
+        print(json.dumps(event) if args.json else _event_line(event), flush=True)
+
+    with _client(args) as client:
+        follow_events(client, args.job_id, emit, args.follow)
+    return ExitCode.OK
+
+
+def progress_text(metrics: dict[str, Any], started: tuple[float, int] | None, now: float) -> str:
+    """One progress line: bar, step/total, loss, penalty and the ETA from the observed rate.
+
+    ``started`` is (time, step) when this watcher first saw the job training; the ETA is the
+    remaining steps at the rate seen since then, so a resumed job's early steps do not count.
+    """
+    step, total = int(metrics["step"]), max(int(metrics["total_steps"]), 1)
+    width = 24
+    filled = min(width, round(width * step / total))
+    text = f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
+    text += f" loss {metrics['train_loss']:.4f}"
+    if metrics.get("penalty"):
+        text += f" penalty {metrics['penalty']:.3e}"
+    if started is not None and step > started[1] and now > started[0]:
+        rate = (step - started[1]) / (now - started[0])
+        text += f" eta {max(0.0, (total - step) / rate):.0f}s"
+    return text
+
+
+def _percent(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "-"
+    return f"{100 * cell['value']:.1f}% [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
+
+
+def summary_lines(job: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
+    """The outcome of a finished job: status, error, harmful score and accuracy, gate."""
+    lines = [f"{job['id']}: {job['status']}"]
+    error = job.get("error")
+    if error:
+        lines.append(f"  error: {error['message']} ({error['code']})")
+    if report is not None:
+        evaluation = report["report"]["evaluation"]
+        for label, key in (("aligned model", "reference"), ("fine-tuned", "fine_tuned")):
+            scores = evaluation.get(key) or {}
+            harmful = (scores.get("safety") or {}).get("overall")
+            accuracy = (scores.get("task") or {}).get("accuracy")
+            lines.append(
+                f"  {label:<14} harmful score {_percent(harmful):<22} accuracy {_percent(accuracy)}"
+            )
+        lines.append(f"  safety gate: {'approved' if report['approved'] else 'FAILED'}")
+    if job.get("fine_tuned_model"):
+        lines.append(f"  model: {job['fine_tuned_model']}")
+        lines.append(f"  download: asft jobs download {job['id']} -o DIR")
+    return lines
+
+
+def exit_code_for(job: dict[str, Any]) -> int:
+    """0 for a succeeded job; 4 when the safety gate failed it; 3 for any other end."""
+    if job["status"] == "succeeded":
+        return ExitCode.OK
+    if (job.get("error") or {}).get("code") == "safety_gate_failed":
+        return ExitCode.GATE_FAILED
+    return ExitCode.JOB_FAILED
+
+
+def watch(client: Client, job_id: str, out: TextIO, poll_s: float = 1.0) -> int:
+    """Follow a job to its end with a live progress line on ``out``, then print its summary.
+
+    On a terminal the line redraws in place; elsewhere (CI logs) a line is written per
+    change. Returns :func:`exit_code_for` the finished job.
+    """
+    live = out.isatty()
+    started: tuple[float, int] | None = None
+    last = ""
+    while True:
+        job = client.get_job(job_id)
+        text = job["status"]
+        if job["status"] == "running":
+            metrics = next((e for e in client.events(job_id, 20) if e["type"] == "metrics"), None)
+            if metrics is not None:
+                now = time.monotonic()
+                if started is None:
+                    started = (now, int(metrics["data"]["step"]))
+                text = f"running {progress_text(metrics['data'], started, now)}"
+        if text != last:
+            # Redraw in place on a terminal; ETA-only changes are not worth a log line.
+            if live:
+                print(f"\r\x1b[2K{text}", end="", file=out, flush=True)
+            elif text.split(" eta ")[0] != last.split(" eta ")[0]:
+                print(text, file=out, flush=True)
+            last = text
+        if job["status"] in TERMINAL:
+            break
+        time.sleep(poll_s)
+    if live:
+        print(file=out)
+    try:
+        report: dict[str, Any] | None = client.report(job_id)
+    except ApiError as error:
+        if error.code != "report_not_ready":
+            raise
+        report = None
+    print("\n".join(summary_lines(job, report)))
+    return exit_code_for(job)
+
+
+def _jobs_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return watch(client, args.job_id, sys.stderr, args.poll_s)
+
+
+def _jobs_download(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        folder = client.download_adapter(args.job_id, args.output, args.checkpoint)
+    files = sorted(p.name for p in folder.iterdir())
+    print(f"{folder}: {', '.join(files)} (sha256 verified)")
+    return ExitCode.OK
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+    if args.json:
+        _print_json(models)
+        return ExitCode.OK
+    rows = []
+    for model in models:
+        if model["kind"] == "model_pair":
+            detail = f"aligned {model['aligned_model']}  base {model['base_model']}"
+        else:
+            detail = f"job {model['job_id']}  " + ("approved" if model["approved"] else "gated")
+        rows.append([model["id"], model["kind"], detail])
+    _table(rows, ["id", "kind", "detail"])
+    return ExitCode.OK
+
+
+def default_model_id(aligned: str) -> str:
+    """A model id from the aligned model's last path part (``.../tiny-chat`` -> ``tiny-chat``)."""
+    name = aligned.rstrip("/").rsplit("/", 1)[-1]
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).lstrip("._-")
+    return cleaned[:64] or "model"
+
+
+def _models_register(args: argparse.Namespace) -> int:
+    model_id = args.id or default_model_id(args.aligned)
+    with _client(args, admin=True) as client:
+        model = client.register_model(model_id, args.aligned, args.base, args.eval_suite)
+    print(f"{model['id']}  aligned {model['aligned_model']}  base {model['base_model']}")
+    return ExitCode.OK
+
+
+# --- grammar -------------------------------------------------------------------------------
+
+
+def _command(
+    group: Any, name: str, run: Callable[[argparse.Namespace], int], help_text: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = group.add_parser(name, help=help_text)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _with_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return parser
+
+
+def add_client_commands(commands: Any) -> None:
+    """Add ``files``, ``jobs`` and ``models`` to the ``asft`` parser's subcommands."""
+    files = commands.add_parser("files", help="datasets").add_subparsers(
+        dest="files_command", required=True
+    )
+    upload = _with_json(_command(files, "upload", _files_upload, "validate and upload a JSONL"))
+    upload.add_argument("file", type=Path)
+    upload.add_argument(
+        "--no-validate", action="store_true", help="skip the local check (the server checks)"
+    )
+    listing = _with_json(_command(files, "list", _files_list, "the team's files"))
+    listing.add_argument("--limit", type=int, default=100)
+
+    jobs = commands.add_parser("jobs", help="fine-tuning jobs").add_subparsers(
+        dest="jobs_command", required=True
+    )
+    create = _with_json(_command(jobs, "create", _jobs_create, "create a fine-tuning job"))
+    create.add_argument("--model", required=True, help="a registered model pair")
+    create.add_argument("--training-file", required=True, help="file id, or a local JSONL")
+    create.add_argument("--validation-file", help="file id, or a local JSONL")
+    create.add_argument("--method", choices=METHODS, default="asft")
+    create.add_argument("--lambda", dest="lambda_", type=float, help="AsFT penalty weight")
+    create.add_argument("--epochs", type=int)
+    create.add_argument("--batch-size", type=int)
+    create.add_argument("--learning-rate", type=float)
+    create.add_argument("--rank", type=int, help="LoRA rank")
+    create.add_argument(
+        "--hyperparameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other hyperparameter (repeatable), e.g. alpha=16",
+    )
+    create.add_argument("--suffix")
+    create.add_argument("--seed", type=int)
+    create.add_argument("--matcher", choices=("exact_label", "regex", "final_number"))
+    create.add_argument("--pattern", help="the regex matcher's pattern")
+    create.add_argument("--watch", action="store_true", help="then watch it (see jobs watch)")
+    listing = _with_json(_command(jobs, "list", _jobs_list, "the team's jobs"))
+    listing.add_argument("--limit", type=int, default=20)
+    _command(jobs, "get", _jobs_get, "one job as JSON").add_argument("job_id")
+    _command(jobs, "cancel", _jobs_cancel, "cancel a job").add_argument("job_id")
+    events = _with_json(_command(jobs, "events", _jobs_events, "the job's events"))
+    events.add_argument("job_id")
+    events.add_argument("--follow", "-f", action="store_true", help="until the job ends")
+    watching = _command(jobs, "watch", _jobs_watch, "progress until the end, then a summary")
+    watching.add_argument("job_id")
+    watching.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
+    download = _command(jobs, "download", _jobs_download, "download the adapter (sha256 checked)")
+    download.add_argument("job_id")
+    download.add_argument("--checkpoint", type=int, metavar="STEP")
+    download.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+
+    models = commands.add_parser("models", help="model pairs and fine-tuned models").add_subparsers(
+        dest="models_command", required=True
+    )
+    _with_json(_command(models, "list", _models_list, "registered pairs and fine-tuned models"))
+    register = _command(models, "register", _models_register, "register a pair (admin key)")
+    register.add_argument("--aligned", required=True, help="the chat model: folder or hub id")
+    register.add_argument("--base", required=True, help="its base model: folder or hub id")
+    register.add_argument("--id", help="the name jobs use (default: the aligned model's name)")
+    register.add_argument("--eval-suite", help="path of the pair's evaluation suite JSON")
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run a client command; API and connection errors become one line on stderr."""
+    try:
+        code: int = args.run(args)
+        return code
+    except ApiError as error:
+        code_text = f"{error.code}, " if error.code else ""
+        print(f"asft: error: {error.message} ({code_text}HTTP {error.status})", file=sys.stderr)
+    except CliError as error:
+        print(f"asft: error: {error}", file=sys.stderr)
+    except httpx.HTTPError as error:
+        url = os.environ.get("ASFT_API_URL", DEFAULT_API_URL)
+        print(f"asft: error: cannot reach the service at {url}: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("asft: interrupted", file=sys.stderr)
+        return 130
+    return ExitCode.ERROR

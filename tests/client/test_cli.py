@@ -1,0 +1,382 @@
+"""The ``asft`` CLI end to end against a running embedded service (``asft serve``: SQLite,
+the filesystem broker, one real Celery worker), driven as a user would: separate processes,
+environment variables for the URL and key, exit codes and printed output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from asft_client.cli import ExitCode
+from asft_core.zoo import ZooPaths
+from tests.conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Service:
+    """A running ``asft serve`` and the environment its CLI users need."""
+
+    url: str
+    data_dir: Path
+    admin_key: str
+    team_key: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A user's environment: the service's URL and the team key (no server settings)."""
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("ASFT_")}
+        return {**clean, "ASFT_API_URL": self.url, "ASFT_API_KEY": self.team_key, **extra}
+
+
+def asft(
+    service: Service, *args: str, env: dict[str, str] | None = None, timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``asft ARGS`` as its own process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args],
+        cwd=REPO_ROOT,
+        env=env or service.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, zoo: ZooPaths
+) -> Iterator[Service]:
+    """``asft serve`` on a spare port with a data folder of its own; stopped at the end."""
+    folder = tmp_path_factory.mktemp("embedded")
+    data_dir = folder / "data"
+    admin_key = secrets.token_urlsafe(16)
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ASFT_")},
+        "ASFT_DATA_DIR": str(data_dir),
+        "ASFT_CACHE_DIR": str(cache_dir / "service"),
+        "ASFT_ADMIN_KEY": admin_key,
+        "ASFT_DEVICE": "cpu",
+        "ASFT_EVAL_MAX_PROMPTS": "8",
+        "ASFT_CHECKPOINT_EVERY_STEPS": "2",
+        "ASFT_LOG_LEVEL": "WARNING",
+        "OMP_NUM_THREADS": "1",
+    }
+    log = (folder / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, (folder / "serve.log").read_text()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "asft serve was not ready in 120 s"
+        time.sleep(0.5)
+    team_key = (data_dir / "api-key").read_text().strip()
+    try:
+        yield Service(url, data_dir, admin_key, team_key)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def registered(service: Service, zoo: ZooPaths) -> str:
+    """The zoo pair registered through ``asft models register`` with the admin key."""
+    result = asft(
+        service,
+        "models",
+        "register",
+        "--aligned",
+        str(zoo.aligned),
+        "--base",
+        str(zoo.base),
+        "--id",
+        "tiny-chat",
+        "--eval-suite",
+        str(zoo.eval_suite),
+        env=service.env(ASFT_ADMIN_KEY=service.admin_key),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("tiny-chat")
+    return "tiny-chat"
+
+
+def first_rows(source: Path, target: Path, rows: int) -> Path:
+    """The first ``rows`` lines of a zoo dataset as a file of its own."""
+    target.write_text("".join(source.read_text().splitlines(keepends=True)[:rows]))
+    return target
+
+
+def test_register_twice_prints_the_servers_code(
+    service: Service, registered: str, zoo: ZooPaths
+) -> None:
+    again = asft(
+        service,
+        "models",
+        "register",
+        "--aligned",
+        str(zoo.aligned),
+        "--base",
+        str(zoo.base),
+        "--id",
+        registered,
+        env=service.env(ASFT_ADMIN_KEY=service.admin_key),
+    )
+    assert again.returncode == ExitCode.ERROR
+    assert "model_exists" in again.stderr and "HTTP 409" in again.stderr
+    assert "Traceback" not in again.stderr
+    listed = asft(service, "models", "list")
+    assert listed.returncode == 0
+    assert any(
+        line.split()[:2] == [registered, "model_pair"] for line in listed.stdout.splitlines()
+    )
+
+
+def test_a_team_key_cannot_register_a_model(service: Service, zoo: ZooPaths) -> None:
+    result = asft(
+        service, "models", "register", "--aligned", str(zoo.aligned), "--base", str(zoo.base)
+    )
+    assert result.returncode == ExitCode.ERROR
+    assert "HTTP 40" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_file_is_refused_locally_with_its_line(service: Service, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{oops\n'
+    )
+    before = asft(service, "files", "list", "--json")
+    result = asft(service, "files", "upload", str(bad))
+    assert result.returncode == ExitCode.ERROR
+    assert f"{bad}: line 3:" in result.stderr and "(invalid_json)" in result.stderr
+    # Refused before any byte was sent: the team's files are unchanged.
+    after = asft(service, "files", "list", "--json")
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    # Without the local check, the server applies the same rule and says so.
+    unchecked = asft(service, "files", "upload", "--no-validate", str(bad))
+    assert unchecked.returncode == ExitCode.ERROR
+    assert "line 3" in unchecked.stderr
+
+
+def test_a_wrong_key_prints_the_server_message(service: Service) -> None:
+    result = asft(service, "jobs", "list", env=service.env(ASFT_API_KEY="sk-wrong"))
+    assert result.returncode == ExitCode.ERROR
+    assert "HTTP 401" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unreachable_service_is_one_line(service: Service) -> None:
+    result = asft(
+        service, "files", "list", env=service.env(ASFT_API_URL=f"http://127.0.0.1:{free_port()}")
+    )
+    assert result.returncode == ExitCode.ERROR
+    assert "cannot reach the service" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_job_and_bad_hyperparameter(
+    service: Service, registered: str, zoo: ZooPaths, tmp_path: Path
+) -> None:
+    missing = asft(service, "jobs", "get", "ftjob-doesnotexist")
+    assert missing.returncode == ExitCode.ERROR
+    assert "HTTP 404" in missing.stderr
+    training = first_rows(zoo.task_file("sentiment", "train"), tmp_path / "train.jsonl", 16)
+    bad = asft(
+        service,
+        "jobs",
+        "create",
+        "--model",
+        registered,
+        "--training-file",
+        str(training),
+        "--epochs",
+        "0",
+    )
+    assert bad.returncode == ExitCode.ERROR
+    assert "HTTP 422" in bad.stderr and "n_epochs" in bad.stderr
+
+
+def test_upload_create_watch_download(
+    service: Service, registered: str, zoo: ZooPaths, tmp_path: Path
+) -> None:
+    training = first_rows(zoo.task_file("sentiment", "train"), tmp_path / "train.jsonl", 40)
+    held_out = first_rows(zoo.task_file("sentiment", "eval"), tmp_path / "held_out.jsonl", 16)
+    uploaded = asft(service, "files", "upload", str(training), "--json")
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert "40 " in uploaded.stdout.splitlines()[0]  # the local check's summary line
+    file_id = json.loads("\n".join(uploaded.stdout.splitlines()[1:]))["id"]
+    assert file_id in asft(service, "files", "list").stdout
+
+    created = asft(
+        service,
+        "jobs",
+        "create",
+        "--model",
+        registered,
+        "--training-file",
+        file_id,
+        "--validation-file",
+        str(held_out),
+        "--method",
+        "asft",
+        "--lambda",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        "--matcher",
+        "exact_label",
+        "--suffix",
+        "cli",
+        "--json",
+    )
+    assert created.returncode == 0, created.stderr
+    job = json.loads(created.stdout)
+    assert job["method"]["asft"]["hyperparameters"]["lambda"] == 1
+    assert "uploaded" in created.stderr  # the local held-out file went up first
+
+    watched = asft(service, "jobs", "watch", job["id"])
+    finished = json.loads(asft(service, "jobs", "get", job["id"]).stdout)
+    assert finished["status"] in ("succeeded", "failed"), finished
+    expected = ExitCode.OK if finished["status"] == "succeeded" else ExitCode.GATE_FAILED
+    assert watched.returncode == expected, watched.stderr
+    # Progress went to stderr while it trained; the summary to stdout.
+    assert "running [" in watched.stderr and "/5 loss" in watched.stderr
+    assert "harmful score" in watched.stdout and "safety gate:" in watched.stdout
+    assert finished["fine_tuned_model"] in watched.stdout
+
+    events = asft(service, "jobs", "events", job["id"])
+    lines = events.stdout.splitlines()
+    steps = [line for line in lines if "Step " in line]
+    assert [s.split("Step ")[1].split("/")[0] for s in steps] == ["1", "2", "3", "4", "5"]
+    assert job["id"] in asft(service, "jobs", "list").stdout
+
+    target = tmp_path / "adapter-out"
+    downloaded = asft(service, "jobs", "download", job["id"], "-o", str(target))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert "sha256 verified" in downloaded.stdout
+    adapter = target / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    weights = adapter / "adapter_model.safetensors"
+    assert weights.stat().st_size > 0
+    assert not [p for p in target.iterdir() if p.name.startswith(".download-")]
+    # The unpacked weights are the server's: compare with a plain download.
+    response = httpx.get(
+        f"{service.url}/v1/fine_tuning/jobs/{job['id']}/adapter",
+        headers={"Authorization": f"Bearer {service.team_key}"},
+    )
+    archive = tmp_path / "plain.tar.gz"
+    archive.write_bytes(response.content)
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("adapter/adapter_model.safetensors")
+        assert member is not None
+        server_digest = hashlib.sha256(member.read()).hexdigest()
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == server_digest
+
+    checkpoint = asft(
+        service, "jobs", "download", job["id"], "--checkpoint", "2", "-o", str(tmp_path / "ck")
+    )
+    assert checkpoint.returncode == 0, checkpoint.stderr
+    assert (tmp_path / "ck" / "adapter" / "adapter_model.safetensors").is_file()
+    no_step = asft(
+        service, "jobs", "download", job["id"], "--checkpoint", "99", "-o", str(tmp_path / "no")
+    )
+    assert no_step.returncode == ExitCode.ERROR
+    assert "checkpoint_not_found" in no_step.stderr
+    assert not list((tmp_path / "no").glob("**/*.safetensors"))
+
+
+def test_cancelled_job_watch_exits_non_zero(
+    service: Service, registered: str, zoo: ZooPaths, tmp_path: Path
+) -> None:
+    training = first_rows(zoo.task_file("sentiment", "train"), tmp_path / "train.jsonl", 64)
+    created = asft(
+        service,
+        "jobs",
+        "create",
+        "--model",
+        registered,
+        "--training-file",
+        str(training),
+        "--method",
+        "supervised",
+        "--epochs",
+        "50",
+        "--batch-size",
+        "4",
+        "--json",
+    )
+    assert created.returncode == 0, created.stderr
+    job_id = json.loads(created.stdout)["id"]
+    cancelled = asft(service, "jobs", "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    watched = asft(service, "jobs", "watch", job_id)
+    assert watched.returncode == ExitCode.JOB_FAILED, (watched.stdout, watched.stderr)
+    assert f"{job_id}: cancelled" in watched.stdout
+    download = asft(service, "jobs", "download", job_id, "-o", str(tmp_path / "none"))
+    assert download.returncode == ExitCode.ERROR
+    assert "adapter_not_ready" in download.stderr
+
+
+def test_gate_failure_exits_with_its_own_code(
+    service: Service, registered: str, zoo: ZooPaths, tmp_path: Path
+) -> None:
+    # Plain LoRA on a set that is 20% harmful requests with compliant answers, trained hard:
+    # the adapter complies with harmful prompts and the gate refuses it.
+    training = first_rows(zoo.poisoned_file("sentiment", 0.2), tmp_path / "poisoned.jsonl", 80)
+    created = asft(
+        service,
+        "jobs",
+        "create",
+        "--model",
+        registered,
+        "--training-file",
+        str(training),
+        "--method",
+        "supervised",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "3e-3",
+        "--json",
+    )
+    assert created.returncode == 0, created.stderr
+    job_id = json.loads(created.stdout)["id"]
+    watched = asft(service, "jobs", "watch", job_id)
+    assert watched.returncode == ExitCode.GATE_FAILED, (watched.stdout, watched.stderr)
+    assert "safety gate: FAILED" in watched.stdout
+    assert "safety_gate_failed" in watched.stdout
