@@ -80,6 +80,10 @@ def _api(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         log_config=None,  # keep our JSON lines
+        # h11, not httptools: httptools buffers a request head of any size (a 32 MiB header
+        # was accepted), h11 stops at this bound; HeaderLimitMiddleware answers the 431.
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     return 0
 

@@ -2,40 +2,47 @@
 
 ``SessionDep`` commits when the route returns and rolls back when it raises; routes that
 enqueue work commit first themselves, so a worker never sees a job that is not in the database.
-``CurrentTeam`` authenticates the bearer key; ``AdminDep`` checks the admin key.
+``CurrentTeam`` authenticates the bearer key and applies the key's rate limit; ``AdminDep``
+checks the admin key. Secrets are compared in constant time, and requests with a missing or
+wrong key are rate limited per client address, so a flood of guesses is throttled without
+spending a real key's budget.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import ApiKey, Team
-from api.errors import Unauthorized
+from api.errors import TooMany, Unauthorized
+from api.ratelimit import Decision, RateLimiter
 from api.settings import Settings
 from api.storage import ArtifactStore
 
+# Dependencies that do no I/O are ``async``: FastAPI runs a plain ``def`` dependency in its
+# thread pool, and each such hop costs more CPU than the rest of these functions together.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     """The app's settings (set by create_app)."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    session: Session = request.app.state.sessions()
+def _end_session(session: Session, commit: bool) -> None:
+    """Commit (or roll back) and close ``session``; a failed commit is rolled back."""
     try:
-        yield session
-        session.commit()
+        if commit:
+            session.commit()
     except BaseException:
         session.rollback()
         raise
@@ -43,19 +50,42 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session that commits on success and rolls back on error.
+
+    Opening a session does no I/O (it connects at its first query), so that part runs on the
+    event loop; the commit or rollback and the close, which do, run in the thread pool in one
+    hop. (A sync generator costs two hops: FastAPI runs its setup and its teardown there.)
+    """
+    session: Session = request.app.state.sessions()
+    try:
+        yield session
+    except BaseException:
+        await run_in_threadpool(_end_session, session, False)
+        raise
+    await run_in_threadpool(_end_session, session, True)
+
+
+async def get_store(request: Request) -> ArtifactStore:
     """The artifact store."""
     store: ArtifactStore = request.app.state.store
     return store
 
 
-def get_queue(request: Request) -> Celery:
+async def get_queue(request: Request) -> Celery:
     """The Celery app used to enqueue jobs (by task name)."""
     queue: Celery = request.app.state.queue
     return queue
 
 
+async def get_rate_limiter(request: Request) -> RateLimiter | None:
+    """The app's rate limiter (None when limits are off)."""
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    return limiter
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+RateLimiterDep = Annotated[RateLimiter | None, Depends(get_rate_limiter)]
 # scope="function": commit before the response is sent, so a client's next request sees the
 # write and a failed commit is an error answer, not a 200 (the default runs it afterwards).
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
@@ -72,56 +102,119 @@ def hash_key(key: str) -> str:
 _BEARER_SCHEME = HTTPBearer(auto_error=False, description="A team key, or the admin key.")
 
 
-def _bearer(request: Request) -> str:
+def _bearer(request: Request) -> str | None:
+    """The bearer token of the request, or None when there is none."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized(
-            "missing_api_key",
-            "send your API key as 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        return None
     return token.strip()
+
+
+def client_address(request: Request) -> str:
+    """The client's IP address as the server saw it (behind a trusted proxy: the forwarded one)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
+def rate_limited(decision: Decision) -> TooMany:
+    """The 429 for a refused request, with ``Retry-After`` and the rate-limit headers."""
+    return TooMany(
+        "rate_limit_exceeded",
+        f"rate limit of {decision.limit} requests per minute reached; "
+        f"retry after {decision.headers()['Retry-After']} s",
+        headers=decision.headers(),
+    )
+
+
+def _refuse(request: Request, limiter: RateLimiter | None, code: str, message: str) -> Unauthorized:
+    """The 401 for a missing or wrong key, after counting it against the client's address.
+
+    Raises the 429 instead once that address has failed more often than the limit allows.
+    """
+    if limiter is not None:
+        decision = limiter.hit(f"address:{client_address(request)}")
+        if decision is not None and not decision.allowed:
+            raise rate_limited(decision)
+    return Unauthorized(code, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+_MISSING = ("missing_api_key", "send your API key as 'Authorization: Bearer <key>'")
 
 
 def current_team(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
+    limiter: RateLimiterDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER_SCHEME)] = None,
 ) -> Team:
-    """The team whose (unrevoked) key authenticates the request."""
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(_bearer(request))))
-    # The lookup is by hash, but compare once more in constant time: equal work either way.
+    """The team whose (unrevoked) key authenticates the request, within the key's rate limit.
+
+    The limit is counted per key id, so a team's keys have separate budgets; keys listed in
+    ``rate_limit_exempt_keys`` have none.
+    """
+    token = _bearer(request)
+    if token is None:
+        raise _refuse(request, limiter, *_MISSING)
+    presented = hash_key(token)
+    # The key and its team in one round trip.
+    lookup = select(ApiKey, Team).join(Team, Team.id == ApiKey.team_id)
+    found = session.execute(lookup.where(ApiKey.key_hash == presented)).first()
+    key, team = found.tuple() if found is not None else (None, None)
+    # The database compares hashes, not keys: its timing could only tell how many leading
+    # digits of SHA-256(guess) match a stored hash, which says nothing about a key. The
+    # comparison here is in constant time all the same, so no step compares the key itself
+    # in variable time whatever the database does.
     if (
         key is None
         or key.revoked_at is not None
-        or not hmac.compare_digest(key.key_hash, hash_key(_bearer(request)))
+        or not hmac.compare_digest(key.key_hash.encode(), presented.encode())
     ):
-        raise Unauthorized(
-            "invalid_api_key",
-            "the API key is unknown or revoked",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    team = session.get(Team, key.team_id)
+        raise _refuse(request, limiter, "invalid_api_key", "the API key is unknown or revoked")
+    if limiter is not None and key.id not in settings.rate_limit_exempt_key_ids:
+        decision = limiter.hit(f"key:{key.id}")
+        if decision is not None:
+            if not decision.allowed:
+                raise rate_limited(decision)
+            # RateLimitHeadersMiddleware puts the headers on the response, whatever its type.
+            request.state.rate_limit = decision
     assert team is not None
     return team
+
+
+def admin_key_matches(token: str, admin_key: str | None) -> bool:
+    """Whether ``token`` is the admin key; constant time in the token's content.
+
+    Both sides are hashed first, so the comparison also takes the same time whatever the
+    token's length (``compare_digest`` returns early on a length mismatch).
+    """
+    if admin_key is None:
+        return False
+    return hmac.compare_digest(hash_key(token).encode(), hash_key(admin_key).encode())
 
 
 def require_admin(
     request: Request,
     settings: SettingsDep,
+    limiter: RateLimiterDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER_SCHEME)] = None,
 ) -> None:
-    """Allow only the admin key from the settings (compared in constant time)."""
+    """Allow only the admin key from the settings (compared in constant time).
+
+    The admin key may be a chosen word rather than a random token, so guessing it is the
+    attack to slow down: an address that failed more often than the rate limit allows is
+    refused (429) before its key is even compared. Requests with the admin key itself are not
+    rate limited: they are the operator's.
+    """
+    if limiter is not None:
+        budget = limiter.hit(f"address:{client_address(request)}", cost=0)
+        if budget is not None and not budget.allowed:
+            raise rate_limited(budget)
     token = _bearer(request)
-    if settings.admin_key is None or not hmac.compare_digest(
-        token.encode(), settings.admin_key.encode()
-    ):
-        raise Unauthorized(
-            "invalid_admin_key",
-            "this endpoint needs the admin key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    if token is None:
+        raise _refuse(request, limiter, *_MISSING)
+    if not admin_key_matches(token, settings.admin_key):
+        raise _refuse(request, limiter, "invalid_admin_key", "this endpoint needs the admin key")
 
 
 CurrentTeam = Annotated[Team, Depends(current_team)]

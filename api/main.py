@@ -6,8 +6,16 @@ from fastapi import FastAPI
 
 from api.db.session import engine_for, session_factory
 from api.errors import install_error_handlers
-from api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from api.middleware import (
+    MAX_HEADER_COUNT,
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+    MetricsMiddleware,
+    RateLimitHeadersMiddleware,
+    RequestIdMiddleware,
+)
 from api.queue import make_celery
+from api.ratelimit import make_rate_limiter
 from api.routes import admin, files, health, jobs, models
 from api.settings import Settings, get_settings
 from api.storage import ArtifactStore
@@ -33,9 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(app.state.engine)
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
     app.state.queue = make_celery(settings)
+    app.state.rate_limiter = make_rate_limiter(settings)
     install_error_handlers(app)
     for module in (health, files, jobs, models, admin):
         app.include_router(module.router)
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(
@@ -43,5 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_limit=MAX_JSON_BODY_BYTES,
         upload_limit=settings.max_upload_bytes,
         upload_paths={"/v1/files"},
+    )
+    # Outermost: a request with oversized headers is refused before anything reads them.
+    app.add_middleware(
+        HeaderLimitMiddleware,
+        max_header_bytes=settings.max_header_bytes,
+        max_header_count=MAX_HEADER_COUNT,
     )
     return app

@@ -1,4 +1,5 @@
-"""ASGI middleware: request body limits (413 before the body is read) and request metrics."""
+"""ASGI middleware: header and body limits (431 and 413 before the body is read), rate-limit
+headers, request ids and request metrics."""
 
 from __future__ import annotations
 
@@ -17,6 +18,82 @@ from api.metrics import LATENCY, REQUESTS
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # Multipart framing around an uploaded file (boundaries, part headers, the purpose field).
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# No client of this API needs more; uvicorn (h11 or httptools) has no limit on the count.
+MAX_HEADER_COUNT = 100
+# What a header line adds to its name and value on the wire: ": " and CRLF.
+HEADER_LINE_OVERHEAD_BYTES = 4
+
+
+class HeaderLimitMiddleware:
+    """Refuse requests with too many or too large headers with a 431, before any work.
+
+    The server bounds what it buffers of a request head (``asft api`` passes
+    ``max_header_bytes`` to uvicorn), but a head that arrives in one read gets through it; this
+    check answers every oversized one the same way, in the error envelope.
+    """
+
+    def __init__(self, app: ASGIApp, max_header_bytes: int, max_header_count: int) -> None:
+        """Wrap ``app``: at most ``max_header_count`` headers of ``max_header_bytes`` in all."""
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+        self.max_header_count = max_header_count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        size = sum(len(name) + len(value) + HEADER_LINE_OVERHEAD_BYTES for name, value in headers)
+        if len(headers) > self.max_header_count:
+            await _respond(
+                send,
+                431,
+                "too_many_headers",
+                f"the request has {len(headers)} headers; at most {self.max_header_count} are"
+                " accepted",
+            )
+        elif size > self.max_header_bytes:
+            await _respond(
+                send,
+                431,
+                "headers_too_large",
+                f"the request's headers take {size} bytes; at most {self.max_header_bytes} are"
+                " accepted",
+            )
+        else:
+            await self.app(scope, receive, send)
+
+
+class RateLimitHeadersMiddleware:
+    """Put the rate-limit headers of the request's key on its response.
+
+    ``current_team`` decides (and answers 429 itself); it leaves the decision in the request's
+    state, and this adds the headers to whatever response the route returns (JSON, files).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        """Wrap ``app``."""
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # The same dict the route's ``request.state`` writes to, even if a layer copies scope.
+        state: dict[str, Any] = scope.setdefault("state", {})
+
+        async def send_with_headers(message: Message) -> None:
+            decision = state.get("rate_limit")
+            if message["type"] == "http.response.start" and decision is not None:
+                added = [
+                    (name.encode(), value.encode()) for name, value in decision.headers().items()
+                ]
+                message["headers"] = [*message.get("headers", []), *added]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class BodyLimitMiddleware:

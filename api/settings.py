@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         512 * 1024 * 1024, description="Largest accepted training file, in bytes."
     )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Largest total size of a request's headers, in bytes (431 beyond it).",
+    )
+    rate_limit_per_minute: int = Field(
+        600,
+        ge=0,
+        description="Requests per minute per API key (a burst of as many, then refilled); 0: off.",
+    )
+    rate_limit_exempt_keys: str = Field(
+        "", description="Comma-separated API key ids (key-...) that are never rate limited."
+    )
     max_active_jobs_per_team: int = Field(
         10, description="Default limit on a team's queued + running jobs (429 beyond it)."
     )
@@ -55,6 +68,11 @@ class Settings(BaseSettings):
         60,
         ge=1,
         description="A running job whose heartbeat is older is requeued by the reconciler.",
+    )
+    database_retry_s: float = Field(
+        120.0,
+        ge=0,
+        description="How long a worker retries an unreachable database before failing the job.",
     )
     checkpoint_every_steps: int = Field(
         100, ge=1, description="Workers save a resumable checkpoint every N steps (and each epoch)."
@@ -96,6 +114,11 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         """The broker URL; ``filesystem://`` means Celery's folder-based broker."""
         return self.broker_url or "filesystem://"
+
+    @property
+    def rate_limit_exempt_key_ids(self) -> frozenset[str]:
+        """The ids in ``rate_limit_exempt_keys``, blanks dropped."""
+        return frozenset(part.strip() for part in self.rate_limit_exempt_keys.split(",")) - {""}
 
     @property
     def broker_dir(self) -> Path:

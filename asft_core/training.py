@@ -360,7 +360,9 @@ def load_model_and_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(model_ref)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
+    # safetensors only: registered models come from the hub or a user's folder, and a
+    # pytorch_model.bin is a pickle (loading one can run code).
+    model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype, use_safetensors=True)
     return model.to(device), tokenizer
 
 

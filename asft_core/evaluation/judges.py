@@ -215,7 +215,10 @@ class ClassifierJudge:
         self.device = device
         self.max_length = max_length
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(folder))
-        self.model: Any = AutoModelForSequenceClassification.from_pretrained(str(folder))
+        # safetensors only: a judge folder may come from anywhere, and a .bin file is a pickle.
+        self.model: Any = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), use_safetensors=True
+        )
         self.unsafe_ids = resolve_unsafe_ids(self.model.config.id2label, unsafe_labels)
         self._ensure_padding()
         self.model.to(device)

@@ -48,6 +48,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         admin_key=ADMIN_KEY,
         max_upload_bytes=1 << 20,
         max_active_jobs_per_team=3,
+        # On, so every test goes through the limiter, but too high for any test to reach;
+        # tests/api/test_security.py sets small limits.
+        rate_limit_per_minute=1_000_000,
     )
 
 

@@ -1,25 +1,33 @@
-"""Tenancy: every route that takes an id answers 404 to another team's ids, exactly as for ids
-that do not exist, and changes nothing. The loop walks the app's routes, so a new route with an
-id is either covered here or fails the test."""
+"""Tenancy: every route with an id in its path answers another team's ids with a 404, exactly
+as it answers ids that do not exist, and changes nothing; admin routes answer any team's key
+with a 401. The test walks all of the app's routes, every method, so a route added later is
+covered without editing this file, or the test fails naming it (a path parameter it has no id
+for, or a route that takes an id but authenticates no one)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from starlette.routing import compile_path
 
-from tests.api.conftest import auth, jsonl, sentiment_rows
+from api.deps import current_team, require_admin
+from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
 from tests.api.finished_jobs import FinishedJob, create_job, finish_job
 
 MakeTeam = Callable[[str], tuple[str, str]]
 JOBS = "/v1/fine_tuning/jobs/{fine_tuning_job_id}"
-# Every team route with an id in its path. Adding a route means adding it here.
-ID_ROUTES = {
+TEAMS = "/v1/admin/teams/{team_id}"
+# Routes the walk must find among those it covers: a walk that found nothing would prove
+# nothing. New routes need not be added here; they are covered anyway.
+KNOWN_ID_ROUTES = {
     ("GET", "/v1/files/{file_id}"),
     ("GET", "/v1/files/{file_id}/content"),
     ("DELETE", "/v1/files/{file_id}"),
@@ -33,44 +41,84 @@ ID_ROUTES = {
     ("GET", f"{JOBS}/checkpoints/{{step}}/adapter"),
     ("GET", "/v1/models/{model_id}"),
     ("DELETE", "/v1/models/{model_id}"),
+    ("PATCH", TEAMS),
+    ("POST", f"{TEAMS}/keys"),
+    ("GET", f"{TEAMS}/keys"),
+    ("DELETE", f"{TEAMS}/keys/{{key_id}}"),
+}
+# Ids of the right shape that name nothing.
+MISSING = {
+    "file_id": "file-missing",
+    "fine_tuning_job_id": "ftjob-missing",
+    "model_id": "ft:tiny-chat:alpha::missing",
+    "step": "999",
+    "team_id": "team-missing",
+    "key_id": "key-missing",
 }
 
 
-def id_routes(app: FastAPI) -> set[tuple[str, str]]:
-    """(method, path) of every API route with path parameters, admin routes excepted.
+@dataclass(frozen=True)
+class IdRoute:
+    """One method of a route with path parameters, and who may call it."""
+
+    method: str
+    path: str
+    admin: bool
+
+
+def _calls(dependant: Dependant) -> Iterator[Any]:
+    """Every callable in a route's dependency tree."""
+    yield dependant.call
+    for child in dependant.dependencies:
+        yield from _calls(child)
+
+
+def id_routes(app: FastAPI) -> list[IdRoute]:
+    """Every (method, path) of the app whose path has parameters, sorted.
 
     ``app.routes`` holds included routers, not their routes, in this FastAPI version;
     ``iter_route_contexts`` walks them with their prefixes, as the OpenAPI generator does
-    (and sees routes hidden from the schema too).
+    (and sees routes hidden from the schema too). A route with parameters that is not a
+    FastAPI route, or that depends on neither key check, fails the test.
     """
-    found: set[tuple[str, str]] = set()
+    found: list[IdRoute] = []
     for context in iter_route_contexts(app.routes):
         path = context.path
-        if not isinstance(context.original_route, APIRoute) or path is None:
+        if path is None or not compile_path(path)[2]:
             continue
-        if compile_path(path)[2] and not path.startswith("/v1/admin"):
-            found.update((method, path) for method in context.methods or ())
-    return found
+        route = context.original_route
+        if not isinstance(route, APIRoute):
+            pytest.fail(f"{path}: a {type(route).__name__} with path parameters; extend id_routes")
+        checks = set(_calls(route.dependant))
+        if require_admin not in checks and current_team not in checks:
+            pytest.fail(f"{sorted(context.methods or ())} {path} takes an id but checks no key")
+        found.extend(
+            IdRoute(method, path, require_admin in checks) for method in context.methods or ()
+        )
+    return sorted(found, key=lambda route: (route.path, route.method))
 
 
 class Alpha:
-    """Team alpha's file, its finished job and what the job produced."""
+    """Team alpha: its key, a file, a finished job and what the job produced."""
 
-    def __init__(self, file_id: str, finished: FinishedJob) -> None:
+    def __init__(self, team_id: str, key_id: str, file_id: str, finished: FinishedJob) -> None:
+        self.values = {
+            "file_id": file_id,
+            "fine_tuning_job_id": finished.job_id,
+            "model_id": finished.model_id,
+            "step": str(finished.checkpoint_step),
+            "team_id": team_id,
+            "key_id": key_id,
+        }
         self.file_id = file_id
         self.finished = finished
 
-    def fill(self, path: str) -> str:
-        """``path`` with alpha's ids in its parameters; an unknown parameter fails the test."""
-        values = {
-            "file_id": self.file_id,
-            "fine_tuning_job_id": self.finished.job_id,
-            "model_id": self.finished.model_id,
-            "step": str(self.finished.checkpoint_step),
-        }
+    def fill(self, path: str, values: dict[str, str] | None = None) -> str:
+        """``path`` with alpha's ids (or ``values``); a parameter without one fails the test."""
+        values = values or self.values
         unknown = set(compile_path(path)[2]) - set(values)
         if unknown:
-            pytest.fail(f"{path}: no id of team alpha for {sorted(unknown)}; extend Alpha.fill")
+            pytest.fail(f"{path}: no id of team alpha for {sorted(unknown)}; extend Alpha")
         return path.format(**values)
 
 
@@ -79,56 +127,68 @@ def alpha(
     app: FastAPI, client: TestClient, team_key: str, model_pair: str, training_file: str
 ) -> Alpha:
     """Team alpha (``team_key``) with a file and a succeeded job: checkpoint, report, model."""
-    return Alpha(
-        training_file, finish_job(app, create_job(client, team_key, model_pair, training_file))
-    )
+    teams = client.get("/v1/admin/teams", headers=ADMIN).json()["data"]
+    team_id = next(team["id"] for team in teams if team["name"] == "alpha")
+    key_id = client.get(f"/v1/admin/teams/{team_id}/keys", headers=ADMIN).json()["data"][0]["id"]
+    finished = finish_job(app, create_job(client, team_key, model_pair, training_file))
+    return Alpha(team_id, key_id, training_file, finished)
 
 
-def test_every_id_route_is_covered(app: FastAPI) -> None:
-    assert id_routes(app) == ID_ROUTES
+def call(client: TestClient, route: IdRoute, url: str, key: str) -> httpx.Response:
+    """``route`` at ``url`` with ``key``; writes get an empty JSON body (valid for all)."""
+    body: dict[str, Any] | None = {} if route.method in ("POST", "PUT", "PATCH") else None
+    return client.request(route.method, url, headers=auth(key), json=body)
+
+
+def error_of(response: httpx.Response) -> tuple[int, str, str, str | None]:
+    """What a client can tell from an error: status, code, type, param."""
+    error = response.json()["error"]
+    return response.status_code, error["code"], error["type"], error["param"]
+
+
+def test_the_route_walk_finds_the_known_id_routes(app: FastAPI) -> None:
+    walked = {(route.method, route.path) for route in id_routes(app)}
+    assert walked >= KNOWN_ID_ROUTES, KNOWN_ID_ROUTES - walked
+    admin = {route.path for route in id_routes(app) if route.admin}
+    assert admin == {path for _, path in KNOWN_ID_ROUTES if path.startswith("/v1/admin")}
 
 
 def test_another_teams_ids_answer_404_on_every_route(
     app: FastAPI, client: TestClient, make_team: MakeTeam, team_key: str, alpha: Alpha
 ) -> None:
     _, beta_key = make_team("beta")
-    called: set[tuple[str, str]] = set()
-    for method, path in sorted(id_routes(app)):
-        url = alpha.fill(path)
-        response = client.request(method, url, headers=auth(beta_key))
-        assert response.status_code == 404, (method, url, response.text)
-        assert response.json()["error"]["type"] == "not_found_error"
-        called.add((method, path))
-    assert called == ID_ROUTES
+    routes = id_routes(app)
+    for route in routes:
+        other = call(client, route, alpha.fill(route.path), beta_key)
+        absent = call(client, route, alpha.fill(route.path, MISSING), beta_key)
+        if route.admin:
+            # Not beta's to call at all, and not alpha's either: a team key is no admin key.
+            assert error_of(other)[:2] == (401, "invalid_admin_key"), (route, other.text)
+            own = call(client, route, alpha.fill(route.path), team_key)
+            assert error_of(own)[:2] == (401, "invalid_admin_key"), (route, own.text)
+        else:
+            assert other.status_code == 404, (route, other.text)
+            assert error_of(other)[2] == "not_found_error"
+        # Another team's id tells beta no more than an id that does not exist.
+        assert error_of(other) == error_of(absent), route
 
-    # Alpha's ids do work for alpha (so the 404s above are about ownership), and beta's
-    # cancel, start and deletes changed nothing. Deletes go last.
-    for method, path in sorted(ID_ROUTES, key=lambda route: (route[0] == "DELETE", route)):
-        url = alpha.fill(path)
-        response = client.request(method, url, headers=auth(team_key))
-        assert response.status_code in (200, 409), (method, url, response.text)
-        if method == "GET":
-            assert response.status_code == 200, (method, url, response.text)
+    # Beta's cancel, start, deletes and admin calls changed nothing.
     job = client.get(f"/v1/fine_tuning/jobs/{alpha.finished.job_id}", headers=auth(team_key))
-    assert job.json()["status"] == "succeeded"
+    assert job.status_code == 200 and job.json()["status"] == "succeeded"
+    for path in ("/v1/files/{file_id}", "/v1/models/{model_id}", f"{TEAMS}/keys"):
+        headers = ADMIN if path.startswith("/v1/admin") else auth(team_key)
+        assert client.get(alpha.fill(path), headers=headers).status_code == 200, path
+    keys = client.get(alpha.fill(f"{TEAMS}/keys"), headers=ADMIN).json()["data"]
+    assert [key["revoked_at"] for key in keys] == [None]
 
-
-def test_404s_for_other_teams_match_those_for_missing_ids(
-    client: TestClient, make_team: MakeTeam, alpha: Alpha
-) -> None:
-    _, beta_key = make_team("beta")
-    for path, missing in (
-        ("/v1/files/{file_id}", "/v1/files/file-missing"),
-        (JOBS, "/v1/fine_tuning/jobs/ftjob-missing"),
-        ("/v1/models/{model_id}", "/v1/models/ft:tiny-chat:alpha::missing"),
-    ):
-        other = client.get(alpha.fill(path), headers=auth(beta_key)).json()["error"]
-        absent = client.get(missing, headers=auth(beta_key)).json()["error"]
-        assert (other["code"], other["type"], other["param"]) == (
-            absent["code"],
-            absent["type"],
-            absent["param"],
-        )
+    # Alpha's ids do work for alpha (team routes) and the admin (admin routes), so the answers
+    # above are about ownership. Deletes go last, revoking alpha's key very last.
+    for route in sorted(routes, key=lambda r: (r.method == "DELETE", r.admin, r.path)):
+        key = ADMIN_KEY if route.admin else team_key
+        response = call(client, route, alpha.fill(route.path), key)
+        assert response.status_code in (200, 409), (route, response.text)
+        if route.method == "GET":
+            assert response.status_code == 200, (route, response.text)
 
 
 def test_another_teams_ids_in_bodies_and_cursors_answer_404(
