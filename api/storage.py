@@ -129,5 +129,18 @@ def adapter_archive(folder: Path) -> tuple[Path, str]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    checksum.write_text(digest.hexdigest())
+    # Atomic too: a checksum cut short by a full disk would be served as the archive's.
+    write_atomically(checksum, digest.hexdigest().encode())
     return archive, digest.hexdigest()
+
+
+def write_atomically(target: Path, content: bytes) -> None:
+    """Write ``content`` at ``target`` through a temporary sibling and a rename."""
+    handle, temporary = tempfile.mkstemp(prefix=".write-", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(content)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

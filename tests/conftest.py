@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,43 +76,189 @@ def free_port() -> int:
         return port
 
 
+@dataclass
+class PrivateRedis:
+    """A Redis server of one test's own, without persistence: a restart loses every key."""
+
+    binary: str
+    folder: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Its URL (database 0)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server (its data is gone)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
+def private_redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A Redis server of the test's own, on a spare port in a temp folder (never the shared
-    one, since tests flush and restart it); yields its URL."""
+    one, since tests flush and restart it)."""
     binary = shutil.which("redis-server")
     if binary is None:
         require_service("redis-server is not installed")
     assert binary is not None
-    port = free_port()
     folder = tmp_path / "redis"
     folder.mkdir()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    server = PrivateRedis(binary, folder, free_port())
+    server.start()
     try:
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.stop()
+
+
+@pytest.fixture
+def private_redis(private_redis_server: PrivateRedis) -> str:
+    """The URL of a Redis server of the test's own."""
+    return private_redis_server.url
+
+
+@dataclass
+class PrivatePostgres:
+    """A PostgreSQL cluster of one test's own, which the test may stop and start at will."""
+
+    bin_dir: Path
+    data_dir: Path
+    port: int
+    # ``runuser -u postgres --`` when the tests run as root (PostgreSQL refuses root).
+    run_as: list[str]
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the cluster's ``asft`` database."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/asft"
+
+    def _pg_ctl(self, *arguments: str) -> None:
+        subprocess.run(
+            [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *arguments],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        # Durability is not under test: fsync off keeps a restart quick on a busy machine.
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1"
+            f" -c unix_socket_directories={self.data_dir}"
+            " -c fsync=off -c full_page_writes=off -c max_connections=60"
+        )
+        self._pg_ctl("-l", str(self.data_dir / "server.log"), "-o", options, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: open connections are cut, as in a restart)."""
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+
+def _postgres_bin_dir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A fresh PostgreSQL cluster on a spare port in a temp folder, with a database ``asft``.
+
+    Never the shared server: tests stop and restart it. As root, the cluster runs as the
+    ``postgres`` OS user, in a folder of its own under the system temp folder (pytest's
+    temp folders are private to root).
+    """
+    bin_dir = _postgres_bin_dir()
+    if bin_dir is None:
+        require_service("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    assert bin_dir is not None
+    run_as: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="asft-pg-"))
+    if os.geteuid() == 0:
+        runuser = shutil.which("runuser")
+        try:
+            import pwd
+
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            owner = None
+        if runuser is None or owner is None:
+            shutil.rmtree(folder)
+            require_service("running as root without a postgres user and runuser")
+        assert runuser is not None and owner is not None
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        run_as = [runuser, "-u", "postgres", "--"]
+    cluster = PrivatePostgres(bin_dir, folder / "data", free_port(), run_as)
+    try:
+        subprocess.run(
+            [
+                *run_as,
+                str(bin_dir / "initdb"),
+                "-D",
+                str(cluster.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        cluster.start()
+    except (OSError, subprocess.SubprocessError) as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        require_service(f"could not start a private PostgreSQL: {error}")
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres", autocommit=True
+        ) as admin:
+            admin.execute("CREATE DATABASE asft")
+        yield cluster
+    finally:
+        from api.db.session import engine_for
+
+        engine_for(cluster.url).dispose()
+        # "immediate": the test is over, nothing needs a clean shutdown.
+        with suppress(subprocess.SubprocessError):
+            cluster.stop("immediate")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -5,10 +5,15 @@ status with conditional updates (``api.jobs.state``), so a message delivered twi
 a job twice. Checkpoints and metric events are keyed by (job, step), so a replay after a crash
 updates rows in place instead of adding duplicates. Training resumes from the job's last
 checkpoint.
+
+Every database operation is one short transaction, retried while the database is unreachable
+(``retry_database``), so a PostgreSQL restart pauses a running job instead of failing it.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import math
 import os
@@ -19,9 +24,10 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from api import logs
 from api.db.models import (
@@ -62,6 +68,54 @@ class JobContext:
     preempt: threading.Event = field(default_factory=threading.Event)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+# The longest wait between two tries of a database operation (the waits double up to it).
+DATABASE_RETRY_MAX_DELAY_S = 5.0
+
+
+def database_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the database could not be reached (worth trying again)."""
+    # OperationalError: refused, dropped or timed out (also SQLite's "database is locked"); a
+    # statement on a connection the server closed during a restart is reported as a
+    # DBAPIError whose connection was invalidated.
+    return isinstance(error, OperationalError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    )
+
+
+def retry_database(
+    function: Callable[Concatenate[JobContext, P], R],
+) -> Callable[Concatenate[JobContext, P], R]:
+    """Call ``function(context, ...)`` again, after doubling waits, while the database is
+    unreachable, for up to ``context.settings.database_retry_s`` seconds.
+
+    Every decorated function is one transaction that is safe to repeat (upserts keyed by
+    step, conditional status changes), so a try whose commit was lost does no harm.
+    """
+
+    @functools.wraps(function)
+    def retried(context: JobContext, *args: P.args, **kwargs: P.kwargs) -> R:
+        deadline = time.monotonic() + context.settings.database_retry_s
+        delay_s = 0.25
+        while True:
+            try:
+                return function(context, *args, **kwargs)
+            except DBAPIError as error:
+                if not database_unreachable(error) or time.monotonic() + delay_s > deadline:
+                    raise
+                logger.warning(
+                    "database unreachable in %s; trying again in %.2fs: %s",
+                    function.__name__,
+                    delay_s,
+                    error.orig,
+                )
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, DATABASE_RETRY_MAX_DELAY_S)
+
+    return retried
+
+
 class JobLimitExceeded(RuntimeError):
     """A job went past one of the service's per-job limits (runtime, steps, tokens)."""
 
@@ -81,6 +135,7 @@ def check_limits(settings: Settings, steps: int, tokens: int) -> None:
         )
 
 
+@retry_database
 def add_event(
     context: JobContext, job_id: str, level: str, message: str, data: dict[str, Any] | None = None
 ) -> None:
@@ -89,6 +144,7 @@ def add_event(
         append_event(session, job_id, level, message, data)
 
 
+@retry_database
 def record_metrics(context: JobContext, job_id: str, metrics: Any) -> None:
     """Upsert the metrics event of a step and keep the job's progress fields current."""
     data = {
@@ -134,6 +190,7 @@ def record_metrics(context: JobContext, job_id: str, metrics: Any) -> None:
         )
 
 
+@retry_database
 def record_checkpoint(context: JobContext, job_id: str, info: Any, metrics: dict[str, Any]) -> None:
     """Upsert the checkpoint row of a step (its files are already in place)."""
     key = job_key(job_id, "checkpoints", info.path.name)
@@ -155,12 +212,14 @@ def record_checkpoint(context: JobContext, job_id: str, info: Any, metrics: dict
             existing.metrics, existing.storage_key = metrics, key
 
 
+@retry_database
 def cancel_requested(context: JobContext, job_id: str) -> bool:
     """Whether the job's owner asked to cancel it (checked before every step)."""
     with transaction(context.engine) as session:
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
+@retry_database
 def fail(
     context: JobContext, job_id: str, code: str, message: str, param: str | None = None
 ) -> None:
@@ -182,6 +241,7 @@ def fail(
     add_event(context, job_id, "error", f"{code}: {message}")
 
 
+@retry_database
 def latest_checkpoint(context: JobContext, job_id: str) -> Path | None:
     """The folder of the job's newest checkpoint whose files exist."""
     with transaction(context.engine) as session:
@@ -195,6 +255,7 @@ def latest_checkpoint(context: JobContext, job_id: str) -> Path | None:
     return None
 
 
+@retry_database
 def clear_job_outputs(context: JobContext, job_id: str) -> None:
     """Remove rows a previous attempt left after its last checkpoint (nothing is duplicated)."""
     with transaction(context.engine) as session:
@@ -238,12 +299,38 @@ def train_spec_for(job: Job, pair: ModelPair, context: JobContext, registered_id
     )
 
 
+# Errors of a full or over-quota volume, or of a write past the file-size limit.
+STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def storage_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) says the disk took no more bytes."""
+    # safetensors and torch report a failed write as their own exception whose text holds
+    # the OS message, so the messages are matched as well as the errno.
+    messages = [os.strerror(number) for number in STORAGE_FULL_ERRNOS]
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in STORAGE_FULL_ERRNOS:
+            return True
+        if any(message in str(seen) for message in messages):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _format_error(error: Exception) -> tuple[str, str, str | None]:
     from asft_core.alignment import AlignmentError
     from asft_core.evaluation.harness import EvalSuiteError
     from asft_core.formats import DatasetFormatError
     from asft_core.training import TrainingError
 
+    if storage_full(error):
+        return (
+            "storage_full",
+            f"no space left on the artifact volume ({error}); its partial files were "
+            "removed. Free space or raise the quota, then create the job again",
+            None,
+        )
     if isinstance(error, DatasetFormatError):
         return error.code, str(error), "training_file"
     if isinstance(error, TrainingError | AlignmentError | EvalSuiteError | JobLimitExceeded):
@@ -258,6 +345,45 @@ def _format_error(error: Exception) -> tuple[str, str, str | None]:
     return "internal_error", f"{type(error).__name__}: {error}", None
 
 
+@retry_database
+def load_job(context: JobContext, job_id: str) -> tuple[Job, ModelPair | None, Team | None] | None:
+    """A job with its model pair and team (None when the job does not exist)."""
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None
+        return job, session.get(ModelPair, job.model), session.get(Team, job.team_id)
+
+
+@retry_database
+def end_validation(
+    context: JobContext, job_id: str, target: str, validation: dict[str, Any]
+) -> bool:
+    """Move a validated job on to ``target``; False when it was no longer validating."""
+    with transaction(context.engine) as session:
+        return transition(session, job_id, "validating_files", target, validation=validation)
+
+
+@retry_database
+def claim(context: JobContext, job_id: str) -> tuple[bool, str]:
+    """Take a queued job under this worker's lease: (taken, the job's status)."""
+    with transaction(context.engine) as session:
+        current = session.get(Job, job_id)
+        assert current is not None
+        if current.status != "queued" or not transition(
+            session,
+            job_id,
+            "queued",
+            "running",
+            started_at=current.started_at or now(),
+            attempt=current.attempt + 1,
+            lease_owner=worker_identity(),
+            heartbeat_at=now(),
+        ):
+            return False, current.status
+        return True, "running"
+
+
 def execute_job(job_id: str, context: JobContext) -> str:
     """Advance a job as far as it goes; returns its final status. Safe to call twice.
 
@@ -265,16 +391,14 @@ def execute_job(job_id: str, context: JobContext) -> str:
     worker holding its lease (the reconciler requeues it if that worker dies), and the other
     statuses need nothing from a worker.
     """
-    with transaction(context.engine) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            logger.warning("job %s does not exist", job_id)
-            return "missing"
-        if job.status not in ("validating_files", "queued"):
-            return job.status
-        pair = session.get(ModelPair, job.model)
-        team = session.get(Team, job.team_id)
-        assert pair is not None and team is not None
+    loaded = load_job(context, job_id)
+    if loaded is None:
+        logger.warning("job %s does not exist", job_id)
+        return "missing"
+    job, pair, team = loaded
+    if job.status not in ("validating_files", "queued"):
+        return job.status
+    assert pair is not None and team is not None
     token = logs.job_id.set(job_id)
     try:
         add_event(context, job_id, "info", f"Picked up by worker {worker_identity()}")
@@ -289,6 +413,7 @@ def execute_job(job_id: str, context: JobContext) -> str:
         logs.job_id.reset(token)
 
 
+@retry_database
 def notify(context: JobContext, job_id: str) -> threading.Thread | None:
     """Send the team's webhook for a finished job, with retries, from a thread of its own.
 
@@ -343,14 +468,9 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
             checked = validate(spec)
             check_limits(context.settings, checked.total_steps, checked.estimated_tokens)
             target = "queued" if job.auto_start else "validated"
-            with transaction(context.engine) as session:
-                moved = transition(
-                    session,
-                    job_id,
-                    "validating_files",
-                    target,
-                    validation={**(job.validation or {}), **checked.to_dict()},
-                )
+            moved = end_validation(
+                context, job_id, target, {**(job.validation or {}), **checked.to_dict()}
+            )
             if not moved:
                 return "skipped"
             add_event(
@@ -369,25 +489,21 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
                 )
             if target == "validated":
                 return "validated"
-        with transaction(context.engine) as session:
-            current = session.get(Job, job_id)
-            assert current is not None
-            if current.status != "queued" or not transition(
-                session,
-                job_id,
-                "queued",
-                "running",
-                started_at=current.started_at or now(),
-                attempt=current.attempt + 1,
-                lease_owner=worker_identity(),
-                heartbeat_at=now(),
-            ):
-                return current.status
+        taken, status = claim(context, job_id)
+        if not taken:
+            return status
         resume = latest_checkpoint(context, job_id)
         if resume is not None:
             clear_job_outputs(context, job_id)
             add_event(context, job_id, "info", f"Resuming from checkpoint {resume.name}")
-        add_event(context, job_id, "info", "Fine-tuning started")
+        # Which worker trains, and the how-many-th time: "exactly once" is checkable per job.
+        add_event(
+            context,
+            job_id,
+            "info",
+            "Fine-tuning started",
+            {"worker": worker_identity(), "attempt": job.attempt + 1},
+        )
         spec = replace(spec, resume_from=resume)
         heartbeat = Heartbeat(context, job_id, context.settings.heartbeat_interval_s)
         last_metrics: dict[str, Any] = {}
@@ -449,8 +565,17 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
                 hooks,
             )
     except Exception as error:
+        if database_unreachable(error):
+            # Out of retries: nothing can be recorded, not even a failure. The lease goes
+            # stale and the reconciler requeues the job, which resumes from its checkpoint.
+            logger.exception("job %s stopped: the database stayed unreachable", job_id)
+            raise
         code, message, param = _format_error(error)
         logger.exception("job %s failed", job_id)
+        # A failed job's final adapter is never served, and a full disk may have cut it off
+        # mid-file: remove it (its checkpoints are complete, each moved into place whole).
+        with suppress(OSError):
+            context.store.delete(job_key(job_id, "adapter"))
         fail(context, job_id, code, message, param)
         return "failed"
     if result.alignment_path is not None:
@@ -460,6 +585,7 @@ def _advance(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
     return finish(context, job_id, team, result)
 
 
+@retry_database
 def record_alignment(
     context: JobContext, pair_id: str, path: Path, summary: dict[str, Any]
 ) -> None:
@@ -485,6 +611,7 @@ def record_alignment(
             )
 
 
+@retry_database
 def requeue_preempted(context: JobContext, job_id: str) -> str:
     """The worker is stopping: the job (checkpointed by the trainer) goes back to the queue."""
     with transaction(context.engine) as session:
@@ -498,11 +625,16 @@ def requeue_preempted(context: JobContext, job_id: str) -> str:
     return "queued"
 
 
+@retry_database
 def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
     """Record the outcome: cancelled, or the adapter, the report and the gate's verdict."""
     with transaction(context.engine) as session:
         job = session.get(Job, job_id)
         assert job is not None
+        if job.status != "running" or job.lease_owner != worker_identity():
+            # Recorded by an earlier try whose commit reply was lost, or the lease went to
+            # another worker (the reconciler judged this one dead): record nothing twice.
+            return job.status
         if result.cancelled:
             transition(session, job_id, "running", "cancelled", lease_owner=None)
             append_event(session, job_id, "info", "Job cancelled")
@@ -590,7 +722,9 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def reconcile(context: JobContext, queue: Any, stale_after_s: int = 60) -> list[str]:
+def reconcile(
+    context: JobContext, queue: Any, stale_after_s: int = 60, requeue_running: bool = True
+) -> list[str]:
     """Re-enqueue what the broker may have lost; returns the job ids re-enqueued.
 
     Running jobs whose heartbeat is older than ``stale_after_s`` (their worker died) go back
@@ -598,17 +732,25 @@ def reconcile(context: JobContext, queue: Any, stale_after_s: int = 60) -> list[
     ``validating_files`` for longer than that get a fresh message (the filesystem broker
     deletes a message when it is taken, and a flushed Redis loses them all). A duplicate
     message is harmless: the conditional status changes let one worker run the job.
+
+    ``requeue_running=False`` skips the stale leases: right after a database outage every
+    heartbeat looks old, although the workers holding them are alive.
     """
     from api.queue import enqueue_job
 
     cutoff = now() - stale_after_s
     requeued: list[str] = []
     with transaction(context.engine) as session:
-        stale = session.scalars(
-            select(Job.id).where(
-                Job.status == "running", (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff)
-            )
-        ).all()
+        stale = (
+            session.scalars(
+                select(Job.id).where(
+                    Job.status == "running",
+                    (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff),
+                )
+            ).all()
+            if requeue_running
+            else []
+        )
         for job_id in stale:
             if transition(session, job_id, "running", "queued", lease_owner=None):
                 append_event(

@@ -9,7 +9,9 @@ beat.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+import time
 
 from celery.signals import (
     setup_logging,
@@ -46,6 +48,14 @@ def _fresh_connections(**_: object) -> None:
     engine_for(get_settings().resolved_database_url).dispose(close=False)
 
 
+@worker_process_init.connect
+def _file_size_limit_is_an_error(**_: object) -> None:
+    # A write past the file-size limit (RLIMIT_FSIZE, a quota) must raise EFBIG, which fails
+    # the job with storage_full, not deliver SIGXFSZ, which kills the worker and loses the
+    # job's error. Python ignores it at start already; a host that embeds it may not.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def _context() -> JobContext:
     settings = get_settings()
     return JobContext(
@@ -64,19 +74,26 @@ def run_job(job_id: str) -> str:
 
 
 @app.task(name=RECONCILE_TASK)
-def reconcile_jobs() -> list[str]:
+def reconcile_jobs(requeue_running: bool = True) -> list[str]:
     """One reconciler pass; returns the ids of the jobs it re-enqueued."""
-    return reconcile(_context(), app, get_settings().stale_after_s)
+    return reconcile(_context(), app, get_settings().stale_after_s, requeue_running)
 
 
 def _reconcile_forever() -> None:
-    interval = max(1.0, get_settings().stale_after_s / 2)
+    stale_after_s = get_settings().stale_after_s
+    interval = max(1.0, stale_after_s / 2)
+    failed_at = -float(stale_after_s)  # monotonic time of the last failed pass
     while True:
+        # After an outage every heartbeat looks stale, though the workers holding the leases
+        # kept training (their writes wait for the database): judge leases again only once
+        # the database has answered for a whole stale period.
+        trusted = time.monotonic() - failed_at >= stale_after_s
         try:
-            requeued = reconcile_jobs()
+            requeued = reconcile_jobs(requeue_running=trusted)
             if requeued:
                 logger.warning("reconciler re-enqueued %s", ", ".join(requeued))
-        except Exception:  # the database may be restarting: try again next period
+        except Exception:  # the database or the broker may be restarting: try next period
+            failed_at = time.monotonic()
             logger.exception("reconciler pass failed")
         if _stop_reconciler.wait(interval):
             return

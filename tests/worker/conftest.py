@@ -5,13 +5,14 @@ API app on the same settings, with the tiny zoo pair registered.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from fastapi.testclient import TestClient
@@ -51,16 +52,32 @@ def service_env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
     return env
 
 
+class StartWorker(Protocol):
+    """The ``start_worker`` fixture: starts one worker process and returns it."""
+
+    def __call__(self, file_size_limit_bytes: int | None = None) -> subprocess.Popen[bytes]:
+        """``file_size_limit_bytes``: the worker's RLIMIT_FSIZE (a full artifact volume)."""
+        ...
+
+
 @pytest.fixture
-def start_worker(
-    service_env: dict[str, str], tmp_path: Path
-) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    """Start real Celery worker processes (in their own process group); all stopped at the end."""
+def start_worker(service_env: dict[str, str], tmp_path: Path) -> Iterator[StartWorker]:
+    """Start real Celery worker processes (in their own process group); all stopped at the end.
+
+    Their logs are ``worker-<n>.log`` in the test's temp folder.
+    """
     started: list[subprocess.Popen[bytes]] = []
 
-    def start() -> subprocess.Popen[bytes]:
+    def start(file_size_limit_bytes: int | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, **service_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         log = (tmp_path / f"worker-{len(started)}.log").open("wb")
+
+        def limit_file_size() -> None:
+            # Runs in the child before exec: every write past the limit fails with EFBIG.
+            if file_size_limit_bytes is not None:
+                limit = (file_size_limit_bytes, file_size_limit_bytes)
+                resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -86,6 +103,7 @@ def start_worker(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=limit_file_size if file_size_limit_bytes is not None else None,
         )
         started.append(process)
         return process
