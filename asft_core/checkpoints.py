@@ -79,6 +79,43 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _save_adapter_files(model: Any, folder: Path, base_model_id: str | None) -> None:
+    """The PEFT files of ``model`` in ``folder``, naming ``base_model_id`` as their base.
+
+    peft records the path the model was loaded from; a served adapter names the model id
+    users know instead, so ``PeftModel.from_pretrained`` finds it on their machines.
+    """
+    model.save_pretrained(str(folder))
+    if base_model_id is None:
+        return
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model_id
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def _replace_folder(staging: Path, folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+
+
+def save_adapter(model: Any, folder: Path, base_model_id: str | None = None) -> Path:
+    """Write the adapter of PEFT ``model`` into ``folder`` atomically; returns ``folder``.
+
+    A full disk or a killed process leaves the previous folder (or none), never a partial one.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        _save_adapter_files(model, staging, base_model_id)
+        _replace_folder(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return folder
+
+
 def save_checkpoint(
     folder: Path,
     model: Any,
@@ -86,6 +123,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: TrainingPosition,
     extra: dict[str, Any] | None = None,
+    base_model_id: str | None = None,
 ) -> CheckpointInfo:
     """Write a complete checkpoint into ``folder`` atomically and return its description.
 
@@ -94,7 +132,7 @@ def save_checkpoint(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        model.save_pretrained(str(staging / ADAPTER_DIR))
+        _save_adapter_files(model, staging / ADAPTER_DIR, base_model_id)
         optimizer_state = optimizer.state_dict()
         tensors = _rng_tensors()
         for index, state in optimizer_state["state"].items():
@@ -109,9 +147,7 @@ def save_checkpoint(
             "extra": extra or {},
         }
         (staging / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+        _replace_folder(staging, folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

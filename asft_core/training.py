@@ -14,7 +14,6 @@ Methods (the same names the API uses):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -30,6 +29,7 @@ from asft_core.checkpoints import (
     CheckpointInfo,
     TrainingPosition,
     load_checkpoint,
+    save_adapter,
     save_checkpoint,
 )
 from asft_core.data import (
@@ -366,15 +366,6 @@ def load_model_and_tokenizer(
     return model.to(device), tokenizer
 
 
-def _write_adapter_config_base(adapter_dir: Path, base_model_id: str | None) -> None:
-    if base_model_id is None:
-        return
-    config_path = adapter_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_model_id
-    config_path.write_text(json.dumps(config, indent=2))
-
-
 def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
     """Fine-tune ``spec.model`` with LoRA and the chosen method; see the module docstring.
 
@@ -466,9 +457,13 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
 
     def checkpoint() -> None:
         info = save_checkpoint(
-            checkpoint_root / f"step-{position.step:06d}", model, optimizer, scheduler, position
+            checkpoint_root / f"step-{position.step:06d}",
+            model,
+            optimizer,
+            scheduler,
+            position,
+            base_model_id=spec.base_model_id,
         )
-        _write_adapter_config_base(info.adapter_path, spec.base_model_id)
         checkpoints.append(info)
         hooks.on_checkpoint(info)
 
@@ -572,9 +567,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         validation_loss = evaluate_loss(model, validation_data.examples, pad_id, device)
         hooks.on_event("info", f"validation loss {validation_loss:.4f}")
 
-    adapter_dir = spec.output_dir / "adapter"
-    model.save_pretrained(str(adapter_dir))
-    _write_adapter_config_base(adapter_dir, spec.base_model_id)
+    adapter_dir = save_adapter(model, spec.output_dir / "adapter", spec.base_model_id)
     return TrainResult(
         status,
         adapter_dir,
