@@ -5,6 +5,7 @@
     asft jobs create --model M --training-file F [--method asft --lambda 1 ...] [--watch]
     asft jobs list | get ID | cancel ID
     asft jobs events ID [--follow]
+    asft jobs checkpoints ID
     asft jobs watch ID                  progress bar, then the safety/utility summary
     asft jobs download ID [--checkpoint STEP] -o DIR
     asft models list
@@ -90,15 +91,26 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 # --- files ---------------------------------------------------------------------------------
 
 
+# The server's default ASFT_MIN_TRAINING_EXAMPLES; a server may set another.
+MIN_TRAINING_EXAMPLES = 10
+
+
 def validated(path: Path) -> DatasetSummary:
     """Check a dataset with the server's own rules; raises :class:`CliError` naming the line."""
     if not path.is_file():
         raise CliError(f"{path}: no such file")
     try:
-        return validate_file(path)
+        summary = validate_file(path)
     except DatasetFormatError as error:
         # The same words the server stores in status_details: "line N: ...".
         raise CliError(f"{path}: {error} ({error.code})") from None
+    if summary.num_examples < MIN_TRAINING_EXAMPLES:
+        print(
+            f"asft: warning: {path} has {summary.num_examples} examples; by default a training "
+            f"file needs at least {MIN_TRAINING_EXAMPLES} (invalid_n_examples)",
+            file=sys.stderr,
+        )
+    return summary
 
 
 def _files_upload(args: argparse.Namespace) -> int:
@@ -220,7 +232,7 @@ def _job_row(job: dict[str, Any]) -> list[str]:
         job["model"],
         job["method"]["type"],
         _when(job["created_at"]),
-        job.get("fine_tuned_model") or (job.get("error") or {}).get("code") or "-",
+        (job.get("error") or {}).get("code") or job.get("fine_tuned_model") or "-",
     ]
 
 
@@ -246,7 +258,10 @@ def _jobs_get(args: argparse.Namespace) -> int:
 def _jobs_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.cancel_job(args.job_id)
-    print(f"{job['id']}  {job['status']}")
+    if job["status"] == "running":
+        print(f"{job['id']}  cancel requested: the worker stops it within a training step")
+    else:
+        print(f"{job['id']}  {job['status']}")
     return ExitCode.OK
 
 
@@ -267,15 +282,18 @@ def follow_events(
     event is shown again when its message changes. Returns the job as last read.
     """
     shown: dict[str, str] = {}
+    events = client.all_events(job_id)
     while True:
         job = client.get_job(job_id)
-        for event in reversed(client.events(job_id, limit=100)):
+        for event in events:
             if shown.get(event["id"]) != event["message"]:
                 shown[event["id"]] = event["message"]
                 emit(event)
         if not follow or job["status"] in TERMINAL:
             return job
         time.sleep(poll_s)
+        # Only the newest page while following: the history is shown already.
+        events = list(reversed(client.events(job_id, limit=100)))
 
 
 def _jobs_events(args: argparse.Namespace) -> int:
@@ -392,9 +410,35 @@ def _jobs_watch(args: argparse.Namespace) -> int:
 def _jobs_download(args: argparse.Namespace) -> int:
     with _client(args) as client:
         folder = client.download_adapter(args.job_id, args.output, args.checkpoint)
+        approved = client.last_download_approved
     files = sorted(p.name for p in folder.iterdir())
     print(f"{folder}: {', '.join(files)} (sha256 verified)")
+    if not approved:
+        what = "a checkpoint's adapter" if args.checkpoint is not None else "this adapter"
+        print(f"asft: warning: {what} is not approved by the safety gate", file=sys.stderr)
     return ExitCode.OK
+
+
+def _jobs_checkpoints(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        checkpoints = client.checkpoints(args.job_id)
+    if args.json:
+        _print_json(checkpoints)
+        return ExitCode.OK
+    rows = [
+        [
+            str(c["step_number"]),
+            _when(c["created_at"]),
+            " ".join(f"{k}={v:.4g}" for k, v in sorted(c["metrics"].items()) if _is_number(v)),
+        ]
+        for c in checkpoints
+    ]
+    _table(rows, ["step", "created", "metrics"])
+    return ExitCode.OK
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # --- models --------------------------------------------------------------------------------
@@ -479,7 +523,8 @@ def add_client_commands(commands: Any) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="any other hyperparameter (repeatable), e.g. alpha=16",
+        help="any other hyperparameter (repeatable); VALUE is read as JSON when it parses, "
+        'e.g. alpha=16 or \'target_modules=["q_proj","v_proj"]\'',
     )
     create.add_argument("--suffix")
     create.add_argument("--seed", type=int)
@@ -496,6 +541,8 @@ def add_client_commands(commands: Any) -> None:
     watching = _command(jobs, "watch", _jobs_watch, "progress until the end, then a summary")
     watching.add_argument("job_id")
     watching.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
+    ckpts = _with_json(_command(jobs, "checkpoints", _jobs_checkpoints, "the job's checkpoints"))
+    ckpts.add_argument("job_id")
     download = _command(jobs, "download", _jobs_download, "download the adapter (sha256 checked)")
     download.add_argument("job_id")
     download.add_argument("--checkpoint", type=int, metavar="STEP")
@@ -528,4 +575,9 @@ def run_client_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("asft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `asft jobs events ID | head`: the reader left; Python would print a traceback when
+        # it flushes stdout at exit, so point stdout at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
     return ExitCode.ERROR

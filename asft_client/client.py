@@ -32,6 +32,7 @@ class Client:
     def __init__(self, base_url: str, api_key: str, timeout_s: float = 60.0) -> None:
         """Open a connection pool."""
         self.base_url = base_url.rstrip("/")
+        self.last_download_approved: bool | None = None
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}"},
@@ -91,6 +92,18 @@ class Client:
         """The job's newest events, newest first."""
         return self._page(f"/v1/fine_tuning/jobs/{job_id}/events", {"limit": limit})
 
+    def all_events(self, job_id: str) -> list[dict[str, Any]]:
+        """Every event of the job, oldest first (all pages)."""
+        path = f"/v1/fine_tuning/jobs/{job_id}/events"
+        events: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 1000}
+        while True:
+            page = self._call("GET", path, params=params)
+            events += page["data"]
+            if not page["has_more"] or not page["data"]:
+                return events[::-1]
+            params["after"] = page["last_id"]
+
     def checkpoints(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """The job's checkpoints, newest first."""
         return self._page(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", {"limit": limit})
@@ -122,14 +135,18 @@ class Client:
         """Download the adapter (or a checkpoint's), check its sha256, unpack it into ``target``.
 
         The archive is streamed to a temporary file beside ``target`` and unpacked only once
-        its sha256 matches the server's ``X-Content-SHA256``; a bad download leaves nothing.
-        Returns the adapter folder (``target/adapter``).
+        its sha256 matches the server's ``X-Content-SHA256``; a refused or bad download leaves
+        nothing, not even ``target``. Returns the adapter folder (``target/adapter``); whether
+        the safety gate approved it is :attr:`last_download_approved`.
         """
         path = f"/v1/fine_tuning/jobs/{job_id}/adapter"
         if step is not None:
             path = f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{step}/adapter"
-        target.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=target, prefix=".download-", suffix=".tar.gz")
+        target = target.absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}-download-", suffix=".tar.gz"
+        )
         try:
             digest = hashlib.sha256()
             with os.fdopen(handle, "wb") as out, self._http.stream("GET", path) as response:
@@ -137,11 +154,13 @@ class Client:
                     response.read()
                     _raise_for_error(response)
                 expected = response.headers.get("x-content-sha256")
+                self.last_download_approved = response.headers.get("x-asft-approved") == "true"
                 for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
                     digest.update(chunk)
                     out.write(chunk)
             if expected is None or digest.hexdigest() != expected:
                 raise ApiError(200, "checksum_mismatch", "the download does not match its sha256")
+            target.mkdir(exist_ok=True)
             with tarfile.open(partial) as archive:
                 archive.extractall(target, filter="data")
         finally:

@@ -307,9 +307,9 @@ def test_admin_endpoints_are_closed_without_an_admin_key(
         for headers in ({}, ADMIN, auth("")):
             response = _call(closed_client, method, url, body, headers)
             assert response.status_code == 401, (headers, response.text)
-        assert _call(closed_client, method, url, body, ADMIN).json()["error"]["code"] == (
-            "invalid_admin_key"
-        )
+        error = _call(closed_client, method, url, body, ADMIN).json()["error"]
+        assert error["code"] == "invalid_admin_key"
+        assert "started without ASFT_ADMIN_KEY" in error["message"]
 
 
 def _embedded_settings(data_dir: Path) -> Settings:

@@ -315,7 +315,12 @@ def test_upload_create_watch_download(
     )
     assert no_step.returncode == ExitCode.ERROR
     assert "checkpoint_not_found" in no_step.stderr
-    assert not list((tmp_path / "no").glob("**/*.safetensors"))
+    assert not (tmp_path / "no").exists()
+    assert not [p for p in tmp_path.iterdir() if "download" in p.name]
+
+    listed = asft(service, "jobs", "checkpoints", job["id"])
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["5", "4", "2"]
 
 
 def test_cancelled_job_watch_exits_non_zero(
@@ -347,7 +352,10 @@ def test_cancelled_job_watch_exits_non_zero(
     assert f"{job_id}: cancelled" in watched.stdout
     download = asft(service, "jobs", "download", job_id, "-o", str(tmp_path / "none"))
     assert download.returncode == ExitCode.ERROR
-    assert "adapter_not_ready" in download.stderr
+    assert "adapter_not_ready" in download.stderr and "ended cancelled" in download.stderr
+    again = asft(service, "jobs", "cancel", job_id)
+    assert again.returncode == ExitCode.ERROR
+    assert "already cancelled" in again.stderr and "job_not_cancellable" in again.stderr
 
 
 def test_gate_failure_exits_with_its_own_code(
@@ -380,3 +388,10 @@ def test_gate_failure_exits_with_its_own_code(
     assert watched.returncode == ExitCode.GATE_FAILED, (watched.stdout, watched.stderr)
     assert "safety gate: FAILED" in watched.stdout
     assert "safety_gate_failed" in watched.stdout
+    listed = asft(service, "jobs", "list")
+    assert any(
+        job_id in line and "safety_gate_failed" in line for line in listed.stdout.splitlines()
+    )
+    downloaded = asft(service, "jobs", "download", job_id, "-o", str(tmp_path / "gated"))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert "not approved by the safety gate" in downloaded.stderr
