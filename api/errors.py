@@ -13,8 +13,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 logger = logging.getLogger("asft.api")
 
@@ -104,6 +106,21 @@ def envelope(
     }
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route serves at ``path``, for the ``Allow`` header of a 405.
+
+    Each method is its own route, and the router puts only the first partly matching route's
+    methods in ``Allow``; a client must learn all of them (RFC 9110, section 15.5.6).
+    """
+    methods: set[str] = set()
+    for context in iter_route_contexts(app.routes):
+        if context.path is not None and context.methods:
+            regex, _, _ = compile_path(context.path)
+            if regex.match(path):
+                methods |= context.methods
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error, ours and the framework's, in the one envelope."""
 
@@ -118,7 +135,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
+        if first.get("type") == "json_invalid":
+            # Its location is a character offset in the body, not a field to name in param.
+            offset = first.get("loc", ("body", "?"))[-1]
+            reason = first.get("ctx", {}).get("error", "JSON decode error")
+            message = f"the body is not valid JSON: {reason} (character {offset})"
+            return JSONResponse(envelope(422, "invalid_json", message), status_code=422)
+        # The part of the request is not part of the name ("body.model" -> "model").
+        parts = ("body", "query", "path", "header")
+        location = [str(part) for part in first.get("loc", ()) if part not in parts]
         param = ".".join(location) or None
         message = first.get("msg", "invalid request")
         if param:
@@ -126,14 +151,24 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(envelope(422, "invalid_request", message, param), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # The framework's 400s all come from a body it could not parse (bytes that are not
+        # UTF-8 JSON, multipart without a boundary or garbled).
+        codes = {
+            400: "invalid_body",
+            401: "unauthorized",
+            404: "not_found",
+            405: "method_not_allowed",
+        }
+        headers = dict(getattr(error, "headers", None) or {})
+        if error.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope["path"]))
         return JSONResponse(
             envelope(
                 error.status_code, codes.get(error.status_code, "http_error"), str(error.detail)
             ),
             status_code=error.status_code,
-            headers=getattr(error, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(DataError)

@@ -13,6 +13,7 @@ from api.deps import AdminDep, SessionDep, SettingsDep, hash_key
 from api.errors import Conflict, NotFound, Unprocessable
 from api.schemas.admin import KeyCreate, KeyObject, TeamCreate, TeamObject, TeamUpdate
 from api.schemas.common import Page, errors
+from api.storage import is_id
 from api.webhooks import WebhookRefused, check_url
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
@@ -67,13 +68,14 @@ def issue_key(session: SessionDep, team_id: str, name: str) -> tuple[ApiKey, str
 
 
 def _team(session: SessionDep, team_id: str) -> Team:
-    team = session.get(Team, team_id)
+    # A string that is not an id names no team (and a NUL in it would make PostgreSQL fail).
+    team = session.get(Team, team_id) if is_id(team_id) else None
     if team is None:
         raise NotFound("team_not_found", f"no team {team_id!r}", "team_id")
     return team
 
 
-@router.post("/teams", response_model=TeamObject, responses=errors(409))
+@router.post("/teams", response_model=TeamObject, responses=errors(409, 413))
 def create_team(session: SessionDep, body: TeamCreate) -> TeamObject:
     """Create a team (then give it keys)."""
     if session.scalar(select(Team).where(Team.name == body.name)) is not None:
@@ -94,7 +96,7 @@ def list_teams(session: SessionDep) -> Page[TeamObject]:
     return Page(data=[team_object(t) for t in teams], has_more=False)
 
 
-@router.patch("/teams/{team_id}", response_model=TeamObject, responses=errors(404))
+@router.patch("/teams/{team_id}", response_model=TeamObject, responses=errors(404, 413))
 def update_team(
     session: SessionDep, settings: SettingsDep, team_id: str, body: TeamUpdate
 ) -> TeamObject:
@@ -117,7 +119,7 @@ def update_team(
     return team_object(team)
 
 
-@router.post("/teams/{team_id}/keys", response_model=KeyObject, responses=errors(404))
+@router.post("/teams/{team_id}/keys", response_model=KeyObject, responses=errors(404, 413))
 def create_key(session: SessionDep, team_id: str, body: KeyCreate) -> KeyObject:
     """A new key for the team; its secret is in this answer only."""
     _team(session, team_id)
@@ -138,7 +140,7 @@ def list_keys(session: SessionDep, team_id: str) -> Page[KeyObject]:
 @router.delete("/teams/{team_id}/keys/{key_id}", response_model=KeyObject, responses=errors(404))
 def revoke_key(session: SessionDep, team_id: str, key_id: str) -> KeyObject:
     """Revoke a key: it answers 401 from now on."""
-    key = session.get(ApiKey, key_id)
+    key = session.get(ApiKey, key_id) if is_id(key_id) else None
     if key is None or key.team_id != team_id:
         raise NotFound("key_not_found", f"no key {key_id!r} in team {team_id!r}", "key_id")
     if key.revoked_at is None:

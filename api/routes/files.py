@@ -8,11 +8,12 @@ so a file's ``status`` says at once whether a job can use it, and why not, with 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import select
@@ -23,12 +24,11 @@ from api.errors import Conflict, NotFound, Unprocessable
 from api.jobs.state import TERMINAL
 from api.pagination import newest_first, team_rows
 from api.schemas.common import Page, errors, page_of
-from api.schemas.files import FileDeleted, FileObject
+from api.schemas.files import PURPOSES, FileDeleted, FileObject, UploadForm
 from api.storage import CHUNK_BYTES, ID_PATTERN, file_key, is_id
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-PURPOSES = ("fine-tune",)
 DEFAULT_FILENAME = "upload.jsonl"
 # Control characters: PostgreSQL text cannot hold NUL, and the rest garble headers and logs.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -88,6 +88,20 @@ def _check(path: Path) -> DatasetSummary | DatasetFormatError:
         return error
 
 
+def _commit_row(session: SessionDep, row: File) -> None:
+    session.add(row)
+    session.commit()
+
+
+async def refuse_repeated_fields(request: Request) -> None:
+    """Refuse a form field given twice (422 ``invalid_request``, naming it): the framework
+    would keep the last and drop the rest without a word, and a dropped part is data lost."""
+    given = Counter(name for name, _ in (await request.form()).multi_items())
+    for name, count in given.items():
+        if count > 1:
+            raise Unprocessable("invalid_request", f"{name}: given {count} times", name)
+
+
 @router.post(
     "",
     response_model=FileObject,
@@ -95,14 +109,16 @@ def _check(path: Path) -> DatasetSummary | DatasetFormatError:
     summary="Upload a dataset (JSONL, purpose=fine-tune)",
 )
 async def upload_file(
+    request: Request,
     team: CurrentTeam,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
-    file: UploadFile,
-    purpose: Annotated[str, Form(description="Must be 'fine-tune'.")],
+    form: Annotated[UploadForm, Form(media_type="multipart/form-data")],
 ) -> FileObject:
     """Store the file atomically with its sha256, then validate its rows."""
+    await refuse_repeated_fields(request)
+    file, purpose = form.file, form.purpose
     if purpose not in PURPOSES:
         raise Unprocessable("invalid_purpose", "purpose must be 'fine-tune'", "purpose")
     file_id = new_id("file")
@@ -124,9 +140,9 @@ async def upload_file(
             row.error_code, row.error_line = checked.code, checked.line
         else:
             row.row_format, row.num_examples = checked.row_format, checked.num_examples
-        session.add(row)
         # Commit here, not in the dependency: bytes whose row was not written must not stay.
-        session.commit()
+        # In the thread pool: a commit waits on the database, and this route is async.
+        await run_in_threadpool(_commit_row, session, row)
     except BaseException:
         store.delete(key)
         raise
@@ -180,8 +196,11 @@ def delete_file(
 ) -> FileDeleted:
     """Delete a file, unless a job that has not finished uses it (409)."""
     row = get_team_file(session, team.id, file_id)
+    # Only the team's own jobs can use its file; naming the team lets the query use the
+    # (team_id, ...) index instead of reading every team's jobs.
     users = session.scalars(
         select(Job.id).where(
+            Job.team_id == team.id,
             (Job.training_file == file_id) | (Job.validation_file == file_id),
             Job.status.not_in(TERMINAL),
         )

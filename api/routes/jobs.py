@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 
 from api.db.models import (
@@ -42,16 +42,18 @@ from api.queue import enqueue_job
 from api.routes.files import get_team_file
 from api.schemas.common import Page, errors, page_of
 from api.schemas.jobs import (
+    METADATA_MAX_KEYS,
     FineTuningJob,
     JobCheckpoint,
     JobCreate,
     JobError,
     JobHyperparameters,
     JobReport,
+    check_metadata_pair,
     resolve_method,
 )
 from api.schemas.jobs import JobEvent as JobEventObject
-from api.storage import adapter_archive
+from api.storage import ID_PATTERN, adapter_archive, is_id
 from asft_core.formats import iter_examples
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
@@ -98,7 +100,8 @@ def job_object(job: Job) -> FineTuningJob:
 
 def get_team_job(session: SessionDep, team_id: str, job_id: str) -> Job:
     """The team's job ``job_id``; another team's answers 404 like a missing one."""
-    job = session.get(Job, job_id)
+    # A string that is not an id names no job (and a NUL in it would make PostgreSQL fail).
+    job = session.get(Job, job_id) if is_id(job_id) else None
     if job is None or job.team_id != team_id:
         raise NotFound("job_not_found", f"no fine-tuning job {job_id!r}", "fine_tuning_job_id")
     return job
@@ -157,10 +160,10 @@ def check_active_limit(session: SessionDep, team: Team, settings: SettingsDep) -
 @router.post(
     "",
     response_model=FineTuningJob,
-    responses=errors(404, 409, 429),
+    responses=errors(404, 409, 413, 429),
     summary="Create a fine-tuning job",
 )
-async def create_job(
+def create_job(
     team: CurrentTeam,
     session: SessionDep,
     settings: SettingsDep,
@@ -169,10 +172,19 @@ async def create_job(
     body: JobCreate,
     idempotency_key: Annotated[
         str | None,
-        Header(max_length=255, description="A retry with the same key returns the same job."),
+        Header(
+            max_length=255,
+            # Printable ASCII, as in any header: a NUL could not be stored on PostgreSQL.
+            pattern=r"^[\x20-\x7e]*$",
+            description="A retry with the same key returns the same job.",
+        ),
     ] = None,
 ) -> FineTuningJob:
-    """Validate the request and the datasets, create the job, then enqueue it."""
+    """Validate the request and the datasets, create the job, then enqueue it.
+
+    A plain ``def``: everything here blocks (queries, reading both datasets for their
+    overlap, the broker), so FastAPI runs it in its thread pool, off the event loop.
+    """
     if idempotency_key:
         existing = session.scalar(
             select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
@@ -180,7 +192,11 @@ async def create_job(
         if existing is not None:
             return job_object(existing)
     if session.get(ModelPair, body.model) is None:
-        raise NotFound("model_not_found", f"no registered model {body.model!r}", "model")
+        raise NotFound(
+            "model_not_found",
+            f"no registered model {body.model!r} (GET /v1/models lists them)",
+            "model",
+        )
     training = _usable_file(
         session, team.id, body.training_file, "training_file", settings.min_training_examples
     )
@@ -212,9 +228,7 @@ async def create_job(
         "warnings": [],
     }
     if validation is not None:
-        overlap = await run_in_threadpool(
-            _overlap, store.path(training.storage_key), store.path(validation.storage_key)
-        )
+        overlap = _overlap(store.path(training.storage_key), store.path(validation.storage_key))
         if overlap:
             shown = ", ".join(str(line) for line in overlap[:MAX_OVERLAP_REPORTED])
             more = ", ..." if len(overlap) > MAX_OVERLAP_REPORTED else ""
@@ -260,12 +274,43 @@ async def create_job(
     return job_object(job)
 
 
+def _metadata_filters(request: Request) -> list[tuple[str, str]]:
+    """The query's ``metadata[key]=value`` pairs, held to the rules of stored metadata (422
+    ``invalid_metadata_filter``): a filter no job could match is a mistake, not an empty list.
+    """
+    pairs: list[tuple[str, str]] = []
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata[") : -1]
+            try:
+                check_metadata_pair(key, value)
+            except ValueError as error:
+                raise Unprocessable("invalid_metadata_filter", f"{name}: {error}", name) from None
+            pairs.append((key, value))
+    if len(pairs) > METADATA_MAX_KEYS:
+        raise Unprocessable(
+            "invalid_metadata_filter", f"at most {METADATA_MAX_KEYS} metadata filters", "metadata"
+        )
+    return pairs
+
+
+def _metadata_equals(session: SessionDep, key: str, value: str) -> ColumnElement[bool]:
+    """``metadata[key] == value``, on either database."""
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite matches a JSON path against the key as stored, escapes and all ("é" is
+        # stored as "\u00e9"), so a path never finds a key with a quote, a backslash or a
+        # non-ASCII letter; json_each compares the decoded keys.
+        entries = func.json_each(Job.metadata_).table_valued("key", "value")
+        return select(entries.c.key).where(entries.c.key == key, entries.c.value == value).exists()
+    return Job.metadata_[key].as_string() == value
+
+
 @router.get("", response_model=Page[FineTuningJob], responses=errors(404))
 def list_jobs(
     request: Request,
     team: CurrentTeam,
     session: SessionDep,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     status: Annotated[
         str | None,
@@ -276,10 +321,8 @@ def list_jobs(
     statement = team_rows(Job, team.id)
     if status is not None:
         statement = statement.where(Job.status == status)
-    for name, value in request.query_params.multi_items():
-        if name.startswith("metadata[") and name.endswith("]"):
-            key = name[len("metadata[") : -1]
-            statement = statement.where(Job.metadata_[key].as_string() == value)
+    for key, value in _metadata_filters(request):
+        statement = statement.where(_metadata_equals(session, key, value))
     # The cursor is looked up among all the team's jobs: the last job of a page may have
     # changed status since, and must not end the listing with invalid_cursor.
     rows, has_more = newest_first(
@@ -306,7 +349,7 @@ def cancel_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) 
     # happen. Before running, statuses only move forward, so this ends.
     while True:
         if job.status in TERMINAL:
-            raise Conflict("job_not_cancellable", f"the job has already {job.status}", "status")
+            raise Conflict("job_not_cancellable", f"the job is already {job.status}", "status")
         if job.status == "running":
             job.cancel_requested = True
             append_event(
@@ -361,7 +404,7 @@ def list_events(
     team: CurrentTeam,
     session: SessionDep,
     fine_tuning_job_id: str,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> Page[JobEventObject]:
     """The job's events, newest first (``metrics`` events carry per-step figures)."""
@@ -404,7 +447,7 @@ def list_checkpoints(
     team: CurrentTeam,
     session: SessionDep,
     fine_tuning_job_id: str,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> Page[JobCheckpoint]:
     """The job's checkpoints, newest (highest step) first."""
@@ -468,6 +511,12 @@ def get_adapter(
     model = session.scalar(select(FineTunedModel).where(FineTunedModel.job_id == job.id))
     if model is None and job.fine_tuned_model is not None:
         raise NotFound("model_deleted", f"{job.fine_tuned_model} was deleted with its adapter")
+    if model is None and job.status in TERMINAL:
+        raise Conflict(
+            "adapter_not_ready",
+            f"the job ended {job.status} without a final adapter; its checkpoints' adapters "
+            "remain (GET .../checkpoints, then .../checkpoints/{step}/adapter)",
+        )
     if model is None:
         raise Conflict("adapter_not_ready", f"the job is {job.status}; no adapter yet")
     return _archive_response(
@@ -481,7 +530,13 @@ def get_adapter(
     responses={**errors(404), **_ARCHIVE},
 )
 def get_checkpoint_adapter(
-    team: CurrentTeam, session: SessionDep, store: StoreDep, fine_tuning_job_id: str, step: int
+    team: CurrentTeam,
+    session: SessionDep,
+    store: StoreDep,
+    fine_tuning_job_id: str,
+    # The range of the column: a larger number names no checkpoint, and SQLite cannot even
+    # compare it (an overflow, which was a 500).
+    step: Annotated[int, PathParam(ge=0, le=2**31 - 1)],
 ) -> FileResponse:
     """The adapter saved at checkpoint ``step``."""
     job = get_team_job(session, team.id, fine_tuning_job_id)

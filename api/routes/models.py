@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -10,11 +11,13 @@ from sqlalchemy import select
 from api.db.models import Checkpoint, FineTunedModel, ModelPair
 from api.deps import AdminDep, CurrentTeam, SessionDep, StoreDep
 from api.errors import Conflict, NotFound, Unprocessable
-from api.schemas.common import Page, errors
+from api.schemas.common import PLAIN_TEXT, Page, errors
 from api.schemas.models import ModelDeleted, ModelObject, ModelPairCreate
 from api.storage import job_key
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+# A model id with control characters names no model (and a NUL would make PostgreSQL fail).
+_NAMEABLE = re.compile(PLAIN_TEXT)
 
 
 def pair_object(pair: ModelPair) -> ModelObject:
@@ -58,6 +61,8 @@ def list_models(team: CurrentTeam, session: SessionDep) -> Page[ModelObject]:
 @router.get("/{model_id}", response_model=ModelObject, responses=errors(404))
 def get_model(team: CurrentTeam, session: SessionDep, model_id: str) -> ModelObject:
     """A registered pair, or one of the team's fine-tuned models."""
+    if not _NAMEABLE.match(model_id):
+        raise NotFound("model_not_found", f"no model {model_id!r}", "model")
     pair = session.get(ModelPair, model_id)
     if pair is not None:
         return pair_object(pair)
@@ -89,7 +94,7 @@ def _check_reference(value: str, param: str) -> str:
     "",
     response_model=ModelObject,
     dependencies=[AdminDep],
-    responses=errors(409),
+    responses=errors(409, 413),
     summary="Register a base/aligned model pair (admin)",
 )
 def register_model(session: SessionDep, body: ModelPairCreate) -> ModelObject:
@@ -120,7 +125,7 @@ def delete_model(
     team: CurrentTeam, session: SessionDep, store: StoreDep, model_id: str
 ) -> ModelDeleted:
     """Delete one of the team's fine-tuned models: its adapter and its job's checkpoints."""
-    tuned = session.get(FineTunedModel, model_id)
+    tuned = session.get(FineTunedModel, model_id) if _NAMEABLE.match(model_id) else None
     if tuned is None or tuned.team_id != team.id:
         raise NotFound("model_not_found", f"no fine-tuned model {model_id!r}", "model")
     job_id = tuned.job_id

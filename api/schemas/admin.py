@@ -6,13 +6,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
+from api.schemas.common import PLAIN_TEXT
+
 
 class TeamCreate(BaseModel):
     """``POST /v1/admin/teams``."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "search"}]})
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"name": "search"}]}
+    )
 
 
 class TeamUpdate(BaseModel):
@@ -23,7 +27,8 @@ class TeamUpdate(BaseModel):
     gate_max_harmful_increase: float | None = Field(None, ge=0, le=1)
     webhook_url: HttpUrl | None = None
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: false is not a score of 0, nor "5" a limit of 5 (lax mode would coerce them).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TeamObject(BaseModel):
@@ -45,9 +50,9 @@ class TeamObject(BaseModel):
 class KeyCreate(BaseModel):
     """``POST /v1/admin/teams/{id}/keys``."""
 
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=200, pattern=PLAIN_TEXT)
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class KeyObject(BaseModel):

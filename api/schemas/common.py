@@ -8,6 +8,11 @@ from pydantic import BaseModel, Field
 
 T = TypeVar("T")
 
+# Names and references sent in bodies (a model, a key's name, a folder): no control characters.
+# PostgreSQL text cannot hold NUL (SQLite can, so the two would disagree), and the rest garble
+# logs and headers.
+PLAIN_TEXT = r"^[^\x00-\x1f\x7f]*$"
+
 
 class ErrorBody(BaseModel):
     """What went wrong; ``code`` is machine-readable, ``param`` names the field."""
@@ -60,22 +65,29 @@ def page_of(data: list[T], has_more: bool) -> Page[T]:
 
 
 _DESCRIPTIONS = {
-    400: "Malformed request.",
+    400: "Malformed request: a body that cannot be parsed, or a bad Content-Length.",
     401: "Missing, unknown or revoked API key.",
     404: "No such resource for this team (another team's ids answer 404 too).",
     409: "The resource's state does not allow this.",
     413: "The body is larger than the limit.",
     422: "Invalid parameters or an unusable dataset (the error names the line).",
-    429: "The team's limit of active jobs is reached.",
+    429: "Too many requests: the key's rate limit (or, for missing and wrong keys, the "
+    "address's), with Retry-After; creating or starting a job, also the team's limit of active "
+    "jobs.",
+    431: "The request's headers are too many or too large.",
     503: "The database or broker is unreachable, or the schema is out of date.",
 }
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for the error codes a route can return."""
+    """OpenAPI ``responses`` entries for the error codes a route can return.
+
+    Every route can answer 400 (the body limit refuses a malformed Content-Length on any
+    path), 401, 422, 429 (rate limits) and 431 (header limits); ``codes`` adds the route's own.
+    """
     return {
         code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
-        for code in sorted({401, 422, *codes})
+        for code in sorted({400, 401, 422, 429, 431, *codes})
     }
 
 

@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+PURPOSES = ("fine-tune",)
+
+
+class UploadForm(BaseModel):
+    """The ``POST /v1/files`` form: the dataset and its purpose. Any other field is an error
+    (documented as ``additionalProperties: false``), never silently dropped."""
+
+    file: UploadFile
+    # Documented as an enum; the route checks it, so a wrong purpose gets its own code.
+    purpose: str = Field(
+        description="Must be 'fine-tune'.", json_schema_extra={"enum": list(PURPOSES)}
+    )
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class FileObject(BaseModel):

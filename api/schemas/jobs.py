@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from api.schemas.common import PLAIN_TEXT
+
 MethodType = Literal["supervised", "asft", "safelora", "asft+safelora"]
 METHOD_TYPES: tuple[str, ...] = ("supervised", "asft", "safelora", "asft+safelora")
 Auto = Literal["auto"]
@@ -29,12 +31,30 @@ DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 8
 BASE_LEARNING_RATE = 5e-5
 DEFAULT_LORA = {"rank": 8, "alpha": 32.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+METADATA_MAX_KEYS = 16
+# What no metadata key or value may hold: NUL (PostgreSQL cannot store it) and halves of
+# surrogate pairs (no JSON answer could carry them back).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def check_metadata_pair(key: str, value: str) -> None:
+    """Raise ``ValueError`` unless ``key: value`` can be a metadata pair: keys of 1-64
+    characters, values of at most 512, neither holding NUL or a lone surrogate."""
+    if not key or len(key) > 64 or len(value) > 512:
+        raise ValueError("metadata keys are 1-64 characters, values at most 512")
+    if _UNSTORABLE.search(key) or _UNSTORABLE.search(value):
+        raise ValueError("metadata keys and values cannot hold NUL or lone surrogates")
 
 
 class Strict(BaseModel):
-    """Unknown fields are errors, so a typo never silently falls back to a default."""
+    """Unknown fields are errors, so a typo never silently falls back to a default.
 
-    model_config = ConfigDict(extra="forbid")
+    Types are strict too: the schema says ``integer`` or ``boolean``, so ``"3"``, ``true`` as a
+    number or ``1`` as a boolean are refused, not coerced (a JSON number 3.0 is not an integer
+    here either; send 3).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Hyperparameters(Strict):
@@ -70,7 +90,7 @@ class Hyperparameters(Strict):
         None, ge=1, le=4096, description="Keep the top-k eigenpairs of C (exact when unset)."
     )
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     @field_validator("n_epochs")
     @classmethod
@@ -149,7 +169,7 @@ class Method(BaseModel):
     safelora: MethodBlock | None = None
     asft_safelora: MethodBlock | None = Field(None, alias="asft+safelora")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _one_block(self) -> Method:
@@ -172,7 +192,10 @@ class EvaluationSpec(Strict):
     matcher: Literal["exact_label", "regex", "final_number"] = "exact_label"
     pattern: str | None = Field(None, max_length=1000, description="Required for regex.")
     file: str | None = Field(
-        None, description="File id of the held-out set; default: the validation file."
+        None,
+        min_length=1,
+        max_length=64,
+        description="File id of the held-out set; default: the validation file.",
     )
     max_examples: int | None = Field(None, ge=1, le=100_000)
 
@@ -191,16 +214,18 @@ class EvaluationSpec(Strict):
 class JobCreate(BaseModel):
     """``POST /v1/fine_tuning/jobs``."""
 
-    model: str = Field(min_length=1, max_length=128, examples=["tiny-chat"])
+    model: str = Field(min_length=1, max_length=128, pattern=PLAIN_TEXT, examples=["tiny-chat"])
     training_file: str = Field(min_length=1, max_length=64, examples=["file-abc123"])
-    validation_file: str | None = Field(None, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
     hyperparameters: Hyperparameters | None = Field(
         None, description="OpenAI's older place for n_epochs, batch_size, lr multiplier."
     )
     method: Method | None = Field(None, description="Default: {'type': 'asft'}.")
     suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs.")
+    metadata: dict[str, str] | None = Field(
+        None, description="Up to 16 pairs: keys of 1-64 characters, values of at most 512."
+    )
     integrations: list[Any] | None = Field(None, max_length=0, description="Not supported.")
     evaluation: EvaluationSpec | None = None
     auto_start: bool = Field(
@@ -209,6 +234,7 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # as Strict: no "3" for 3, no 1 for true
         json_schema_extra={
             "examples": [
                 {
@@ -242,11 +268,10 @@ class JobCreate(BaseModel):
     @classmethod
     def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         if value is not None:
-            if len(value) > 16:
-                raise ValueError("metadata holds at most 16 keys")
+            if len(value) > METADATA_MAX_KEYS:
+                raise ValueError(f"metadata holds at most {METADATA_MAX_KEYS} keys")
             for key, item in value.items():
-                if not key or len(key) > 64 or len(item) > 512:
-                    raise ValueError("metadata keys are 1-64 characters, values at most 512")
+                check_metadata_pair(key, item)
         return value
 
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.schemas.common import PLAIN_TEXT
+
 
 class ModelObject(BaseModel):
     """A model a job can name (a registered pair) or a fine-tuned model (an adapter)."""
@@ -26,14 +28,23 @@ class ModelPairCreate(BaseModel):
     """``POST /v1/models`` (admin): register a base/aligned model pair."""
 
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    aligned_model: str = Field(min_length=1, max_length=1000, description="Folder or hub id.")
-    base_model: str = Field(min_length=1, max_length=1000, description="Folder or hub id.")
+    aligned_model: str = Field(
+        min_length=1, max_length=1000, pattern=PLAIN_TEXT, description="Folder or hub id."
+    )
+    base_model: str = Field(
+        min_length=1, max_length=1000, pattern=PLAIN_TEXT, description="Folder or hub id."
+    )
     eval_suite: str | None = Field(
-        None, max_length=1000, description="Path of the pair's evaluation suite JSON."
+        None,
+        min_length=1,
+        max_length=1000,
+        pattern=PLAIN_TEXT,
+        description="Path of the pair's evaluation suite JSON.",
     )
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {

@@ -2,22 +2,31 @@
 error code in the envelope, never a 5xx.
 
 Datasets that break a format rule are stored (status ``error``, with the line); a job created
-with one answers 422 with the same code and line.
+with one answers 422 with the same code and line. Requests walk every parameter: the file part,
+``purpose``, multipart oddities (a field twice, an unknown field, a part without a name, no
+closing boundary, other encodings of the form), keys, and the list's ``limit``, ``after`` and
+``purpose``; a refused one leaves no row, no bytes and no temporary file.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
-from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
+from api.db.models import File, Job
+from api.main import create_app
+from api.settings import Settings
+from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
+from tests.api.test_bad_inputs_jobs import fresh_database
 
 ENVELOPE_TYPES = {
     400: "invalid_request_error",
@@ -117,13 +126,17 @@ BAD_DATASETS = {
 
 @pytest.mark.parametrize("case", BAD_DATASETS.values(), ids=BAD_DATASETS.keys())
 def test_a_bad_dataset_is_stored_with_its_error_and_refused_by_jobs(
-    client: TestClient,
-    team_key: str,
-    upload: Callable[..., dict[str, Any]],
-    model_pair: str,
-    case: BadDataset,
+    world: World, case: BadDataset
 ) -> None:
-    body = upload(team_key, case.content)
+    client, team = world.client, world.keys["team"]
+    uploaded = client.post(
+        "/v1/files",
+        headers=team,
+        files={"file": ("train.jsonl", io.BytesIO(case.content), "application/jsonl")},
+        data={"purpose": "fine-tune"},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    body = uploaded.json()
     assert body["status"] == "error"
     assert body["bytes"] == len(case.content)
     assert body["format"] is None
@@ -134,16 +147,16 @@ def test_a_bad_dataset_is_stored_with_its_error_and_refused_by_jobs(
     else:
         assert "line" not in details
         assert details == "the file holds no examples"
+    jobs_before = stored(world)[1]
     job = client.post(
         "/v1/fine_tuning/jobs",
-        json={"model": model_pair, "training_file": body["id"]},
-        headers=auth(team_key),
+        json={"model": world.model, "training_file": body["id"]},
+        headers=team,
     )
     error = assert_envelope(job, 422, case.code)
     assert error["param"] == "training_file"
     assert error["message"] == f"training_file: {details}"
-    listed = client.get("/v1/fine_tuning/jobs", headers=auth(team_key)).json()
-    assert listed["data"] == []
+    assert stored(world)[1] == jobs_before
 
 
 def test_a_bad_validation_file_is_refused_with_its_line(
@@ -185,6 +198,23 @@ def test_deeply_nested_json_is_an_invalid_json_line(
 # --- Requests refused outright ------------------------------------------------------------
 
 MULTIPART = "multipart/form-data; boundary=zz"
+
+
+def form_part(name: bytes, value: bytes, filename: bytes | None = None) -> bytes:
+    """One part of a multipart body with boundary ``zz`` (a file part when ``filename``)."""
+    disposition = b'Content-Disposition: form-data; name="' + name + b'"'
+    if filename is not None:
+        disposition += b'; filename="' + filename + b'"'
+    return b"--zz\r\n" + disposition + b"\r\n\r\n" + value + b"\r\n"
+
+
+def multipart(*parts: bytes) -> bytes:
+    """Parts and the closing boundary."""
+    return b"".join(parts) + b"--zz--\r\n"
+
+
+PURPOSE = form_part(b"purpose", b"fine-tune")
+FILE = form_part(b"file", VALID_ROW, b"train.jsonl")
 
 
 def raw_multipart(filename: bytes, content: bytes, purpose: bytes = b"fine-tune") -> bytes:
@@ -277,7 +307,7 @@ BAD_REQUESTS = {
         "POST",
         "/v1/files",
         400,
-        "http_error",
+        "invalid_body",
         content=b"--zz\r\n",
         headers={"Content-Type": "multipart/form-data"},
     ),
@@ -285,7 +315,7 @@ BAD_REQUESTS = {
         "POST",
         "/v1/files",
         400,
-        "http_error",
+        "invalid_body",
         content=b"this is not multipart",
         headers={"Content-Type": MULTIPART},
     ),
@@ -354,37 +384,227 @@ BAD_REQUESTS = {
         "DELETE", "/v1/files/%00", 404, "file_not_found", "file_id"
     ),
     "put_is_not_allowed": BadRequest("PUT", "/v1/files", 405, "method_not_allowed"),
+    # -- multipart oddities: nothing is silently dropped or guessed --
+    "purpose_given_twice": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "purpose",
+        content=multipart(PURPOSE, form_part(b"purpose", b"assistants"), FILE),
+        headers={"Content-Type": MULTIPART},
+    ),
+    "two_file_parts": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "file",
+        content=multipart(PURPOSE, FILE, form_part(b"file", VALID_ROW * 2, b"more.jsonl")),
+        headers={"Content-Type": MULTIPART},
+    ),
+    "unknown_field": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "expires_after",
+        content=multipart(PURPOSE, FILE, form_part(b"expires_after", b"3600")),
+        headers={"Content-Type": MULTIPART},
+    ),
+    "unknown_file_part": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "validation",
+        content=multipart(PURPOSE, FILE, form_part(b"validation", VALID_ROW, b"v.jsonl")),
+        headers={"Content-Type": MULTIPART},
+    ),
+    "purpose_sent_as_a_file": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "purpose",
+        content=multipart(form_part(b"purpose", b"fine-tune", b"purpose.txt"), FILE),
+        headers={"Content-Type": MULTIPART},
+    ),
+    "part_without_a_name": BadRequest(
+        "POST",
+        "/v1/files",
+        400,
+        "invalid_body",
+        content=multipart(PURPOSE, b"--zz\r\nContent-Type: text/plain\r\n\r\nx\r\n"),
+        headers={"Content-Type": MULTIPART},
+    ),
+    "no_closing_boundary": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "file",
+        content=PURPOSE + FILE,
+        headers={"Content-Type": MULTIPART},
+    ),
+    "empty_multipart_body": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "file",
+        content=b"",
+        headers={"Content-Type": MULTIPART},
+    ),
+    "over_1000_fields": BadRequest(
+        "POST",
+        "/v1/files",
+        400,
+        "invalid_body",
+        content=multipart(PURPOSE, FILE, *(form_part(b"f%d" % i, b"x") for i in range(1001))),
+        headers={"Content-Type": MULTIPART},
+    ),
+    "urlencoded_form": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "file",
+        content=b"purpose=fine-tune&file=" + VALID_ROW.strip(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ),
+    "dataset_sent_as_the_body": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_request",
+        "file",
+        content=VALID_ROW,
+        headers={"Content-Type": "application/jsonl"},
+    ),
+    "purpose_very_long": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_purpose",
+        "purpose",
+        files=good_file(),
+        data={"purpose": "fine-tune" * 10_000},
+    ),
+    "purpose_with_a_nul": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_purpose",
+        "purpose",
+        content=multipart(form_part(b"purpose", b"fine-tune\x00"), FILE),
+        headers={"Content-Type": MULTIPART},
+    ),
+    "purpose_not_utf8": BadRequest(
+        "POST",
+        "/v1/files",
+        422,
+        "invalid_purpose",
+        "purpose",
+        content=multipart(form_part(b"purpose", b"fine-\xfftune"), FILE),
+        headers={"Content-Type": MULTIPART},
+    ),
+    # -- list parameters --
+    "limit_negative": BadRequest("GET", "/v1/files?limit=-1", 422, "invalid_request", "limit"),
+    "limit_101": BadRequest("GET", "/v1/files?limit=101", 422, "invalid_request", "limit"),
+    "limit_fractional": BadRequest("GET", "/v1/files?limit=1.5", 422, "invalid_request", "limit"),
+    "limit_empty": BadRequest("GET", "/v1/files?limit=", 422, "invalid_request", "limit"),
+    "limit_huge": BadRequest("GET", "/v1/files?limit=" + "9" * 40, 422, "invalid_request", "limit"),
+    "limit_twice_last_wins_and_is_checked": BadRequest(
+        "GET", "/v1/files?limit=5&limit=1000", 422, "invalid_request", "limit"
+    ),
+    "after_empty": BadRequest("GET", "/v1/files?after=", 422, "invalid_request", "after"),
+    "after_with_a_slash": BadRequest(
+        "GET", "/v1/files?after=file-a/b", 422, "invalid_request", "after"
+    ),
+    "purpose_filter_in_capitals": BadRequest(
+        "GET", "/v1/files?purpose=Fine-Tune", 422, "invalid_request", "purpose"
+    ),
+    "purpose_filter_too_long": BadRequest(
+        "GET", "/v1/files?purpose=" + "a" * 33, 422, "invalid_request", "purpose"
+    ),
+    "file_id_too_long": BadRequest(
+        "GET", "/v1/files/file-" + "a" * 1000, 404, "file_not_found", "file_id"
+    ),
+    "file_id_not_utf8": BadRequest("GET", "/v1/files/file-%FF", 404, "file_not_found", "file_id"),
 }
 
 
-@pytest.fixture
-def keys(
-    client: TestClient, make_team: Callable[[str], tuple[str, str]]
-) -> dict[str, dict[str, str]]:
-    """Authorization headers by name: a team's key, a revoked key of the same team, and others."""
-    team_id, team = make_team("alpha")
-    revoked = client.post(f"/v1/admin/teams/{team_id}/keys", json={}, headers=ADMIN).json()
-    response = client.delete(f"/v1/admin/teams/{team_id}/keys/{revoked['id']}", headers=ADMIN)
-    assert response.status_code == 200
-    return {
-        "team": auth(team),
-        "none": {},
-        "wrong": auth("asft-" + "x" * 43),
-        "revoked": auth(revoked["key"]),
-        "admin": ADMIN,
-        "basic": {"Authorization": "Basic YWxwaGE6c2VjcmV0"},
-        "empty": {"Authorization": "Bearer  "},
-    }
+@dataclass(frozen=True)
+class World:
+    """One app per database for the module's corpora: a refused request stores nothing (each
+    case checks that), so the cases can share it, and they run in seconds."""
+
+    app: FastAPI
+    client: TestClient
+    settings: Settings
+    keys: dict[str, dict[str, str]]
+    """Authorization headers by name: the team's key, a revoked key of the same team, others."""
+    model: str
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    """Team alpha with a key and a revoked one, and a registered model pair."""
+    folder = tmp_path_factory.mktemp("files-corpus")
+    for url in fresh_database(request.param, folder):
+        settings = Settings(
+            _env_file=None,
+            data_dir=folder / "data",
+            database_url=url,
+            admin_key=ADMIN_KEY,
+            max_upload_bytes=1 << 20,
+            rate_limit_per_minute=1_000_000,
+        )
+        app = create_app(settings)
+        with TestClient(app) as client:
+            team = client.post("/v1/admin/teams", json={"name": "alpha"}, headers=ADMIN).json()
+            keys = f"/v1/admin/teams/{team['id']}/keys"
+            key = client.post(keys, json={}, headers=ADMIN).json()["key"]
+            revoked = client.post(keys, json={}, headers=ADMIN).json()
+            assert client.delete(f"{keys}/{revoked['id']}", headers=ADMIN).status_code == 200
+            pair = {"id": "tiny-chat", "aligned_model": "org/a", "base_model": "org/b"}
+            assert client.post("/v1/models", json=pair, headers=ADMIN).status_code == 200
+            yield World(
+                app,
+                client,
+                settings,
+                {
+                    "team": auth(key),
+                    "none": {},
+                    "wrong": auth("asft-" + "x" * 43),
+                    "revoked": auth(revoked["key"]),
+                    "admin": ADMIN,
+                    "basic": {"Authorization": "Basic YWxwaGE6c2VjcmV0"},
+                    "empty": {"Authorization": "Bearer  "},
+                },
+                "tiny-chat",
+            )
+
+
+def stored(world: World) -> tuple[int, int, set[str]]:
+    """File rows, job rows and every file under the artifact folder."""
+    with world.app.state.sessions() as session:
+        files = int(session.scalar(select(func.count()).select_from(File)) or 0)
+        jobs = int(session.scalar(select(func.count()).select_from(Job)) or 0)
+    root = world.settings.resolved_artifact_dir
+    return files, jobs, {str(path) for path in root.rglob("*") if path.is_file()}
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
-def test_a_bad_request_gets_its_status_and_code(
-    client: TestClient, keys: dict[str, dict[str, str]], case: BadRequest
-) -> None:
-    response = client.request(
+def test_a_bad_request_gets_its_status_and_code(world: World, case: BadRequest) -> None:
+    before = stored(world)
+    response = world.client.request(
         case.method,
         case.url,
-        headers={**keys[case.key], **case.headers},
+        headers={**world.keys[case.key], **case.headers},
         files=case.files,
         data=case.data,
         content=case.content,
@@ -393,9 +613,8 @@ def test_a_bad_request_gets_its_status_and_code(
     assert error["param"] == case.param
     if case.status == 401:
         assert response.headers["www-authenticate"] == "Bearer"
-    # Nothing was stored by a refused request.
-    listed = client.get("/v1/files", headers=keys["team"]).json()
-    assert listed["data"] == []
+    # Nothing was stored by a refused request: no row, no bytes, no temporary file.
+    assert stored(world) == before
 
 
 def test_a_revoked_key_worked_before_it_was_revoked(
@@ -420,18 +639,17 @@ def test_a_revoked_key_worked_before_it_was_revoked(
     ],
     ids=["nul", "control_characters", "only_a_nul", "utf8", "too_long"],
 )
-def test_an_odd_filename_is_stored_cleaned(
-    client: TestClient, team_key: str, filename: bytes, shown: str
-) -> None:
+def test_an_odd_filename_is_stored_cleaned(world: World, filename: bytes, shown: str) -> None:
+    client, team = world.client, world.keys["team"]
     response = client.post(
         "/v1/files",
-        headers={**auth(team_key), "Content-Type": MULTIPART},
+        headers={**team, "Content-Type": MULTIPART},
         content=raw_multipart(filename, VALID_ROW),
     )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["filename"] == shown
     assert body["status"] == "processed"
-    assert client.get(f"/v1/files/{body['id']}", headers=auth(team_key)).json() == body
-    content = client.get(f"/v1/files/{body['id']}/content", headers=auth(team_key))
+    assert client.get(f"/v1/files/{body['id']}", headers=team).json() == body
+    content = client.get(f"/v1/files/{body['id']}/content", headers=team)
     assert content.content == VALID_ROW

@@ -2,21 +2,34 @@
 ``error.code`` (and ``param`` where it names something) in the envelope, never a 5xx, and no
 job is created.
 
-FastAPI's validation errors render as 422 ``invalid_request`` whose ``param`` is the field's
-dotted path; our own checks (files, model, dataset size, evaluation file) have their own codes.
+Every field of the body and every hyperparameter is walked: wrong type, out of range, too long,
+empty, null, unknown, text that no database can hold. FastAPI's validation errors render as
+422 ``invalid_request`` whose ``param`` is the field's dotted path (types are strict: ``"3"``
+is not a number, ``1`` not a boolean); a body that is not JSON is 422 ``invalid_json``, one
+that cannot even be decoded 400 ``invalid_body``; our own checks (files, model, dataset size,
+evaluation file) have their own codes.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
-from tests.api.conftest import auth, jsonl, sentiment_rows
+from api.db.migrate import upgrade_head
+from api.db.models import Job
+from api.main import create_app
+from api.settings import Settings
+from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
+from tests.conftest import postgres_database
 
 JOBS = "/v1/fine_tuning/jobs"
 # Marks where a case's param is not asserted exactly (see ``Case.param``).
@@ -59,6 +72,12 @@ def asft(files: Files, **hyperparameters: Any) -> dict[str, Any]:
     return valid(files, method={"type": "asft", "asft": {"hyperparameters": hyperparameters}})
 
 
+def safelora(files: Files, **hyperparameters: Any) -> dict[str, Any]:
+    """A body whose Safe LoRA block holds ``hyperparameters``."""
+    block = {"hyperparameters": hyperparameters}
+    return valid(files, method={"type": "safelora", "safelora": block})
+
+
 def raw(text: str) -> Callable[[Files], bytes]:
     """A body sent as these bytes, not as JSON built from a dict."""
     return lambda files: text.replace("TRAINING", files.training).encode()
@@ -66,9 +85,10 @@ def raw(text: str) -> Callable[[Files], bytes]:
 
 INVALID = "invalid_request"
 ASFT = "method.asft.hyperparameters"
+SAFELORA = "method.safelora.hyperparameters"
 CASES = [
     # -- the body itself --
-    Case("broken_json", raw('{"model": "tiny-chat", '), 422, INVALID, ANY),
+    Case("broken_json", raw('{"model": "tiny-chat", '), 422, "invalid_json"),
     Case("body_is_a_list", raw('["tiny-chat"]'), 422, INVALID),
     Case("body_is_a_string", raw('"tiny-chat"'), 422, INVALID),
     Case("body_is_null", raw("null"), 422, INVALID),
@@ -443,23 +463,637 @@ CASES = [
         lambda f: valid(f),
         422,
         INVALID,
-        ANY,
+        "idempotency-key",
         headers={"Idempotency-Key": "k" * 256},
         message_has="at most 255 characters",
+    ),
+    # -- every field of the body: wrong type, out of range, too long, empty, null --
+    Case("model_is_null", lambda f: valid(f, model=None), 422, INVALID, "model"),
+    Case("model_too_long", lambda f: valid(f, model="m" * 129), 422, INVALID, "model"),
+    Case("model_with_a_nul", lambda f: valid(f, model="tiny-chat\x00"), 422, INVALID, "model"),
+    Case("model_with_a_newline", lambda f: valid(f, model="tiny-chat\n"), 422, INVALID, "model"),
+    Case("model_is_a_list", lambda f: valid(f, model=["tiny-chat"]), 422, INVALID, "model"),
+    Case(
+        "training_file_is_null",
+        lambda f: valid(f, training_file=None),
+        422,
+        INVALID,
+        "training_file",
+    ),
+    Case(
+        "training_file_is_empty",
+        lambda f: valid(f, training_file=""),
+        422,
+        INVALID,
+        "training_file",
+    ),
+    Case(
+        "training_file_too_long",
+        lambda f: valid(f, training_file="f" * 65),
+        422,
+        INVALID,
+        "training_file",
+    ),
+    Case(
+        "training_file_is_a_number",
+        lambda f: valid(f, training_file=7),
+        422,
+        INVALID,
+        "training_file",
+    ),
+    Case(
+        "training_file_is_a_path",
+        lambda f: valid(f, training_file="../../etc/passwd"),
+        404,
+        "file_not_found",
+        "training_file",
+    ),
+    Case(
+        "training_file_with_a_nul",
+        lambda f: valid(f, training_file="file-\x00"),
+        404,
+        "file_not_found",
+        "training_file",
+    ),
+    Case(
+        "validation_file_is_a_number",
+        lambda f: valid(f, validation_file=7),
+        422,
+        INVALID,
+        "validation_file",
+    ),
+    Case(
+        "validation_file_is_empty",
+        lambda f: valid(f, validation_file=""),
+        422,
+        INVALID,
+        "validation_file",
+    ),
+    Case(
+        "validation_file_too_long",
+        lambda f: valid(f, validation_file="f" * 65),
+        422,
+        INVALID,
+        "validation_file",
+    ),
+    Case(
+        "hyperparameters_is_a_list",
+        lambda f: valid(f, hyperparameters=[]),
+        422,
+        INVALID,
+        "hyperparameters",
+    ),
+    Case(
+        "hyperparameters_is_a_string",
+        lambda f: valid(f, hyperparameters="auto"),
+        422,
+        INVALID,
+        "hyperparameters",
+    ),
+    Case("method_is_a_string", lambda f: valid(f, method="asft"), 422, INVALID, "method"),
+    Case("suffix_is_a_number", lambda f: valid(f, suffix=7), 422, INVALID, "suffix"),
+    Case("suffix_not_ascii", lambda f: valid(f, suffix="caf\u00e9"), 422, INVALID, "suffix"),
+    Case("suffix_with_a_space", lambda f: valid(f, suffix="my bot"), 422, INVALID, "suffix"),
+    Case("seed_is_text", lambda f: valid(f, seed="5"), 422, INVALID, "seed"),
+    Case("seed_is_fractional", lambda f: valid(f, seed=1.5), 422, INVALID, "seed"),
+    Case("seed_is_a_boolean", lambda f: valid(f, seed=True), 422, INVALID, "seed"),
+    Case(
+        "seed_is_infinite",
+        raw('{"model": "tiny-chat", "training_file": "TRAINING", "seed": 1e999}'),
+        422,
+        INVALID,
+        "seed",
+    ),
+    Case(
+        "seed_with_5000_digits",
+        raw('{"model": "tiny-chat", "training_file": "TRAINING", "seed": ' + "9" * 5000 + "}"),
+        400,
+        "invalid_body",
+    ),
+    Case("metadata_is_a_string", lambda f: valid(f, metadata="env=prod"), 422, INVALID, "metadata"),
+    Case(
+        "metadata_value_too_long",
+        lambda f: valid(f, metadata={"k": "v" * 513}),
+        422,
+        INVALID,
+        "metadata",
+        message_has="values at most 512",
+    ),
+    Case("metadata_empty_key", lambda f: valid(f, metadata={"": "v"}), 422, INVALID, "metadata"),
+    Case(
+        "metadata_value_with_a_nul",
+        lambda f: valid(f, metadata={"k": "a\x00b"}),
+        422,
+        INVALID,
+        "metadata",
+        message_has="NUL",
+    ),
+    Case(
+        "metadata_key_with_a_nul",
+        lambda f: valid(f, metadata={"a\x00b": "v"}),
+        422,
+        INVALID,
+        "metadata",
+        message_has="NUL",
+    ),
+    Case(
+        "metadata_value_a_lone_surrogate",
+        raw('{"model": "tiny-chat", "training_file": "TRAINING", "metadata": {"k": "\\ud800"}}'),
+        422,
+        INVALID,
+        "metadata",
+        message_has="lone surrogates",
+    ),
+    Case(
+        "metadata_value_null", lambda f: valid(f, metadata={"k": None}), 422, INVALID, "metadata.k"
+    ),
+    Case(
+        "metadata_value_nested",
+        lambda f: valid(f, metadata={"k": {"a": "b"}}),
+        422,
+        INVALID,
+        "metadata.k",
+    ),
+    Case(
+        "integrations_is_a_string",
+        lambda f: valid(f, integrations="wandb"),
+        422,
+        INVALID,
+        "integrations",
+    ),
+    Case(
+        "integrations_holds_null",
+        lambda f: valid(f, integrations=[None]),
+        422,
+        INVALID,
+        "integrations",
+    ),
+    Case("auto_start_is_text", lambda f: valid(f, auto_start="true"), 422, INVALID, "auto_start"),
+    Case("auto_start_is_a_number", lambda f: valid(f, auto_start=1), 422, INVALID, "auto_start"),
+    Case("auto_start_is_null", lambda f: valid(f, auto_start=None), 422, INVALID, "auto_start"),
+    # -- every hyperparameter (legacy block: param starts with the field; unions add a branch) --
+    Case(
+        "n_epochs_is_text",
+        lambda f: valid(f, hyperparameters={"n_epochs": "3"}),
+        422,
+        INVALID,
+        ANY,
+        "hyperparameters.n_epochs",
+    ),
+    Case(
+        "n_epochs_is_a_boolean",
+        lambda f: valid(f, hyperparameters={"n_epochs": True}),
+        422,
+        INVALID,
+        ANY,
+        "hyperparameters.n_epochs",
+    ),
+    Case(
+        "n_epochs_whole_float",
+        lambda f: valid(f, hyperparameters={"n_epochs": 3.0}),
+        422,
+        INVALID,
+        ANY,
+        "hyperparameters.n_epochs",
+    ),
+    Case(
+        "n_epochs_auto_in_capitals",
+        lambda f: valid(f, hyperparameters={"n_epochs": "AUTO"}),
+        422,
+        INVALID,
+        ANY,
+        "hyperparameters.n_epochs",
+    ),
+    Case(
+        "n_epochs_51",
+        lambda f: asft(f, n_epochs=51),
+        422,
+        INVALID,
+        f"{ASFT}.n_epochs",
+        message_has="between 1 and 50",
+    ),
+    Case(
+        "batch_size_257",
+        lambda f: valid(f, hyperparameters={"batch_size": 257}),
+        422,
+        INVALID,
+        "hyperparameters.batch_size",
+    ),
+    Case(
+        "batch_size_is_a_boolean",
+        lambda f: asft(f, batch_size=True),
+        422,
+        INVALID,
+        ANY,
+        f"{ASFT}.batch_size",
+    ),
+    Case(
+        "multiplier_zero",
+        lambda f: valid(f, hyperparameters={"learning_rate_multiplier": 0}),
+        422,
+        INVALID,
+        "hyperparameters.learning_rate_multiplier",
+        message_has="(0, 100]",
+    ),
+    Case(
+        "multiplier_101",
+        lambda f: asft(f, learning_rate_multiplier=101),
+        422,
+        INVALID,
+        f"{ASFT}.learning_rate_multiplier",
+    ),
+    Case(
+        "multiplier_is_text",
+        lambda f: asft(f, learning_rate_multiplier="1.5"),
+        422,
+        INVALID,
+        ANY,
+        f"{ASFT}.learning_rate_multiplier",
+    ),
+    Case(
+        "learning_rate_zero",
+        lambda f: asft(f, learning_rate=0),
+        422,
+        INVALID,
+        f"{ASFT}.learning_rate",
+    ),
+    Case(
+        "learning_rate_two",
+        lambda f: asft(f, learning_rate=2),
+        422,
+        INVALID,
+        f"{ASFT}.learning_rate",
+    ),
+    Case(
+        "learning_rate_is_text",
+        lambda f: asft(f, learning_rate="1e-4"),
+        422,
+        INVALID,
+        f"{ASFT}.learning_rate",
+    ),
+    Case(
+        "learning_rate_is_nan",
+        raw(
+            '{"model": "tiny-chat", "training_file": "TRAINING", '
+            '"hyperparameters": {"learning_rate": NaN}}'
+        ),
+        422,
+        INVALID,
+        "hyperparameters.learning_rate",
+    ),
+    Case("lambda_too_large", lambda f: asft(f, **{"lambda": 1e7}), 422, INVALID, f"{ASFT}.lambda"),
+    Case("rank_fractional", lambda f: asft(f, rank=1.5), 422, INVALID, f"{ASFT}.rank"),
+    Case("rank_is_text", lambda f: asft(f, rank="8"), 422, INVALID, f"{ASFT}.rank"),
+    Case("alpha_negative", lambda f: asft(f, alpha=-1), 422, INVALID, f"{ASFT}.alpha"),
+    Case("alpha_4097", lambda f: asft(f, alpha=4097), 422, INVALID, f"{ASFT}.alpha"),
+    Case("dropout_one", lambda f: asft(f, dropout=1), 422, INVALID, f"{ASFT}.dropout"),
+    Case("dropout_negative", lambda f: asft(f, dropout=-0.1), 422, INVALID, f"{ASFT}.dropout"),
+    Case(
+        "target_modules_is_a_string",
+        lambda f: asft(f, target_modules="q_proj"),
+        422,
+        INVALID,
+        f"{ASFT}.target_modules",
+    ),
+    Case(
+        "target_module_is_a_number",
+        lambda f: asft(f, target_modules=[1]),
+        422,
+        INVALID,
+        f"{ASFT}.target_modules.0",
+    ),
+    Case(
+        "target_modules_33",
+        lambda f: asft(f, target_modules=[f"m{i}" for i in range(33)]),
+        422,
+        INVALID,
+        f"{ASFT}.target_modules",
+    ),
+    Case(
+        "target_module_name_too_long",
+        lambda f: asft(f, target_modules=["m" * 65]),
+        422,
+        INVALID,
+        f"{ASFT}.target_modules",
+        message_has="not a module name",
+    ),
+    Case(
+        "target_module_name_empty",
+        lambda f: asft(f, target_modules=[""]),
+        422,
+        INVALID,
+        f"{ASFT}.target_modules",
+        message_has="not a module name",
+    ),
+    Case(
+        "threshold_below_minus_one",
+        lambda f: safelora(f, safelora_threshold=-1.5),
+        422,
+        INVALID,
+        f"{SAFELORA}.safelora_threshold",
+    ),
+    Case(
+        "num_modules_zero",
+        lambda f: safelora(f, safelora_num_modules=0),
+        422,
+        INVALID,
+        f"{SAFELORA}.safelora_num_modules",
+    ),
+    Case(
+        "num_modules_10001",
+        lambda f: safelora(f, safelora_num_modules=10_001),
+        422,
+        INVALID,
+        f"{SAFELORA}.safelora_num_modules",
+    ),
+    Case("max_seq_len_15", lambda f: asft(f, max_seq_len=15), 422, INVALID, f"{ASFT}.max_seq_len"),
+    Case(
+        "max_seq_len_32769",
+        lambda f: asft(f, max_seq_len=32_769),
+        422,
+        INVALID,
+        f"{ASFT}.max_seq_len",
+    ),
+    Case(
+        "max_seq_len_is_text",
+        lambda f: asft(f, max_seq_len="512"),
+        422,
+        INVALID,
+        f"{ASFT}.max_seq_len",
+    ),
+    Case(
+        "accumulation_zero",
+        lambda f: asft(f, gradient_accumulation_steps=0),
+        422,
+        INVALID,
+        f"{ASFT}.gradient_accumulation_steps",
+    ),
+    Case(
+        "accumulation_1025",
+        lambda f: asft(f, gradient_accumulation_steps=1025),
+        422,
+        INVALID,
+        f"{ASFT}.gradient_accumulation_steps",
+    ),
+    Case(
+        "warmup_negative", lambda f: asft(f, warmup_steps=-1), 422, INVALID, f"{ASFT}.warmup_steps"
+    ),
+    Case(
+        "warmup_too_many",
+        lambda f: asft(f, warmup_steps=1_000_001),
+        422,
+        INVALID,
+        f"{ASFT}.warmup_steps",
+    ),
+    Case(
+        "penalty_rank_4097",
+        lambda f: asft(f, penalty_rank=4097),
+        422,
+        INVALID,
+        f"{ASFT}.penalty_rank",
+    ),
+    Case(
+        "penalty_rank_for_supervised",
+        lambda f: valid(
+            f, method={"type": "supervised", "supervised": {"hyperparameters": {"penalty_rank": 4}}}
+        ),
+        422,
+        INVALID,
+        "method",
+        message_has="penalty_rank not used by method supervised",
+    ),
+    Case(
+        "legacy_penalty_rank_for_safelora",
+        lambda f: valid(f, hyperparameters={"penalty_rank": 4}, method={"type": "safelora"}),
+        422,
+        INVALID,
+        None,
+        message_has="penalty_rank not used by method safelora",
+    ),
+    Case(
+        "num_modules_for_supervised",
+        lambda f: valid(
+            f,
+            method={
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"safelora_num_modules": 2}},
+            },
+        ),
+        422,
+        INVALID,
+        "method",
+        message_has="safelora_num_modules not used by method supervised",
+    ),
+    # -- method blocks --
+    Case(
+        "method_type_is_null",
+        lambda f: valid(f, method={"type": None}),
+        422,
+        INVALID,
+        "method.type",
+    ),
+    Case(
+        "method_type_in_capitals",
+        lambda f: valid(f, method={"type": "ASFT"}),
+        422,
+        INVALID,
+        "method.type",
+    ),
+    Case(
+        "method_block_is_a_list",
+        lambda f: valid(f, method={"type": "asft", "asft": []}),
+        422,
+        INVALID,
+        "method.asft",
+    ),
+    Case(
+        "method_hyperparameters_null",
+        lambda f: valid(f, method={"type": "asft", "asft": {"hyperparameters": None}}),
+        422,
+        INVALID,
+        f"{ASFT}",
+    ),
+    Case(
+        "unknown_field_in_method_block",
+        lambda f: valid(f, method={"type": "asft", "asft": {"hyperparameters": {}, "epochs": 3}}),
+        422,
+        INVALID,
+        "method.asft.epochs",
+    ),
+    Case(
+        "combined_block_for_another_type",
+        lambda f: valid(f, method={"type": "safelora", "asft+safelora": {"hyperparameters": {}}}),
+        422,
+        INVALID,
+        "method",
+        message_has="method.asft+safelora given but method.type is safelora",
+    ),
+    # -- evaluation --
+    Case(
+        "evaluation_is_a_string", lambda f: valid(f, evaluation="regex"), 422, INVALID, "evaluation"
+    ),
+    Case(
+        "evaluation_pattern_too_long",
+        lambda f: valid(
+            f, evaluation={"matcher": "regex", "pattern": "a" * 1001, "file": f.training}
+        ),
+        422,
+        INVALID,
+        "evaluation.pattern",
+    ),
+    Case(
+        "evaluation_file_is_a_number",
+        lambda f: valid(f, evaluation={"file": 7}),
+        422,
+        INVALID,
+        "evaluation.file",
+    ),
+    Case(
+        "evaluation_file_is_empty",
+        lambda f: valid(f, evaluation={"file": ""}),
+        422,
+        INVALID,
+        "evaluation.file",
+    ),
+    Case(
+        "evaluation_max_examples_too_many",
+        lambda f: valid(f, evaluation={"file": f.training, "max_examples": 100_001}),
+        422,
+        INVALID,
+        "evaluation.max_examples",
+    ),
+    Case(
+        "evaluation_max_examples_is_text",
+        lambda f: valid(f, evaluation={"file": f.training, "max_examples": "5"}),
+        422,
+        INVALID,
+        "evaluation.max_examples",
+    ),
+    Case(
+        "evaluation_unknown_field",
+        lambda f: valid(f, evaluation={"file": f.training, "metric": "f1"}),
+        422,
+        INVALID,
+        "evaluation.metric",
+    ),
+    Case(
+        "evaluation_matcher_null",
+        lambda f: valid(f, evaluation={"file": f.training, "matcher": None}),
+        422,
+        INVALID,
+        "evaluation.matcher",
+    ),
+    Case(
+        "evaluation_on_a_file_with_errors",
+        lambda f: valid(f, evaluation={"file": f.broken}),
+        422,
+        "invalid_json",
+        "evaluation.file",
+        message_has="line 2",
+    ),
+    Case(
+        "evaluation_on_unknown_file",
+        lambda f: valid(f, evaluation={"file": "file-nothere"}),
+        404,
+        "file_not_found",
+        "evaluation.file",
+    ),
+    # -- the body as a whole --
+    Case(
+        "body_not_utf8",
+        lambda f: b'{"model": "caf\xe9", "training_file": "x"}',
+        400,
+        "invalid_body",
+    ),
+    Case("body_nested_100000_deep", lambda f: b"[" * 100_000 + b"]" * 100_000, 400, "invalid_body"),
+    Case(
+        "trailing_garbage",
+        raw('{"model": "tiny-chat", "training_file": "TRAINING"} x'),
+        422,
+        "invalid_json",
+    ),
+    Case(
+        "json_sent_as_text_plain",
+        lambda f: valid(f),
+        422,
+        INVALID,
+        headers={"Content-Type": "text/plain"},
+    ),
+    Case(
+        "idempotency_key_with_a_control_character",
+        lambda f: valid(f),
+        422,
+        INVALID,
+        "idempotency-key",
+        headers={"Idempotency-Key": "retry\x7f1"},
     ),
 ]
 
 
-@pytest.fixture
-def files(
-    client: TestClient,
-    team_key: str,
-    training_file: str,
-    model_pair: str,
-    make_team: Callable[[str], tuple[str, str]],
-    upload: Callable[..., dict[str, Any]],
-) -> Files:
-    """Team alpha's files of every kind, and a file of team beta."""
+@dataclass(frozen=True)
+class World:
+    """One app per database for the whole corpus: a refused request changes nothing (each case
+    checks that), so the cases can share it, and the corpus runs in seconds."""
+
+    app: FastAPI
+    client: TestClient
+    key: str
+    files: Files
+
+
+def fresh_database(kind: str, folder: Path) -> Iterator[str]:
+    """A migrated database of ``kind`` (sqlite or postgresql), dropped afterwards."""
+    if kind == "sqlite":
+        url = f"sqlite:///{folder / 'asft.db'}"
+        upgrade_head(url, folder)
+        yield url
+        return
+    for url in postgres_database():
+        upgrade_head(url, folder)
+        yield url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    """Team alpha with files of every kind and a registered model; a file of team beta."""
+    folder = tmp_path_factory.mktemp("jobs-corpus")
+    for url in fresh_database(request.param, folder):
+        settings = Settings(
+            _env_file=None,
+            data_dir=folder / "data",
+            database_url=url,
+            admin_key=ADMIN_KEY,
+            max_upload_bytes=1 << 20,
+            # Every case creates a good job afterwards: no limit may get in the way.
+            max_active_jobs_per_team=100_000,
+            rate_limit_per_minute=1_000_000,
+        )
+        app = create_app(settings)
+        with TestClient(app) as client:
+            yield World(app, client, *_populate(client))
+
+
+def _populate(client: TestClient) -> tuple[str, Files]:
+    def team(name: str) -> str:
+        created = client.post("/v1/admin/teams", json={"name": name}, headers=ADMIN).json()
+        keys = f"/v1/admin/teams/{created['id']}/keys"
+        return str(client.post(keys, json={}, headers=ADMIN).json()["key"])
+
+    def upload(key: str, content: bytes) -> str:
+        response = client.post(
+            "/v1/files",
+            headers=auth(key),
+            files={"file": ("data.jsonl", io.BytesIO(content), "application/jsonl")},
+            data={"purpose": "fine-tune"},
+        )
+        assert response.status_code == 200, response.text
+        return str(response.json()["id"])
+
+    pair = {"id": "tiny-chat", "aligned_model": "org/tiny-chat", "base_model": "org/tiny-base"}
+    assert client.post("/v1/models", json=pair, headers=ADMIN).status_code == 200
+    alpha, beta = team("alpha"), team("beta")
     chat_rows = [
         {
             "messages": [
@@ -470,16 +1104,19 @@ def files(
         for i in range(12)
     ]
     broken = jsonl(sentiment_rows(1)) + b"{not json\n" + jsonl(sentiment_rows(12, start=1))
-    broken_file = upload(team_key, broken, "broken.jsonl")
-    assert broken_file["status"] == "error"
-    _, beta_key = make_team("beta")
-    return Files(
-        training=training_file,
-        tiny=upload(team_key, jsonl(sentiment_rows(3)), "tiny.jsonl")["id"],
-        broken=broken_file["id"],
-        chat=upload(team_key, jsonl(chat_rows), "chat.jsonl")["id"],
-        foreign=upload(beta_key, jsonl(sentiment_rows(20)), "beta.jsonl")["id"],
+    return alpha, Files(
+        training=upload(alpha, jsonl(sentiment_rows(20))),
+        tiny=upload(alpha, jsonl(sentiment_rows(3))),
+        broken=upload(alpha, broken),
+        chat=upload(alpha, jsonl(chat_rows)),
+        foreign=upload(beta, jsonl(sentiment_rows(20))),
     )
+
+
+def job_count(app: FastAPI) -> int:
+    """Every job in the database."""
+    with app.state.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
 def test_the_corpus_is_large_and_named_uniquely() -> None:
@@ -489,12 +1126,14 @@ def test_the_corpus_is_large_and_named_uniquely() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_job_request(client: TestClient, team_key: str, files: Files, case: Case) -> None:
+def test_bad_job_request(world: World, case: Case) -> None:
+    client, files = world.client, world.files
+    before = job_count(world.app)
     body = case.body(files)
-    headers = {**auth(team_key), **case.headers}
+    headers = {**auth(world.key), **case.headers}
     if isinstance(body, bytes):
         response = client.post(
-            JOBS, content=body, headers={**headers, "Content-Type": "application/json"}
+            JOBS, content=body, headers={"Content-Type": "application/json", **headers}
         )
     else:
         response = client.post(JOBS, json=body, headers=headers)
@@ -504,7 +1143,7 @@ def test_bad_job_request(client: TestClient, team_key: str, files: Files, case: 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == case.code, error
-    assert error["type"] == {404: "not_found_error", 422: "invalid_request_error"}[case.status]
+    assert error["type"] == {404: "not_found_error"}.get(case.status, "invalid_request_error")
     assert error["message"]
     if case.param is not ANY:
         assert error["param"] == case.param, error
@@ -513,8 +1152,8 @@ def test_bad_job_request(client: TestClient, team_key: str, files: Files, case: 
     if case.message_has is not None:
         assert case.message_has in error["message"], error
     # Nothing was created, and the failure left the team able to create a job.
-    assert client.get(JOBS, headers=auth(team_key)).json()["data"] == []
-    good = client.post(JOBS, json=valid(files), headers=auth(team_key))
+    assert job_count(world.app) == before
+    good = client.post(JOBS, json=valid(files), headers=auth(world.key))
     assert good.status_code == 200, good.text
 
 

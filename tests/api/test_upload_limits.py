@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,10 +25,12 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
+from api.db.migrate import upgrade_head
 from api.db.models import File, Job
 from api.main import MAX_JSON_BODY_BYTES
 from api.settings import Settings
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
+from tests.conftest import free_port
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
@@ -268,3 +274,152 @@ def test_a_json_body_under_the_limit_reaches_the_route(http: httpx.Client, key: 
     )
     assert response.status_code == 404, response.text
     assert response.json()["error"]["code"] == "model_not_found"
+
+
+# --- A 2 GiB upload against the real server process (``asft api``) ------------------------
+
+TWO_GIB = 2 << 30
+# What the client may push before it notices the refusal: the limit (chunked) plus what the
+# kernel's socket buffers take in after the server stopped reading.
+MAX_SENT_BYTES = 16 << 20
+MAX_RSS_GROWTH_BYTES = 100 << 20
+PROCESS_LIMIT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """``asft api`` in its own process, with its data folder and temporary folder."""
+
+    url: str
+    pid: int
+    data_dir: Path
+    tmp_dir: Path
+    key: str
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    """The service as it is deployed: ``asft api`` (uvicorn, h11) on SQLite, 1 MiB uploads.
+
+    Its temporary folder is its own, so the multipart parser's spooled parts can be checked.
+    """
+    data_dir, tmp_dir = tmp_path / "data", tmp_path / "tmp"
+    tmp_dir.mkdir()
+    data_dir.mkdir()
+    upgrade_head(f"sqlite:///{data_dir / 'asft.db'}", tmp_path)
+    port = free_port()
+    # No database URL: the embedded default, which makes team 'default' and writes its key.
+    environment = {
+        **{name: value for name, value in os.environ.items() if not name.startswith("ASFT_")},
+        "ASFT_DATA_DIR": str(data_dir),
+        "ASFT_MAX_UPLOAD_BYTES": str(PROCESS_LIMIT_BYTES),
+        "ASFT_LOG_LEVEL": "WARNING",
+        "TMPDIR": str(tmp_dir),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "api", "--port", str(port)],
+        cwd=tmp_path,  # no .env of the checkout
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S * 2
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "asft api did not answer /healthz in time"
+            time.sleep(0.1)
+        key = (data_dir / "api-key").read_text().strip()
+        yield ServerProcess(base, process.pid, data_dir, tmp_dir, key)
+    finally:
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT_S)
+
+
+def memory_bytes(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak so far) of process ``pid``, in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) * 1024  # the kernel counts in kB
+    return fields
+
+
+def every_file(folder: Path) -> set[str]:
+    """Every file under ``folder`` (hidden ones too), relative to it."""
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framing", ["content_length", "chunked"])
+def test_a_2_gib_upload_is_refused_early_without_filling_memory_or_disk(
+    server_process: ServerProcess, framing: str
+) -> None:
+    server = server_process
+    with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as http:
+        # Warm the upload path first, so the code it loads is not counted below.
+        warm = http.post(
+            "/v1/files",
+            headers=auth(server.key),
+            files={"file": ("warm.jsonl", valid_content(4096), "application/jsonl")},
+            data={"purpose": "fine-tune"},
+        )
+        assert warm.status_code == 200, warm.text
+        files_before = every_file(server.data_dir)
+        memory_before = memory_bytes(server.pid)
+        sent = 0
+
+        def two_gib() -> Iterator[bytes]:
+            nonlocal sent
+            chunk = jsonl(sentiment_rows(1)) * (CHUNK_BYTES // len(jsonl(sentiment_rows(1))))
+            for part in (PREAMBLE, *([chunk] * ((TWO_GIB - len(PREAMBLE)) // len(chunk)))):
+                sent += len(part)
+                yield part
+
+        headers = {**auth(server.key), "Content-Type": MULTIPART}
+        if framing == "content_length":
+            headers["Content-Length"] = str(TWO_GIB)
+        started = time.monotonic()
+        response = http.post("/v1/files", headers=headers, content=two_gib())
+        elapsed_s = time.monotonic() - started
+        memory_after = memory_bytes(server.pid)
+
+        if framing == "content_length":
+            assert response.request.headers["content-length"] == str(TWO_GIB)
+        else:
+            assert response.request.headers.get("transfer-encoding") == "chunked"
+        assert_too_large(response, "request_too_large")
+        # Refused early: a few MiB left the client, not 2 GiB, and quickly.
+        assert sent <= MAX_SENT_BYTES, f"the client sent {sent} bytes before the 413"
+        assert elapsed_s < REQUEST_TIMEOUT_S
+        # The server never held the body: its peak memory barely moved.
+        growth = memory_after["VmHWM"] - memory_before["VmHWM"]
+        assert growth < MAX_RSS_GROWTH_BYTES, f"peak RSS grew by {growth} bytes"
+        assert memory_after["VmRSS"] - memory_before["VmRSS"] < MAX_RSS_GROWTH_BYTES
+        # Nothing on disk: no new file in the data folder (no partial upload, no row's file),
+        # and no part spooled by the multipart parser left in the temporary folder.
+        assert every_file(server.data_dir) == files_before
+        assert not any(name.startswith(".upload-") for name in files_before)
+        assert every_file(server.tmp_dir) == set()
+        listed = http.get("/v1/files", headers=auth(server.key)).json()["data"]
+        assert [item["filename"] for item in listed] == ["warm.jsonl"]
+        # And it still serves: health and a normal upload.
+        assert http.get("/healthz").status_code == 200
+        again = http.post(
+            "/v1/files",
+            headers=auth(server.key),
+            files={"file": ("after.jsonl", valid_content(4096), "application/jsonl")},
+            data={"purpose": "fine-tune"},
+        )
+        assert again.status_code == 200, again.text
