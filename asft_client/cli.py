@@ -221,7 +221,7 @@ def _jobs_create(args: argparse.Namespace) -> int:
         else:
             print(f"{job['id']}  {job['status']}  {job['model']}  {job['method']['type']}")
         if args.watch:
-            return watch(client, job["id"], sys.stderr)
+            return watch(client, job["id"], sys.stderr, args.poll_s)
     return ExitCode.OK
 
 
@@ -531,6 +531,7 @@ def add_client_commands(commands: Any) -> None:
     create.add_argument("--matcher", choices=("exact_label", "regex", "final_number"))
     create.add_argument("--pattern", help="the regex matcher's pattern")
     create.add_argument("--watch", action="store_true", help="then watch it (see jobs watch)")
+    create.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
     listing = _with_json(_command(jobs, "list", _jobs_list, "the team's jobs"))
     listing.add_argument("--limit", type=int, default=20)
     _command(jobs, "get", _jobs_get, "one job as JSON").add_argument("job_id")
