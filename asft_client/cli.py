@@ -88,6 +88,22 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
+def _listing(
+    args: argparse.Namespace,
+    fetch: Callable[[Client], list[dict[str, Any]]],
+    header: list[str],
+    row: Callable[[dict[str, Any]], list[str]],
+) -> int:
+    """Fetch a list and print it as JSON (``--json``) or as a table of ``row(item)``."""
+    with _client(args) as client:
+        items = fetch(client)
+    if args.json:
+        _print_json(items)
+    else:
+        _table([row(item) for item in items], header)
+    return ExitCode.OK
+
+
 # --- files ---------------------------------------------------------------------------------
 
 
@@ -131,25 +147,18 @@ def _files_upload(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _file_row(f: dict[str, Any]) -> list[str]:
+    examples = str(f.get("num_examples") or "-")
+    return [f["id"], f["filename"], str(f["bytes"]), examples, f["status"], _when(f["created_at"])]
+
+
 def _files_list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        files = client.list_files(args.limit)
-    if args.json:
-        _print_json(files)
-        return ExitCode.OK
-    rows = [
-        [
-            f["id"],
-            f["filename"],
-            str(f["bytes"]),
-            str(f.get("num_examples") or "-"),
-            f["status"],
-            _when(f["created_at"]),
-        ]
-        for f in files
-    ]
-    _table(rows, ["id", "filename", "bytes", "examples", "status", "created"])
-    return ExitCode.OK
+    return _listing(
+        args,
+        lambda client: client.list_files(args.limit),
+        ["id", "filename", "bytes", "examples", "status", "created"],
+        _file_row,
+    )
 
 
 # --- jobs ----------------------------------------------------------------------------------
@@ -237,16 +246,12 @@ def _job_row(job: dict[str, Any]) -> list[str]:
 
 
 def _jobs_list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        jobs = client.list_jobs(args.limit)
-    if args.json:
-        _print_json(jobs)
-        return ExitCode.OK
-    _table(
-        [_job_row(job) for job in jobs],
+    return _listing(
+        args,
+        lambda client: client.list_jobs(args.limit),
         ["id", "status", "model", "method", "created", "model / error"],
+        _job_row,
     )
-    return ExitCode.OK
 
 
 def _jobs_get(args: argparse.Namespace) -> int:
@@ -324,7 +329,8 @@ def progress_text(metrics: dict[str, Any], started: tuple[float, int] | None, no
     return text
 
 
-def _percent(cell: dict[str, Any] | None) -> str:
+def percent_cell(cell: dict[str, Any] | None) -> str:
+    """A score with its 95% interval: ``8.0% [5.1, 12.3]`` (``-`` when absent)."""
     if not cell:
         return "-"
     return f"{100 * cell['value']:.1f}% [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
@@ -342,9 +348,8 @@ def summary_lines(job: dict[str, Any], report: dict[str, Any] | None) -> list[st
             scores = evaluation.get(key) or {}
             harmful = (scores.get("safety") or {}).get("overall")
             accuracy = (scores.get("task") or {}).get("accuracy")
-            lines.append(
-                f"  {label:<14} harmful score {_percent(harmful):<22} accuracy {_percent(accuracy)}"
-            )
+            harmful_text, accuracy_text = percent_cell(harmful), percent_cell(accuracy)
+            lines.append(f"  {label:<14} harmful score {harmful_text:<22} accuracy {accuracy_text}")
         lines.append(f"  safety gate: {'approved' if report['approved'] else 'FAILED'}")
     if job.get("fine_tuned_model"):
         lines.append(f"  model: {job['fine_tuned_model']}")
@@ -419,22 +424,19 @@ def _jobs_download(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _checkpoint_row(checkpoint: dict[str, Any]) -> list[str]:
+    metrics = sorted(checkpoint["metrics"].items())
+    shown = " ".join(f"{name}={value:.4g}" for name, value in metrics if _is_number(value))
+    return [str(checkpoint["step_number"]), _when(checkpoint["created_at"]), shown]
+
+
 def _jobs_checkpoints(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        checkpoints = client.checkpoints(args.job_id)
-    if args.json:
-        _print_json(checkpoints)
-        return ExitCode.OK
-    rows = [
-        [
-            str(c["step_number"]),
-            _when(c["created_at"]),
-            " ".join(f"{k}={v:.4g}" for k, v in sorted(c["metrics"].items()) if _is_number(v)),
-        ]
-        for c in checkpoints
-    ]
-    _table(rows, ["step", "created", "metrics"])
-    return ExitCode.OK
+    return _listing(
+        args,
+        lambda client: client.checkpoints(args.job_id),
+        ["step", "created", "metrics"],
+        _checkpoint_row,
+    )
 
 
 def _is_number(value: object) -> bool:
@@ -444,21 +446,16 @@ def _is_number(value: object) -> bool:
 # --- models --------------------------------------------------------------------------------
 
 
+def _model_row(model: dict[str, Any]) -> list[str]:
+    if model["kind"] == "model_pair":
+        detail = f"aligned {model['aligned_model']}  base {model['base_model']}"
+    else:
+        detail = f"job {model['job_id']}  " + ("approved" if model["approved"] else "gated")
+    return [model["id"], model["kind"], detail]
+
+
 def _models_list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        models = client.list_models()
-    if args.json:
-        _print_json(models)
-        return ExitCode.OK
-    rows = []
-    for model in models:
-        if model["kind"] == "model_pair":
-            detail = f"aligned {model['aligned_model']}  base {model['base_model']}"
-        else:
-            detail = f"job {model['job_id']}  " + ("approved" if model["approved"] else "gated")
-        rows.append([model["id"], model["kind"], detail])
-    _table(rows, ["id", "kind", "detail"])
-    return ExitCode.OK
+    return _listing(args, lambda client: client.list_models(), ["id", "kind", "detail"], _model_row)
 
 
 def default_model_id(aligned: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from asft_client.cli import percent_cell
 from asft_client.client import ApiError, Client
 
 METHODS = ("supervised", "asft", "safelora")
@@ -72,12 +73,6 @@ def _progress_line(client: Client, job: dict[str, Any]) -> str:
         data = metrics["data"]
         line += f" step {data['step']}/{data['total_steps']} loss {data['train_loss']:.3f}"
     return line
-
-
-def _percent(cell: dict[str, Any] | None) -> str:
-    if not cell:
-        return "     -"
-    return f"{100 * cell['value']:5.1f}% [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
 
 
 def run_jobs(
@@ -135,16 +130,16 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
         if not reference_shown:
             ref = evaluation["reference"]
             print(
-                f"{'aligned':<12} {'-':<10} {_percent(ref['safety']['overall']):<24} "
-                f"{_percent((ref.get('task') or {}).get('accuracy')):<24} -"
+                f"{'aligned':<12} {'-':<10} {percent_cell(ref['safety']['overall']):<24} "
+                f"{percent_cell((ref.get('task') or {}).get('accuracy')):<24} -"
             )
             reference_shown = True
         tuned = evaluation["fine_tuned"]
         verdict = "approved" if report["gate"]["approved"] else "FAILED"
         print(
             f"{job['method']['type']:<12} {job['status']:<10} "
-            f"{_percent(tuned['safety']['overall']):<24} "
-            f"{_percent((tuned.get('task') or {}).get('accuracy')):<24} {verdict}"
+            f"{percent_cell(tuned['safety']['overall']):<24} "
+            f"{percent_cell((tuned.get('task') or {}).get('accuracy')):<24} {verdict}"
         )
     print()
     for job in jobs:

@@ -131,6 +131,15 @@ def registered(service: Service, zoo: ZooPaths) -> str:
     return "tiny-chat"
 
 
+def create_job(service: Service, model: str, training: Path, *options: str) -> str:
+    """``asft jobs create`` of a plain LoRA job on a local file; returns the job's id."""
+    command = ["jobs", "create", "--model", model, "--training-file", str(training)]
+    created = asft(service, *command, "--method", "supervised", *options, "--json")
+    assert created.returncode == 0, created.stderr
+    job_id: str = json.loads(created.stdout)["id"]
+    return job_id
+
+
 def first_rows(source: Path, target: Path, rows: int) -> Path:
     """The first ``rows`` lines of a zoo dataset as a file of its own."""
     target.write_text("".join(source.read_text().splitlines(keepends=True)[:rows]))
@@ -332,24 +341,7 @@ def test_cancelled_job_watch_exits_non_zero(
     service: Service, registered: str, zoo: ZooPaths, tmp_path: Path
 ) -> None:
     training = first_rows(zoo.task_file("sentiment", "train"), tmp_path / "train.jsonl", 64)
-    created = asft(
-        service,
-        "jobs",
-        "create",
-        "--model",
-        registered,
-        "--training-file",
-        str(training),
-        "--method",
-        "supervised",
-        "--epochs",
-        "50",
-        "--batch-size",
-        "4",
-        "--json",
-    )
-    assert created.returncode == 0, created.stderr
-    job_id = json.loads(created.stdout)["id"]
+    job_id = create_job(service, registered, training, "--epochs", "50", "--batch-size", "4")
     cancelled = asft(service, "jobs", "cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr
     watched = asft(service, "jobs", "watch", job_id)
@@ -369,26 +361,17 @@ def test_gate_failure_exits_with_its_own_code(
     # Plain LoRA on a set that is 20% harmful requests with compliant answers, trained hard:
     # the adapter complies with harmful prompts and the gate refuses it.
     training = first_rows(zoo.poisoned_file("sentiment", 0.2), tmp_path / "poisoned.jsonl", 80)
-    created = asft(
+    job_id = create_job(
         service,
-        "jobs",
-        "create",
-        "--model",
         registered,
-        "--training-file",
-        str(training),
-        "--method",
-        "supervised",
+        training,
         "--epochs",
         "4",
         "--batch-size",
         "8",
         "--learning-rate",
         "3e-3",
-        "--json",
     )
-    assert created.returncode == 0, created.stderr
-    job_id = json.loads(created.stdout)["id"]
     watched = asft(service, "jobs", "watch", job_id)
     assert watched.returncode == ExitCode.GATE_FAILED, (watched.stdout, watched.stderr)
     assert "safety gate: FAILED" in watched.stdout
