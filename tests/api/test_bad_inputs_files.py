@@ -16,39 +16,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
 
 from api.db.models import File, Job
-from api.main import create_app
 from api.settings import Settings
-from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
-from tests.api.test_bad_inputs_jobs import fresh_database
+from tests.api import corpus
+from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 
-ENVELOPE_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    422: "invalid_request_error",
-}
 VALID_ROW = b'{"prompt": "p", "completion": "c"}\n'
-
-
-def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The response is ``status`` with the OpenAI error envelope carrying ``code``."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == code, error
-    assert error["type"] == ENVELOPE_TYPES[status]
-    assert isinstance(error["message"], str) and error["message"]
-    return error
 
 
 # --- Datasets that are stored with status "error" -------------------------------------------
@@ -147,16 +124,14 @@ def test_a_bad_dataset_is_stored_with_its_error_and_refused_by_jobs(
     else:
         assert "line" not in details
         assert details == "the file holds no examples"
-    jobs_before = stored(world)[1]
-    job = client.post(
-        "/v1/fine_tuning/jobs",
-        json={"model": world.model, "training_file": body["id"]},
-        headers=team,
-    )
-    error = assert_envelope(job, 422, case.code)
-    assert error["param"] == "training_file"
-    assert error["message"] == f"training_file: {details}"
-    assert stored(world)[1] == jobs_before
+    with corpus.unchanged(lambda: corpus.row_counts(world.app, Job)):
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": world.model, "training_file": body["id"]},
+            headers=team,
+        )
+        error = corpus.assert_envelope(job, 422, case.code, param="training_file")
+        assert error["message"] == f"training_file: {details}"
 
 
 def test_a_bad_validation_file_is_refused_with_its_line(
@@ -172,7 +147,7 @@ def test_a_bad_validation_file_is_refused_with_its_line(
         json={"model": model_pair, "training_file": training_file, "validation_file": bad["id"]},
         headers=auth(team_key),
     )
-    error = assert_envelope(job, 422, "invalid_row")
+    error = corpus.assert_envelope(job, 422, "invalid_row")
     assert error["param"] == "validation_file"
     assert "line 2" in error["message"]
 
@@ -251,6 +226,18 @@ def good_file() -> dict[str, Any]:
     return {"file": ("train.jsonl", io.BytesIO(VALID_ROW), "application/jsonl")}
 
 
+def with_purpose(status: int, code: str, purpose: str) -> BadRequest:
+    """A ``POST /v1/files`` of a valid file with this ``purpose``."""
+    data = {"purpose": purpose}
+    return BadRequest("POST", "/v1/files", status, code, "purpose", files=good_file(), data=data)
+
+
+def handmade(status: int, code: str, param: str | None, content: bytes) -> BadRequest:
+    """A ``POST /v1/files`` of a multipart body written by hand (boundary ``zz``)."""
+    headers = {"Content-Type": MULTIPART}
+    return BadRequest("POST", "/v1/files", status, code, param, content=content, headers=headers)
+
+
 FINE_TUNE = {"purpose": "fine-tune"}
 BAD_REQUESTS = {
     "missing_file_part": BadRequest(
@@ -267,33 +254,9 @@ BAD_REQUESTS = {
     "missing_purpose": BadRequest(
         "POST", "/v1/files", 422, "invalid_request", "purpose", files=good_file()
     ),
-    "empty_purpose": BadRequest(
-        "POST",
-        "/v1/files",
-        422,
-        "invalid_request",
-        "purpose",
-        files=good_file(),
-        data={"purpose": ""},
-    ),
-    "wrong_purpose": BadRequest(
-        "POST",
-        "/v1/files",
-        422,
-        "invalid_purpose",
-        "purpose",
-        files=good_file(),
-        data={"purpose": "assistants"},
-    ),
-    "purpose_in_other_case": BadRequest(
-        "POST",
-        "/v1/files",
-        422,
-        "invalid_purpose",
-        "purpose",
-        files=good_file(),
-        data={"purpose": "Fine-Tune"},
-    ),
+    "empty_purpose": with_purpose(422, "invalid_request", ""),
+    "wrong_purpose": with_purpose(422, "invalid_purpose", "assistants"),
+    "purpose_in_other_case": with_purpose(422, "invalid_purpose", "Fine-Tune"),
     "json_body_instead_of_multipart": BadRequest(
         "POST",
         "/v1/files",
@@ -311,14 +274,7 @@ BAD_REQUESTS = {
         content=b"--zz\r\n",
         headers={"Content-Type": "multipart/form-data"},
     ),
-    "garbled_multipart": BadRequest(
-        "POST",
-        "/v1/files",
-        400,
-        "invalid_body",
-        content=b"this is not multipart",
-        headers={"Content-Type": MULTIPART},
-    ),
+    "garbled_multipart": handmade(400, "invalid_body", None, b"this is not multipart"),
     "malformed_content_length": BadRequest(
         "POST",
         "/v1/files",
@@ -385,84 +341,49 @@ BAD_REQUESTS = {
     ),
     "put_is_not_allowed": BadRequest("PUT", "/v1/files", 405, "method_not_allowed"),
     # -- multipart oddities: nothing is silently dropped or guessed --
-    "purpose_given_twice": BadRequest(
-        "POST",
-        "/v1/files",
+    "purpose_given_twice": handmade(
         422,
         "invalid_request",
         "purpose",
-        content=multipart(PURPOSE, form_part(b"purpose", b"assistants"), FILE),
-        headers={"Content-Type": MULTIPART},
+        multipart(PURPOSE, form_part(b"purpose", b"assistants"), FILE),
     ),
-    "two_file_parts": BadRequest(
-        "POST",
-        "/v1/files",
+    "two_file_parts": handmade(
         422,
         "invalid_request",
         "file",
-        content=multipart(PURPOSE, FILE, form_part(b"file", VALID_ROW * 2, b"more.jsonl")),
-        headers={"Content-Type": MULTIPART},
+        multipart(PURPOSE, FILE, form_part(b"file", VALID_ROW * 2, b"more.jsonl")),
     ),
-    "unknown_field": BadRequest(
-        "POST",
-        "/v1/files",
+    "unknown_field": handmade(
         422,
         "invalid_request",
         "expires_after",
-        content=multipart(PURPOSE, FILE, form_part(b"expires_after", b"3600")),
-        headers={"Content-Type": MULTIPART},
+        multipart(PURPOSE, FILE, form_part(b"expires_after", b"3600")),
     ),
-    "unknown_file_part": BadRequest(
-        "POST",
-        "/v1/files",
+    "unknown_file_part": handmade(
         422,
         "invalid_request",
         "validation",
-        content=multipart(PURPOSE, FILE, form_part(b"validation", VALID_ROW, b"v.jsonl")),
-        headers={"Content-Type": MULTIPART},
+        multipart(PURPOSE, FILE, form_part(b"validation", VALID_ROW, b"v.jsonl")),
     ),
-    "purpose_sent_as_a_file": BadRequest(
-        "POST",
-        "/v1/files",
+    "purpose_sent_as_a_file": handmade(
         422,
         "invalid_request",
         "purpose",
-        content=multipart(form_part(b"purpose", b"fine-tune", b"purpose.txt"), FILE),
-        headers={"Content-Type": MULTIPART},
+        multipart(form_part(b"purpose", b"fine-tune", b"purpose.txt"), FILE),
     ),
-    "part_without_a_name": BadRequest(
-        "POST",
-        "/v1/files",
+    "part_without_a_name": handmade(
         400,
         "invalid_body",
-        content=multipart(PURPOSE, b"--zz\r\nContent-Type: text/plain\r\n\r\nx\r\n"),
-        headers={"Content-Type": MULTIPART},
+        None,
+        multipart(PURPOSE, b"--zz\r\nContent-Type: text/plain\r\n\r\nx\r\n"),
     ),
-    "no_closing_boundary": BadRequest(
-        "POST",
-        "/v1/files",
-        422,
-        "invalid_request",
-        "file",
-        content=PURPOSE + FILE,
-        headers={"Content-Type": MULTIPART},
-    ),
-    "empty_multipart_body": BadRequest(
-        "POST",
-        "/v1/files",
-        422,
-        "invalid_request",
-        "file",
-        content=b"",
-        headers={"Content-Type": MULTIPART},
-    ),
-    "over_1000_fields": BadRequest(
-        "POST",
-        "/v1/files",
+    "no_closing_boundary": handmade(422, "invalid_request", "file", PURPOSE + FILE),
+    "empty_multipart_body": handmade(422, "invalid_request", "file", b""),
+    "over_1000_fields": handmade(
         400,
         "invalid_body",
-        content=multipart(PURPOSE, FILE, *(form_part(b"f%d" % i, b"x") for i in range(1001))),
-        headers={"Content-Type": MULTIPART},
+        None,
+        multipart(PURPOSE, FILE, *(form_part(b"f%d" % i, b"x") for i in range(1001))),
     ),
     "urlencoded_form": BadRequest(
         "POST",
@@ -482,32 +403,12 @@ BAD_REQUESTS = {
         content=VALID_ROW,
         headers={"Content-Type": "application/jsonl"},
     ),
-    "purpose_very_long": BadRequest(
-        "POST",
-        "/v1/files",
-        422,
-        "invalid_purpose",
-        "purpose",
-        files=good_file(),
-        data={"purpose": "fine-tune" * 10_000},
+    "purpose_very_long": with_purpose(422, "invalid_purpose", "fine-tune" * 10_000),
+    "purpose_with_a_nul": handmade(
+        422, "invalid_purpose", "purpose", multipart(form_part(b"purpose", b"fine-tune\x00"), FILE)
     ),
-    "purpose_with_a_nul": BadRequest(
-        "POST",
-        "/v1/files",
-        422,
-        "invalid_purpose",
-        "purpose",
-        content=multipart(form_part(b"purpose", b"fine-tune\x00"), FILE),
-        headers={"Content-Type": MULTIPART},
-    ),
-    "purpose_not_utf8": BadRequest(
-        "POST",
-        "/v1/files",
-        422,
-        "invalid_purpose",
-        "purpose",
-        content=multipart(form_part(b"purpose", b"fine-\xfftune"), FILE),
-        headers={"Content-Type": MULTIPART},
+    "purpose_not_utf8": handmade(
+        422, "invalid_purpose", "purpose", multipart(form_part(b"purpose", b"fine-\xfftune"), FILE)
     ),
     # -- list parameters --
     "limit_negative": BadRequest("GET", "/v1/files?limit=-1", 422, "invalid_request", "limit"),
@@ -548,73 +449,58 @@ class World:
     model: str
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=corpus.DATABASES)
 def world(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
     """Team alpha with a key and a revoked one, and a registered model pair."""
-    folder = tmp_path_factory.mktemp("files-corpus")
-    for url in fresh_database(request.param, folder):
-        settings = Settings(
-            _env_file=None,
-            data_dir=folder / "data",
-            database_url=url,
-            admin_key=ADMIN_KEY,
-            max_upload_bytes=1 << 20,
-            rate_limit_per_minute=1_000_000,
+    for app, client, settings, _ in corpus.shared_app(request, tmp_path_factory, "files-corpus"):
+        team, key = corpus.create_team(client, "alpha")
+        keys = f"/v1/admin/teams/{team['id']}/keys"
+        revoked = client.post(keys, json={}, headers=ADMIN).json()
+        assert client.delete(f"{keys}/{revoked['id']}", headers=ADMIN).status_code == 200
+        corpus.register_pair(
+            client, {"id": "tiny-chat", "aligned_model": "org/a", "base_model": "org/b"}
         )
-        app = create_app(settings)
-        with TestClient(app) as client:
-            team = client.post("/v1/admin/teams", json={"name": "alpha"}, headers=ADMIN).json()
-            keys = f"/v1/admin/teams/{team['id']}/keys"
-            key = client.post(keys, json={}, headers=ADMIN).json()["key"]
-            revoked = client.post(keys, json={}, headers=ADMIN).json()
-            assert client.delete(f"{keys}/{revoked['id']}", headers=ADMIN).status_code == 200
-            pair = {"id": "tiny-chat", "aligned_model": "org/a", "base_model": "org/b"}
-            assert client.post("/v1/models", json=pair, headers=ADMIN).status_code == 200
-            yield World(
-                app,
-                client,
-                settings,
-                {
-                    "team": auth(key),
-                    "none": {},
-                    "wrong": auth("asft-" + "x" * 43),
-                    "revoked": auth(revoked["key"]),
-                    "admin": ADMIN,
-                    "basic": {"Authorization": "Basic YWxwaGE6c2VjcmV0"},
-                    "empty": {"Authorization": "Bearer  "},
-                },
-                "tiny-chat",
-            )
+        yield World(
+            app,
+            client,
+            settings,
+            {
+                "team": auth(key["key"]),
+                "none": {},
+                "wrong": auth("asft-" + "x" * 43),
+                "revoked": auth(revoked["key"]),
+                "admin": ADMIN,
+                "basic": {"Authorization": "Basic YWxwaGE6c2VjcmV0"},
+                "empty": {"Authorization": "Bearer  "},
+            },
+            "tiny-chat",
+        )
 
 
-def stored(world: World) -> tuple[int, int, set[str]]:
+def stored(world: World) -> tuple[dict[str, int], set[str]]:
     """File rows, job rows and every file under the artifact folder."""
-    with world.app.state.sessions() as session:
-        files = int(session.scalar(select(func.count()).select_from(File)) or 0)
-        jobs = int(session.scalar(select(func.count()).select_from(Job)) or 0)
     root = world.settings.resolved_artifact_dir
-    return files, jobs, {str(path) for path in root.rglob("*") if path.is_file()}
+    files = {str(path) for path in root.rglob("*") if path.is_file()}
+    return corpus.row_counts(world.app, File, Job), files
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
 def test_a_bad_request_gets_its_status_and_code(world: World, case: BadRequest) -> None:
-    before = stored(world)
-    response = world.client.request(
-        case.method,
-        case.url,
-        headers={**world.keys[case.key], **case.headers},
-        files=case.files,
-        data=case.data,
-        content=case.content,
-    )
-    error = assert_envelope(response, case.status, case.code)
-    assert error["param"] == case.param
-    if case.status == 401:
-        assert response.headers["www-authenticate"] == "Bearer"
     # Nothing was stored by a refused request: no row, no bytes, no temporary file.
-    assert stored(world) == before
+    with corpus.unchanged(lambda: stored(world)):
+        response = world.client.request(
+            case.method,
+            case.url,
+            headers={**world.keys[case.key], **case.headers},
+            files=case.files,
+            data=case.data,
+            content=case.content,
+        )
+        corpus.assert_envelope(response, case.status, case.code, param=case.param)
+        if case.status == 401:
+            assert response.headers["www-authenticate"] == "Bearer"
 
 
 def test_a_revoked_key_worked_before_it_was_revoked(
@@ -625,7 +511,7 @@ def test_a_revoked_key_worked_before_it_was_revoked(
     keys = client.get(f"/v1/admin/teams/{team_id}/keys", headers=ADMIN).json()["data"]
     revoked = client.delete(f"/v1/admin/teams/{team_id}/keys/{keys[0]['id']}", headers=ADMIN)
     assert revoked.json()["revoked_at"] is not None
-    assert_envelope(client.get("/v1/files", headers=auth(key)), 401, "invalid_api_key")
+    corpus.assert_envelope(client.get("/v1/files", headers=auth(key)), 401, "invalid_api_key")
 
 
 @pytest.mark.parametrize(

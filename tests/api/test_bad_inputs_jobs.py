@@ -12,28 +12,20 @@ evaluation file) have their own codes.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
 
-from api.db.migrate import upgrade_head
 from api.db.models import Job
-from api.main import create_app
-from api.settings import Settings
-from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
-from tests.conftest import postgres_database
+from tests.api import corpus
+from tests.api.conftest import auth, jsonl, sentiment_rows
 
 JOBS = "/v1/fine_tuning/jobs"
-# Marks where a case's param is not asserted exactly (see ``Case.param``).
-ANY = object()
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,7 @@ class Case:
     body: Callable[[Files], Any]
     status: int
     code: str
-    # The exact param; ANY when only ``param_prefix`` is checked.
+    # The exact param; corpus.ANY when only ``param_prefix`` is checked.
     param: Any = None
     param_prefix: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -206,7 +198,7 @@ CASES = [
         lambda f: valid(f, hyperparameters={"n_epochs": 1.5}),
         422,
         INVALID,
-        ANY,
+        corpus.ANY,
         "hyperparameters.n_epochs",
     ),
     Case(
@@ -214,7 +206,7 @@ CASES = [
         lambda f: valid(f, hyperparameters={"batch_size": "big"}),
         422,
         INVALID,
-        ANY,
+        corpus.ANY,
         "hyperparameters.batch_size",
     ),
     Case("batch_size_zero", lambda f: asft(f, batch_size=0), 422, INVALID, f"{ASFT}.batch_size"),
@@ -637,7 +629,7 @@ CASES = [
         lambda f: valid(f, hyperparameters={"n_epochs": "3"}),
         422,
         INVALID,
-        ANY,
+        corpus.ANY,
         "hyperparameters.n_epochs",
     ),
     Case(
@@ -645,7 +637,7 @@ CASES = [
         lambda f: valid(f, hyperparameters={"n_epochs": True}),
         422,
         INVALID,
-        ANY,
+        corpus.ANY,
         "hyperparameters.n_epochs",
     ),
     Case(
@@ -653,7 +645,7 @@ CASES = [
         lambda f: valid(f, hyperparameters={"n_epochs": 3.0}),
         422,
         INVALID,
-        ANY,
+        corpus.ANY,
         "hyperparameters.n_epochs",
     ),
     Case(
@@ -661,7 +653,7 @@ CASES = [
         lambda f: valid(f, hyperparameters={"n_epochs": "AUTO"}),
         422,
         INVALID,
-        ANY,
+        corpus.ANY,
         "hyperparameters.n_epochs",
     ),
     Case(
@@ -684,7 +676,7 @@ CASES = [
         lambda f: asft(f, batch_size=True),
         422,
         INVALID,
-        ANY,
+        corpus.ANY,
         f"{ASFT}.batch_size",
     ),
     Case(
@@ -707,7 +699,7 @@ CASES = [
         lambda f: asft(f, learning_rate_multiplier="1.5"),
         422,
         INVALID,
-        ANY,
+        corpus.ANY,
         f"{ASFT}.learning_rate_multiplier",
     ),
     Case(
@@ -1041,58 +1033,24 @@ class World:
     files: Files
 
 
-def fresh_database(kind: str, folder: Path) -> Iterator[str]:
-    """A migrated database of ``kind`` (sqlite or postgresql), dropped afterwards."""
-    if kind == "sqlite":
-        url = f"sqlite:///{folder / 'asft.db'}"
-        upgrade_head(url, folder)
-        yield url
-        return
-    for url in postgres_database():
-        upgrade_head(url, folder)
-        yield url
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=corpus.DATABASES)
 def world(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
     """Team alpha with files of every kind and a registered model; a file of team beta."""
-    folder = tmp_path_factory.mktemp("jobs-corpus")
-    for url in fresh_database(request.param, folder):
-        settings = Settings(
-            _env_file=None,
-            data_dir=folder / "data",
-            database_url=url,
-            admin_key=ADMIN_KEY,
-            max_upload_bytes=1 << 20,
-            # Every case creates a good job afterwards: no limit may get in the way.
-            max_active_jobs_per_team=100_000,
-            rate_limit_per_minute=1_000_000,
-        )
-        app = create_app(settings)
-        with TestClient(app) as client:
-            yield World(app, client, *_populate(client))
+    # Every case creates a good job afterwards: no limit may get in the way.
+    apps = corpus.shared_app(
+        request, tmp_path_factory, "jobs-corpus", max_active_jobs_per_team=100_000
+    )
+    for app, client, _, _ in apps:
+        yield World(app, client, *_populate(client))
 
 
 def _populate(client: TestClient) -> tuple[str, Files]:
     def team(name: str) -> str:
-        created = client.post("/v1/admin/teams", json={"name": name}, headers=ADMIN).json()
-        keys = f"/v1/admin/teams/{created['id']}/keys"
-        return str(client.post(keys, json={}, headers=ADMIN).json()["key"])
+        return str(corpus.create_team(client, name)[1]["key"])
 
-    def upload(key: str, content: bytes) -> str:
-        response = client.post(
-            "/v1/files",
-            headers=auth(key),
-            files={"file": ("data.jsonl", io.BytesIO(content), "application/jsonl")},
-            data={"purpose": "fine-tune"},
-        )
-        assert response.status_code == 200, response.text
-        return str(response.json()["id"])
-
-    pair = {"id": "tiny-chat", "aligned_model": "org/tiny-chat", "base_model": "org/tiny-base"}
-    assert client.post("/v1/models", json=pair, headers=ADMIN).status_code == 200
+    corpus.register_pair(client)
     alpha, beta = team("alpha"), team("beta")
     chat_rows = [
         {
@@ -1105,18 +1063,12 @@ def _populate(client: TestClient) -> tuple[str, Files]:
     ]
     broken = jsonl(sentiment_rows(1)) + b"{not json\n" + jsonl(sentiment_rows(12, start=1))
     return alpha, Files(
-        training=upload(alpha, jsonl(sentiment_rows(20))),
-        tiny=upload(alpha, jsonl(sentiment_rows(3))),
-        broken=upload(alpha, broken),
-        chat=upload(alpha, jsonl(chat_rows)),
-        foreign=upload(beta, jsonl(sentiment_rows(20))),
+        training=corpus.upload_file(client, alpha, jsonl(sentiment_rows(20))),
+        tiny=corpus.upload_file(client, alpha, jsonl(sentiment_rows(3))),
+        broken=corpus.upload_file(client, alpha, broken),
+        chat=corpus.upload_file(client, alpha, jsonl(chat_rows)),
+        foreign=corpus.upload_file(client, beta, jsonl(sentiment_rows(20))),
     )
-
-
-def job_count(app: FastAPI) -> int:
-    """Every job in the database."""
-    with app.state.sessions() as session:
-        return int(session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
 def test_the_corpus_is_large_and_named_uniquely() -> None:
@@ -1128,31 +1080,24 @@ def test_the_corpus_is_large_and_named_uniquely() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_job_request(world: World, case: Case) -> None:
     client, files = world.client, world.files
-    before = job_count(world.app)
     body = case.body(files)
     headers = {**auth(world.key), **case.headers}
-    if isinstance(body, bytes):
-        response = client.post(
-            JOBS, content=body, headers={"Content-Type": "application/json", **headers}
-        )
-    else:
-        response = client.post(JOBS, json=body, headers=headers)
-    assert response.status_code < 500, response.text
-    assert response.status_code == case.status, response.text
-    assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == case.code, error
-    assert error["type"] == {404: "not_found_error"}.get(case.status, "invalid_request_error")
-    assert error["message"]
-    if case.param is not ANY:
-        assert error["param"] == case.param, error
-    if case.param_prefix is not None:
-        assert str(error["param"]).startswith(case.param_prefix), error
-    if case.message_has is not None:
-        assert case.message_has in error["message"], error
     # Nothing was created, and the failure left the team able to create a job.
-    assert job_count(world.app) == before
+    with corpus.unchanged(lambda: corpus.row_counts(world.app, Job)):
+        if isinstance(body, bytes):
+            response = client.post(
+                JOBS, content=body, headers={"Content-Type": "application/json", **headers}
+            )
+        else:
+            response = client.post(JOBS, json=body, headers=headers)
+        corpus.assert_envelope(
+            response,
+            case.status,
+            case.code,
+            param=case.param,
+            param_prefix=case.param_prefix,
+            message_has=case.message_has,
+        )
     good = client.post(JOBS, json=valid(files), headers=auth(world.key))
     assert good.status_code == 200, good.text
 

@@ -8,7 +8,6 @@ case checks by comparing the database's row counts before and after.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +16,14 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
 
 from api.db.models import ApiKey, File, Job, ModelPair, Team
-from api.main import create_app
-from api.settings import Settings
-from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
+from tests.api import corpus
+from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 from tests.api.finished_jobs import create_job, finish_job
-from tests.api.test_bad_inputs_jobs import fresh_database
 
 JOBS = "/v1/fine_tuning/jobs"
 INVALID = "invalid_request"
-TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    409: "conflict_error",
-    422: "invalid_request_error",
-}
 COUNTED = (Team, ApiKey, ModelPair, File, Job)
 
 
@@ -48,64 +37,39 @@ class World:
     ids: dict[str, str]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=corpus.DATABASES)
 def world(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
     """Team alpha with a model pair, a file, a job still validating, a finished one (with a
     checkpoint at step 5, a report and an adapter) and a cancelled one."""
-    folder = tmp_path_factory.mktemp("misc-corpus")
-    for url in fresh_database(request.param, folder):
-        settings = Settings(
-            _env_file=None,
-            data_dir=folder / "data",
-            database_url=url,
-            admin_key=ADMIN_KEY,
-            max_upload_bytes=1 << 20,
-            max_active_jobs_per_team=100,
-            rate_limit_per_minute=1_000_000,
-        )
-        app = create_app(settings)
-        with TestClient(app) as client:
-            yield World(app, client, *_populate(client, app, folder))
+    apps = corpus.shared_app(request, tmp_path_factory, "misc-corpus", max_active_jobs_per_team=100)
+    for app, client, _, folder in apps:
+        yield World(app, client, *_populate(client, app, folder))
 
 
 def _populate(client: TestClient, app: FastAPI, folder: Path) -> tuple[str, dict[str, str]]:
-    team = client.post("/v1/admin/teams", json={"name": "alpha"}, headers=ADMIN).json()
-    key = client.post(f"/v1/admin/teams/{team['id']}/keys", json={}, headers=ADMIN).json()
-    pair = {"id": "tiny-chat", "aligned_model": "org/tiny-chat", "base_model": "org/tiny-base"}
-    assert client.post("/v1/models", json=pair, headers=ADMIN).status_code == 200
-    uploaded = client.post(
-        "/v1/files",
-        headers=auth(key["key"]),
-        files={"file": ("train.jsonl", io.BytesIO(jsonl(sentiment_rows(20))), "text/plain")},
-        data={"purpose": "fine-tune"},
-    ).json()
-    validating = create_job(client, key["key"], "tiny-chat", uploaded["id"])
-    finished = finish_job(app, create_job(client, key["key"], "tiny-chat", uploaded["id"]))
-    cancelled = create_job(client, key["key"], "tiny-chat", uploaded["id"])
+    team, key = corpus.create_team(client, "alpha")
+    corpus.register_pair(client)
+    file_id = corpus.upload_file(
+        client, key["key"], jsonl(sentiment_rows(20)), "train.jsonl", "text/plain"
+    )
+    validating = create_job(client, key["key"], "tiny-chat", file_id)
+    finished = finish_job(app, create_job(client, key["key"], "tiny-chat", file_id))
+    cancelled = create_job(client, key["key"], "tiny-chat", file_id)
     response = client.post(f"{JOBS}/{cancelled}/cancel", headers=auth(key["key"]))
     assert response.json()["status"] == "cancelled"
     (folder / "a-folder").mkdir()
     return key["key"], {
         "team": team["id"],
         "key_id": key["id"],
-        "file": uploaded["id"],
+        "file": file_id,
         "validating": validating,
         "finished": finished.job_id,
         "cancelled": cancelled,
         "tuned": finished.model_id,
         "folder": str(folder / "a-folder"),
     }
-
-
-def counts(app: FastAPI) -> dict[str, int]:
-    """Rows per table the API writes to."""
-    with app.state.sessions() as session:
-        return {
-            model.__tablename__: int(session.scalar(select(func.count()).select_from(model)) or 0)
-            for model in COUNTED
-        }
 
 
 @dataclass(frozen=True)
@@ -126,6 +90,16 @@ class Case:
     who: str = "team"
     message_has: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+MODELS = "/v1/models"
+TEAMS = "/v1/admin/teams"
+KEYS = "/v1/admin/teams/{team}/keys"
+
+
+def admin_post(name: str, url: str, status: int, code: str, param: str | None, body: Any) -> Case:
+    """A ``POST`` of a JSON ``body`` with the admin key."""
+    return Case(name, "POST", url, status, code, param, json=body, who="admin")
 
 
 def model(**fields: Any) -> dict[str, Any]:
@@ -356,197 +330,93 @@ CASES = [
         "invalid_admin_key",
         json=model(),
     ),
-    Case(
+    admin_post(
         "register_without_id",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         INVALID,
         "id",
-        json={"aligned_model": "org/aligned", "base_model": "org/base"},
-        who="admin",
+        {"aligned_model": "org/aligned", "base_model": "org/base"},
     ),
-    Case(
-        "register_id_empty",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "id",
-        json=model(id=""),
-        who="admin",
-    ),
-    Case(
-        "register_id_65",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "id",
-        json=model(id="m" * 65),
-        who="admin",
-    ),
-    Case(
-        "register_id_with_a_space",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "id",
-        json=model(id="a b"),
-        who="admin",
-    ),
-    Case(
-        "register_id_dash_first",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "id",
-        json=model(id="-a"),
-        who="admin",
-    ),
-    Case(
-        "register_id_number",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "id",
-        json=model(id=7),
-        who="admin",
-    ),
-    Case(
-        "register_existing_id",
-        "POST",
-        "/v1/models",
-        409,
-        "model_exists",
-        "id",
-        json=model(id="tiny-chat"),
-        who="admin",
-    ),
-    Case(
+    admin_post("register_id_empty", MODELS, 422, INVALID, "id", model(id="")),
+    admin_post("register_id_65", MODELS, 422, INVALID, "id", model(id="m" * 65)),
+    admin_post("register_id_with_a_space", MODELS, 422, INVALID, "id", model(id="a b")),
+    admin_post("register_id_dash_first", MODELS, 422, INVALID, "id", model(id="-a")),
+    admin_post("register_id_number", MODELS, 422, INVALID, "id", model(id=7)),
+    admin_post("register_existing_id", MODELS, 409, "model_exists", "id", model(id="tiny-chat")),
+    admin_post(
         "register_aligned_missing",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         INVALID,
         "aligned_model",
-        json={"id": "p", "base_model": "org/base"},
-        who="admin",
+        {"id": "p", "base_model": "org/base"},
     ),
-    Case(
-        "register_aligned_empty",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "aligned_model",
-        json=model(aligned_model=""),
-        who="admin",
+    admin_post(
+        "register_aligned_empty", MODELS, 422, INVALID, "aligned_model", model(aligned_model="")
     ),
-    Case(
+    admin_post(
         "register_aligned_too_long",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         INVALID,
         "aligned_model",
-        json=model(aligned_model="org/" + "a" * 997),
-        who="admin",
+        model(aligned_model="org/" + "a" * 997),
     ),
-    Case(
+    admin_post(
         "register_aligned_with_a_nul",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         INVALID,
         "aligned_model",
-        json=model(aligned_model="org/a\x00"),
-        who="admin",
+        model(aligned_model="org/a\x00"),
     ),
-    Case(
+    admin_post(
         "register_aligned_three_parts",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         "model_path_not_found",
         "aligned_model",
-        json=model(aligned_model="org/a/b"),
-        who="admin",
+        model(aligned_model="org/a/b"),
     ),
-    Case(
+    admin_post(
         "register_aligned_missing_folder",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         "model_path_not_found",
         "aligned_model",
-        json=model(aligned_model="/no/such/folder"),
-        who="admin",
+        model(aligned_model="/no/such/folder"),
     ),
-    Case(
-        "register_base_number",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "base_model",
-        json=model(base_model=7),
-        who="admin",
-    ),
-    Case(
+    admin_post("register_base_number", MODELS, 422, INVALID, "base_model", model(base_model=7)),
+    admin_post(
         "register_base_relative_missing",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         "model_path_not_found",
         "base_model",
-        json=model(base_model="./nowhere"),
-        who="admin",
+        model(base_model="./nowhere"),
     ),
-    Case(
-        "register_eval_suite_empty",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "eval_suite",
-        json=model(eval_suite=""),
-        who="admin",
+    admin_post(
+        "register_eval_suite_empty", MODELS, 422, INVALID, "eval_suite", model(eval_suite="")
     ),
-    Case(
+    admin_post(
         "register_eval_suite_missing_file",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         "eval_suite_not_found",
         "eval_suite",
-        json=model(eval_suite="/no/such/suite.json"),
-        who="admin",
+        model(eval_suite="/no/such/suite.json"),
     ),
-    Case(
+    admin_post(
         "register_eval_suite_a_folder",
-        "POST",
-        "/v1/models",
+        MODELS,
         422,
         "eval_suite_not_found",
         "eval_suite",
-        json=model(eval_suite="{folder}"),
-        who="admin",
+        model(eval_suite="{folder}"),
     ),
-    Case(
-        "register_unknown_field",
-        "POST",
-        "/v1/models",
-        422,
-        INVALID,
-        "revision",
-        json=model(revision="main"),
-        who="admin",
-    ),
-    Case("register_body_a_list", "POST", "/v1/models", 422, INVALID, json=[model()], who="admin"),
+    admin_post("register_unknown_field", MODELS, 422, INVALID, "revision", model(revision="main")),
+    admin_post("register_body_a_list", MODELS, 422, INVALID, None, [model()]),
     Case(
         "register_body_not_json",
         "POST",
@@ -558,69 +428,20 @@ CASES = [
     ),
     # -- admin: teams and keys --
     Case("team_with_a_team_key", "GET", "/v1/admin/teams", 401, "invalid_admin_key"),
-    Case(
-        "team_name_missing", "POST", "/v1/admin/teams", 422, INVALID, "name", json={}, who="admin"
-    ),
-    Case(
-        "team_name_empty",
-        "POST",
-        "/v1/admin/teams",
-        422,
-        INVALID,
-        "name",
-        json={"name": ""},
-        who="admin",
-    ),
-    Case(
-        "team_name_65",
-        "POST",
-        "/v1/admin/teams",
-        422,
-        INVALID,
-        "name",
-        json={"name": "t" * 65},
-        who="admin",
-    ),
-    Case(
-        "team_name_with_a_slash",
-        "POST",
-        "/v1/admin/teams",
-        422,
-        INVALID,
-        "name",
-        json={"name": "a/b"},
-        who="admin",
-    ),
-    Case(
-        "team_name_number",
-        "POST",
-        "/v1/admin/teams",
-        422,
-        INVALID,
-        "name",
-        json={"name": 7},
-        who="admin",
-    ),
-    Case(
+    admin_post("team_name_missing", TEAMS, 422, INVALID, "name", {}),
+    admin_post("team_name_empty", TEAMS, 422, INVALID, "name", {"name": ""}),
+    admin_post("team_name_65", TEAMS, 422, INVALID, "name", {"name": "t" * 65}),
+    admin_post("team_name_with_a_slash", TEAMS, 422, INVALID, "name", {"name": "a/b"}),
+    admin_post("team_name_number", TEAMS, 422, INVALID, "name", {"name": 7}),
+    admin_post(
         "team_unknown_field",
-        "POST",
-        "/v1/admin/teams",
+        TEAMS,
         422,
         INVALID,
         "max_active_jobs",
-        json={"name": "gamma", "max_active_jobs": 3},
-        who="admin",
+        {"name": "gamma", "max_active_jobs": 3},
     ),
-    Case(
-        "team_name_taken",
-        "POST",
-        "/v1/admin/teams",
-        409,
-        "team_exists",
-        "name",
-        json={"name": "alpha"},
-        who="admin",
-    ),
+    admin_post("team_name_taken", TEAMS, 409, "team_exists", "name", {"name": "alpha"}),
     Case(
         "patch_unknown_team",
         "PATCH",
@@ -690,46 +511,10 @@ CASES = [
         json={},
         who="admin",
     ),
-    Case(
-        "key_name_number",
-        "POST",
-        "/v1/admin/teams/{team}/keys",
-        422,
-        INVALID,
-        "name",
-        json={"name": 7},
-        who="admin",
-    ),
-    Case(
-        "key_name_201",
-        "POST",
-        "/v1/admin/teams/{team}/keys",
-        422,
-        INVALID,
-        "name",
-        json={"name": "k" * 201},
-        who="admin",
-    ),
-    Case(
-        "key_name_with_a_nul",
-        "POST",
-        "/v1/admin/teams/{team}/keys",
-        422,
-        INVALID,
-        "name",
-        json={"name": "a\x00b"},
-        who="admin",
-    ),
-    Case(
-        "key_unknown_field",
-        "POST",
-        "/v1/admin/teams/{team}/keys",
-        422,
-        INVALID,
-        "expires_at",
-        json={"expires_at": 0},
-        who="admin",
-    ),
+    admin_post("key_name_number", KEYS, 422, INVALID, "name", {"name": 7}),
+    admin_post("key_name_201", KEYS, 422, INVALID, "name", {"name": "k" * 201}),
+    admin_post("key_name_with_a_nul", KEYS, 422, INVALID, "name", {"name": "a\x00b"}),
+    admin_post("key_unknown_field", KEYS, 422, INVALID, "expires_at", {"expires_at": 0}),
     Case(
         "keys_of_unknown_team",
         "GET",
@@ -789,28 +574,21 @@ def _filled(value: Any, ids: dict[str, str]) -> Any:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_request(world: World, case: Case) -> None:
-    before = counts(world.app)
     key = ADMIN if case.who == "admin" else auth(world.key)
     headers = {**key, **case.headers}
     if case.content is not None:
         headers.setdefault("Content-Type", "application/json")
-    response = world.client.request(
-        case.method,
-        _filled(case.url, world.ids),
-        headers=headers,
-        json=_filled(case.json, world.ids) if case.content is None else None,
-        content=case.content,
-    )
-    assert response.status_code == case.status, response.text
-    assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == case.code, error
-    assert error["type"] == TYPES[case.status]
-    assert error["param"] == case.param, error
-    if case.message_has is not None:
-        assert case.message_has in error["message"], error
-    assert counts(world.app) == before
+    with corpus.unchanged(lambda: corpus.row_counts(world.app, *COUNTED)):
+        response = world.client.request(
+            case.method,
+            _filled(case.url, world.ids),
+            headers=headers,
+            json=_filled(case.json, world.ids) if case.content is None else None,
+            content=case.content,
+        )
+        corpus.assert_envelope(
+            response, case.status, case.code, param=case.param, message_has=case.message_has
+        )
 
 
 def test_metadata_filters_find_keys_that_need_escaping(world: World) -> None:
