@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/alignment_memory.py
 	$(PY) bench/eval.py
 	$(PY) bench/dispatch.py
+	$(PY) bench/api_load.py
 
 # The service end to end: zoo, asft serve, three jobs through the API, the table, stop.
 demo: setup

@@ -152,6 +152,8 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("team_id", "idempotency_key", name="uq_jobs_team_idempotency"),
         Index("ix_jobs_team_created", "team_id", "created_at", "id"),
+        # /metrics reads the last finished jobs at every scrape: without it, all jobs sorted.
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
 
@@ -216,6 +218,9 @@ class FineTunedModel(Base):
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     approved: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[int] = mapped_column(Integer, default=now)
+
+    # GET /v1/models lists a team's models newest first: without it, every team's are read.
+    __table_args__ = (Index("ix_fine_tuned_models_team_created", "team_id", "created_at"),)
 
 
 class AlignmentArtifactRow(Base):
