@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 
 # What GET /v1/fine_tuning/jobs/{id} answers for an asft job, with made-up ids: about the same
-# keys, nesting and size (~1.3 kB), so JSON encoding costs the same order of work.
+# keys, nesting and size (about 1.1 kB), so JSON encoding costs the same order of work.
 JOB_LIKE: dict[str, Any] = {
     "object": "fine_tuning.job",
     "id": "ftjob-BARExBAREyBAREyBAREyBARE",
