@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(CONSTRAINT_FLAGS) -e '.[worker,dev]'
 	touch $@
 
+# The tiny zoo is built (or reused) before pytest starts, so its first build (about 2.5 min,
+# longer on a loaded machine) is not cut off by the per-test timeout of the first test using it.
+TEST_CACHE ?= $(or $(ASFT_TEST_CACHE),var/test-cache)
 test: setup
+	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
