@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from api.broker import TRANSPORT
 from api.settings import Settings
 
 RUN_JOB_TASK = "asft.run_job"
@@ -21,6 +22,8 @@ def make_celery(settings: Settings) -> Celery:
         folders = {name: settings.broker_dir / name for name in ("out", "processed", "control")}
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
+        # Kombu's filesystem transport, with messages that appear whole (see api.broker).
+        app.conf.broker_transport = TRANSPORT
         app.conf.broker_transport_options = {
             "data_folder_in": str(folders["out"]),
             "data_folder_out": str(folders["out"]),

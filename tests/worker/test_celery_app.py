@@ -12,6 +12,7 @@ def test_embedded_default_uses_the_filesystem_broker(tmp_path: Path) -> None:
     app = make_celery(Settings(_env_file=None, data_dir=tmp_path))
     options = app.conf.broker_transport_options
     assert app.conf.broker_url == "filesystem://"
+    assert app.conf.broker_transport == "api.broker:Transport"  # messages appear whole
     assert Path(options["data_folder_in"]) == tmp_path / "broker" / "out"
     assert (tmp_path / "broker" / "out").is_dir()
     assert app.conf.task_acks_late is True

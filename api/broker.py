@@ -1,0 +1,74 @@
+"""The embedded default's broker: Kombu's filesystem transport, safe between processes.
+
+Kombu's own channel creates a message file and only then writes it, and a consumer polling
+the folder can take the file in between: it reads an empty message, and the Celery worker
+stops with an unrecoverable JSON error, leaving every queued job without a worker. Here a
+message is written whole under a name no consumer takes and renamed into place, and a
+consumer that still meets a file it cannot decode (one written by another program) sets it
+aside in ``rejected/`` and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+from kombu.transport import filesystem
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps, loads
+
+from api.storage import write_atomically
+
+logger = logging.getLogger("asft.broker")
+# The transport as Celery's ``broker_transport`` setting names it.
+TRANSPORT = "api.broker:Transport"
+
+
+class Channel(filesystem.Channel):
+    """A filesystem channel whose messages appear whole, or not at all."""
+
+    # Kombu's two base classes name the second parameter differently; callers pass it by
+    # position.
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        # The same names as Kombu's (creation order, then the queue), so both can share a
+        # folder during an upgrade.
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        write_atomically(Path(self.data_folder_out) / name, str_to_bytes(dumps(message)))
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        wanted = f"{queue}.msg"
+        inbox = Path(self.data_folder_in)
+        taken_folder = Path(self.processed_folder)
+        for name in sorted(os.listdir(inbox)):
+            if name.partition(".")[2] != wanted:
+                continue
+            taken = taken_folder / name
+            try:
+                # A rename in one filesystem: of several consumers exactly one wins.
+                os.rename(inbox / name, taken)
+            except FileNotFoundError:
+                continue
+            payload = taken.read_bytes()
+            try:
+                message = loads(bytes_to_str(payload))
+            except ValueError:
+                rejected = taken_folder.parent / "rejected"
+                rejected.mkdir(exist_ok=True)
+                os.replace(taken, rejected / name)
+                logger.error("broker message %s is not valid JSON; moved to %s", name, rejected)
+                continue
+            if not self.store_processed:
+                taken.unlink()
+            return message
+        raise Empty()
+
+
+class Transport(filesystem.Transport):
+    """Kombu's filesystem transport with :class:`Channel`."""
+
+    Channel = Channel

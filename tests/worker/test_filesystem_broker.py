@@ -1,0 +1,114 @@
+"""The embedded default's broker between real processes: every message whole, and once."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from queue import Empty
+
+from fastapi.testclient import TestClient
+from kombu import Connection
+
+from api.broker import Transport
+from asft_core.zoo import ZooPaths
+from tests.worker.conftest import create_job, upload_rows, wait_for_job
+
+PRODUCERS, CONSUMERS, PER_PRODUCER = 3, 2, 60
+# Messages of 2 MB take long enough to write that a consumer polling the folder meets one
+# half written on Kombu's own transport within a few dozen messages (seen failing every run).
+PADDING = 2_000_000
+
+
+def _connection(folder: Path) -> Connection:
+    for name in ("out", "processed", "control"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    return Connection(
+        "filesystem://",
+        transport=Transport,
+        transport_options={
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "polling_interval": 0.001,
+        },
+    )
+
+
+def _produce(folder: Path, producer: int) -> None:
+    with _connection(folder) as connection:
+        queue = connection.SimpleQueue("gpu")
+        for number in range(PER_PRODUCER):
+            queue.put({"producer": producer, "number": number, "padding": "x" * PADDING})
+
+
+def _consume(folder: Path, idle_s: float, out: Path) -> None:
+    received: list[list[int]] = []
+    with _connection(folder) as connection:
+        queue = connection.SimpleQueue("gpu")
+        last = time.monotonic()
+        while time.monotonic() - last < idle_s:
+            try:
+                message = queue.get(block=True, timeout=0.05)
+            except Empty:
+                continue
+            received.append([message.payload["producer"], message.payload["number"]])
+            message.ack()
+            last = time.monotonic()
+    out.write_text(json.dumps(received))
+
+
+def test_messages_cross_processes_whole_and_exactly_once(tmp_path: Path) -> None:
+    # Consumers poll while producers write, the race that stops a worker on Kombu's own
+    # transport (a consumer reading a message file before it was written).
+    spawn = multiprocessing.get_context("spawn")
+    consumers = [
+        spawn.Process(target=_consume, args=(tmp_path, 5.0, tmp_path / f"consumer-{n}.json"))
+        for n in range(CONSUMERS)
+    ]
+    producers = [spawn.Process(target=_produce, args=(tmp_path, n)) for n in range(PRODUCERS)]
+    for process in consumers + producers:
+        process.start()
+    for process in producers + consumers:
+        process.join(timeout=180)
+        assert process.exitcode == 0
+
+    received = [
+        tuple(pair)
+        for n in range(CONSUMERS)
+        for pair in json.loads((tmp_path / f"consumer-{n}.json").read_text())
+    ]
+    sent = {(producer, number) for producer in range(PRODUCERS) for number in range(PER_PRODUCER)}
+    assert len(received) == len(sent)  # nothing twice
+    assert set(received) == sent  # nothing lost
+    assert not (tmp_path / "rejected").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+    assert list((tmp_path / "processed").iterdir()) == []
+
+
+def test_a_worker_sets_aside_a_message_it_cannot_read_and_goes_on(
+    service_env: dict[str, str],
+    client: TestClient,
+    team_key: str,
+    zoo: ZooPaths,
+    start_worker: Callable[[], subprocess.Popen[bytes]],
+) -> None:
+    inbox = Path(service_env["ASFT_DATA_DIR"]) / "broker" / "out"
+    inbox.mkdir(parents=True, exist_ok=True)
+    # Written by something else than the service: empty, and cut off mid-message.
+    (inbox / "1_empty.gpu.msg").write_bytes(b"")
+    (inbox / "2_partial.gpu.msg").write_bytes(b'{"body": "eyJ')
+    worker = start_worker()
+
+    training = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.0), 40)
+    job_id = create_job(client, team_key, training, "asft", {"n_epochs": 1, "batch_size": 8})
+    job = wait_for_job(client, team_key, job_id, {"succeeded", "failed"}, timeout_s=180)
+
+    assert job["status"] == "succeeded" or job["error"]["code"] == "safety_gate_failed"
+    assert worker.poll() is None
+    rejected = Path(service_env["ASFT_DATA_DIR"]) / "broker" / "rejected"
+    assert sorted(p.name for p in rejected.iterdir()) == ["1_empty.gpu.msg", "2_partial.gpu.msg"]
