@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
+from api.cache import KeyGrant, ReadCaches
 from api.db.models import ApiKey, Team
 from api.errors import TooMany, Unauthorized
 from api.ratelimit import Decision, RateLimiter
@@ -97,7 +98,11 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         except BaseException:
             await run_in_threadpool(_end_session, session, False)
             raise
-        await run_in_threadpool(_end_session, session, True)
+        if session.in_transaction():
+            await run_in_threadpool(_end_session, session, True)
+        else:
+            # Nothing to commit and no connection held: closing does no I/O.
+            session.close()
 
 
 async def get_store(request: Request) -> ArtifactStore:
@@ -110,6 +115,12 @@ async def get_queue(request: Request) -> Celery:
     """The Celery app used to enqueue jobs (by task name)."""
     queue: Celery = request.app.state.queue
     return queue
+
+
+def read_caches(request: Request) -> ReadCaches:
+    """The process's read caches, for code that has the request."""
+    caches: ReadCaches = request.app.state.read_caches
+    return caches
 
 
 async def get_rate_limiter(request: Request) -> RateLimiter | None:
@@ -175,44 +186,89 @@ def _refuse(request: Request, limiter: RateLimiter | None, code: str, message: s
 _MISSING = ("missing_api_key", "send your API key as 'Authorization: Bearer <key>'")
 
 
-def current_team(
+def _grant_for(session: Session, presented: str) -> KeyGrant | None:
+    """What the key whose hash is ``presented`` grants; None when it is unknown or revoked.
+
+    Ends its transaction, so a request that needs nothing more from the database closes its
+    session without another trip to the thread pool.
+    """
+    found = session.scalars(select(ApiKey).where(ApiKey.key_hash == presented)).first()
+    session.commit()
+    # The database compares hashes, not keys: its timing could only tell how many leading
+    # digits of SHA-256(guess) match a stored hash, which says nothing about a key. The
+    # comparison here is in constant time all the same, so no step compares the key itself
+    # in variable time whatever the database does. (The cache's dictionary is keyed by the
+    # same hashes, for the same reason.)
+    if (
+        found is None
+        or found.revoked_at is not None
+        or not hmac.compare_digest(found.key_hash.encode(), presented.encode())
+    ):
+        return None
+    return KeyGrant(key_id=found.id, team_id=found.team_id)
+
+
+async def _hit(limiter: RateLimiter, identity: str, cost: int = 1) -> Decision | None:
+    """``limiter.hit``, from the thread pool when it waits on the network."""
+    if limiter.blocking:
+        return await run_in_threadpool(limiter.hit, identity, cost)
+    return limiter.hit(identity, cost)
+
+
+async def _refused(
+    request: Request, limiter: RateLimiter | None, code: str, message: str
+) -> Unauthorized:
+    """:func:`_refuse` without blocking the event loop on a networked limiter."""
+    if limiter is not None and limiter.blocking:
+        return await run_in_threadpool(_refuse, request, limiter, code, message)
+    return _refuse(request, limiter, code, message)
+
+
+async def current_team_id(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
     limiter: RateLimiterDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER_SCHEME)] = None,
-) -> Team:
-    """The team whose (unrevoked) key authenticates the request, within the key's rate limit.
+) -> str:
+    """The id of the team whose (unrevoked) key authenticates the request, within the key's
+    rate limit.
 
     The limit is counted per key id, so a team's keys have separate budgets; keys listed in
-    ``rate_limit_exempt_keys`` have none.
+    ``rate_limit_exempt_keys`` have none. Valid keys are cached while the database's change
+    notifications keep the cache exact (``api.cache``): a polling client costs no query here.
     """
     token = _bearer(request)
     if token is None:
-        raise _refuse(request, limiter, *_MISSING)
+        raise await _refused(request, limiter, *_MISSING)
     presented = hash_key(token)
-    # The key and its team in one round trip.
-    lookup = select(ApiKey, Team).join(Team, Team.id == ApiKey.team_id)
-    found = session.execute(lookup.where(ApiKey.key_hash == presented)).first()
-    key, team = found if found is not None else (None, None)
-    # The database compares hashes, not keys: its timing could only tell how many leading
-    # digits of SHA-256(guess) match a stored hash, which says nothing about a key. The
-    # comparison here is in constant time all the same, so no step compares the key itself
-    # in variable time whatever the database does.
-    if (
-        key is None
-        or key.revoked_at is not None
-        or not hmac.compare_digest(key.key_hash.encode(), presented.encode())
-    ):
-        raise _refuse(request, limiter, "invalid_api_key", "the API key is unknown or revoked")
-    if limiter is not None and key.id not in settings.rate_limit_exempt_key_ids:
-        decision = limiter.hit(f"key:{key.id}")
+    grants = read_caches(request).keys
+    grant = grants.get(presented)
+    if grant is None:
+        version = grants.version(presented)
+        grant = await run_in_threadpool(_grant_for, session, presented)
+        if grant is None:
+            raise await _refused(
+                request, limiter, "invalid_api_key", "the API key is unknown or revoked"
+            )
+        grants.put(presented, version, grant)
+    if limiter is not None and grant.key_id not in settings.rate_limit_exempt_key_ids:
+        decision = await _hit(limiter, f"key:{grant.key_id}")
         if decision is not None:
             if not decision.allowed:
                 raise rate_limited(decision)
             # RateLimitHeadersMiddleware puts the headers on the response, whatever its type.
             request.state.rate_limit = decision
-    assert team is not None
+    return grant.team_id
+
+
+CurrentTeamId = Annotated[str, Depends(current_team_id)]
+
+
+def current_team(session: SessionDep, team_id: CurrentTeamId) -> Team:
+    """The authenticated team's row, for routes that need more than its id."""
+    team = session.get(Team, team_id)
+    assert team is not None  # a key's team is deleted with its keys
     return team
 
 

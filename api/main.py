@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+from fastapi import FastAPI
+from sqlalchemy import make_url
+
+from api.cache import ChangeFeed, ReadCaches, forget_on_commit
 from api.db.session import engine_for, session_factory
 from api.errors import install_error_handlers
 from api.middleware import (
@@ -32,16 +37,45 @@ request carries `Authorization: Bearer <team key>`; errors use the envelope
 """
 
 
+def change_feed_dsn(database_url: str) -> str | None:
+    """The libpq address of ``database_url`` when it is PostgreSQL (which notifies changes)."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        return None
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Per serving process (each uvicorn worker builds its own app): its own feed and caches.
+    settings: Settings = app.state.settings
+    dsn = change_feed_dsn(settings.resolved_database_url) if settings.read_cache else None
+    feed = ChangeFeed(dsn, app.state.read_caches) if dsn is not None else None
+    app.state.change_feed = feed
+    if feed is not None:
+        feed.start()
+    try:
+        yield
+    finally:
+        if feed is not None:
+            feed.stop()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app for ``settings`` (the process settings by default)."""
     settings = settings or get_settings()
-    app = FastAPI(title="AsFT Service", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(
+        title="AsFT Service", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan
+    )
     app.state.settings = settings
     app.state.engine = engine_for(settings.resolved_database_url)
     app.state.sessions = session_factory(app.state.engine)
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
     app.state.queue = make_celery(settings)
     app.state.rate_limiter = make_rate_limiter(settings)
+    # Off until the lifespan's change feed listens (never on SQLite).
+    app.state.read_caches = ReadCaches()
+    forget_on_commit(app.state.sessions, app.state.read_caches)
     install_error_handlers(app)
     for module in (health, files, jobs, models, admin):
         app.include_router(module.router)

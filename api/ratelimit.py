@@ -86,6 +86,8 @@ class RateLimiter(Protocol):
     """A store of token buckets."""
 
     limit: int
+    # Whether hit() waits on the network (async code must call it from the thread pool).
+    blocking: bool
 
     def hit(self, identity: str, cost: int = 1) -> Decision | None:
         """Take ``cost`` tokens from ``identity``'s bucket when it holds at least one.
@@ -97,6 +99,8 @@ class RateLimiter(Protocol):
 
 class MemoryRateLimiter:
     """Buckets in this process (one uvicorn worker, the embedded default)."""
+
+    blocking = False
 
     def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         """``limit`` requests per minute per identity; ``clock`` in seconds (tests pass one)."""
@@ -155,6 +159,8 @@ return {allowed, tostring(tokens)}
 
 class RedisRateLimiter:
     """Buckets in Redis, shared by every API process using it."""
+
+    blocking = True
 
     def __init__(self, limit: int, url: str) -> None:
         """``limit`` requests per minute per identity, buckets in the Redis at ``url``."""

@@ -17,12 +17,15 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from api.cache import CachedJob
 from api.db.models import (
     Checkpoint,
     EvaluationReport,
@@ -33,7 +36,15 @@ from api.db.models import (
     Team,
     new_id,
 )
-from api.deps import CurrentTeam, QueueDep, SessionDep, SettingsDep, StoreDep
+from api.deps import (
+    CurrentTeam,
+    CurrentTeamId,
+    QueueDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    read_caches,
+)
 from api.errors import Conflict, NotFound, TooMany, Unprocessable
 from api.jobs.events import append_event
 from api.jobs.state import ACTIVE, TERMINAL, fine_tuned_name, transition
@@ -308,7 +319,7 @@ def _metadata_equals(session: SessionDep, key: str, value: str) -> ColumnElement
 @router.get("", response_model=Page[FineTuningJob], responses=errors(404))
 def list_jobs(
     request: Request,
-    team: CurrentTeam,
+    team_id: CurrentTeamId,
     session: SessionDep,
     after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -318,7 +329,7 @@ def list_jobs(
     ] = None,
 ) -> Page[FineTuningJob]:
     """The team's jobs, newest first; filter by ``status`` and by ``metadata[key]=value``."""
-    statement = team_rows(Job, team.id)
+    statement = team_rows(Job, team_id)
     if status is not None:
         statement = statement.where(Job.status == status)
     for key, value in _metadata_filters(request):
@@ -326,16 +337,43 @@ def list_jobs(
     # The cursor is looked up among all the team's jobs: the last job of a page may have
     # changed status since, and must not end the listing with invalid_cursor.
     rows, has_more = newest_first(
-        session, statement, Job, after, limit, cursor_scope=team_rows(Job, team.id)
+        session, statement, Job, after, limit, cursor_scope=team_rows(Job, team_id)
     )
     data = [job_object(row) for row in rows]
     return page_of(data, has_more)
 
 
+def _job_answer(session: Session, team_id: str, job_id: str) -> CachedJob:
+    """The job's answer as sent (raises the 404 for another team's job); ends the
+    transaction, so closing the session needs no trip to the thread pool."""
+    job = get_team_job(session, team_id, job_id)
+    session.commit()
+    return CachedJob(
+        team_id=job.team_id, body=job_object(job).model_dump_json(by_alias=True).encode()
+    )
+
+
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=errors(404))
-def get_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) -> FineTuningJob:
+async def get_job(
+    request: Request, team_id: CurrentTeamId, session: SessionDep, fine_tuning_job_id: str
+) -> Response:
     """One job."""
-    return job_object(get_team_job(session, team.id, fine_tuning_job_id))
+    # The polling path: served from the process's cache while the job has not changed (the
+    # database notifies every change; see api.cache), so most polls do no I/O at all.
+    jobs = read_caches(request).jobs
+    answer = jobs.get(fine_tuning_job_id)
+    if answer is None or answer.team_id != team_id:
+        version = jobs.version(fine_tuning_job_id)
+        answer = await run_in_threadpool(_job_answer, session, team_id, fine_tuning_job_id)
+        jobs.put(fine_tuning_job_id, version, answer)
+    return Response(answer.body, media_type="application/json")
+
+
+def _require_job(request: Request, session: Session, team_id: str, job_id: str) -> None:
+    """404 unless the team has job ``job_id`` (known from the cache when it holds the job)."""
+    answer = read_caches(request).jobs.get(job_id)
+    if answer is None or answer.team_id != team_id:
+        get_team_job(session, team_id, job_id)
 
 
 @router.post(
@@ -401,15 +439,16 @@ def start_job(
     "/{fine_tuning_job_id}/events", response_model=Page[JobEventObject], responses=errors(404)
 )
 def list_events(
-    team: CurrentTeam,
+    request: Request,
+    team_id: CurrentTeamId,
     session: SessionDep,
     fine_tuning_job_id: str,
     after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> Page[JobEventObject]:
     """The job's events, newest first (``metrics`` events carry per-step figures)."""
-    job = get_team_job(session, team.id, fine_tuning_job_id)
-    statement = select(JobEvent).where(JobEvent.job_id == job.id)
+    _require_job(request, session, team_id, fine_tuning_job_id)
+    statement = select(JobEvent).where(JobEvent.job_id == fine_tuning_job_id)
     rows, has_more = descending_by(
         session, statement, JobEvent, JobEvent.seq, after, limit, "event"
     )

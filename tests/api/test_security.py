@@ -33,7 +33,7 @@ from sqlalchemy import select
 
 from api.db.migrate import upgrade_head
 from api.db.models import ApiKey, File
-from api.deps import current_team, require_admin
+from api.deps import current_team_id, require_admin
 from api.main import create_app
 from api.middleware import MAX_HEADER_COUNT
 from api.ratelimit import (
@@ -136,7 +136,7 @@ def test_secrets_are_compared_with_compare_digest_on_equal_length_digests(
 
 
 def test_every_route_but_health_and_metrics_checks_a_key(app: FastAPI) -> None:
-    # current_team also applies the rate limit, so this is also "every team route is limited".
+    # current_team_id also applies the rate limit, so this is also "every team route is limited".
     public: set[str] = set()
     for context in iter_route_contexts(app.routes):
         route = context.original_route
@@ -147,7 +147,7 @@ def test_every_route_but_health_and_metrics_checks_a_key(app: FastAPI) -> None:
             dependant = stack.pop()
             calls.add(dependant.call)
             stack.extend(dependant.dependencies)
-        if current_team not in calls and require_admin not in calls:
+        if current_team_id not in calls and require_admin not in calls:
             public.add(route.path)
     assert public == PUBLIC_PATHS
 

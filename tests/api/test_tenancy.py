@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from starlette.routing import compile_path
 
-from api.deps import current_team, require_admin
+from api.deps import current_team_id, require_admin
 from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
 from tests.api.finished_jobs import FinishedJob, create_job, finish_job
 
@@ -90,7 +90,7 @@ def id_routes(app: FastAPI) -> list[IdRoute]:
         if not isinstance(route, APIRoute):
             pytest.fail(f"{path}: a {type(route).__name__} with path parameters; extend id_routes")
         checks = set(_calls(route.dependant))
-        if require_admin not in checks and current_team not in checks:
+        if require_admin not in checks and current_team_id not in checks:
             pytest.fail(f"{sorted(context.methods or ())} {path} takes an id but checks no key")
         found.extend(
             IdRoute(method, path, require_admin in checks) for method in context.methods or ()

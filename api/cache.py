@@ -1,0 +1,222 @@
+"""Read caches for the polling paths, kept exact by PostgreSQL's change notifications.
+
+Clients poll jobs, so most requests read rows that have not changed since the last poll. On
+PostgreSQL, triggers (migration 0003) send ``NOTIFY asft_changes`` with ``jobs:<id>`` when a
+job row changes and ``api_keys`` when any key does, from whichever process wrote them (API,
+worker or an operator's SQL), when the writing transaction commits. Each API process listens
+on a connection of its own (:class:`ChangeFeed`) and drops what changed from its caches, so a
+cached answer is never older than the notification's trip (milliseconds).
+
+Two rules keep that exact:
+- entries are stored only while the feed is listening; when its connection drops, the caches
+  are emptied and stay off until it listens again (notifications sent in between are lost);
+- a value read from the database is stored only if no notification for its key arrived
+  since the read began (:meth:`ChangeCache.version` before, :meth:`ChangeCache.put` after),
+  so a read that raced a write cannot store the older row.
+
+The API's own writes do not wait for that trip: a session from the app's factory forgets
+the jobs it changed when it commits (:func:`forget_on_commit`), so a client that cancels a job
+and polls it at once sees the cancel.
+
+SQLite has no notifications: there the caches stay off and every request reads the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.db.models import Job
+
+logger = logging.getLogger("asft.cache")
+CHANNEL = "asft_changes"
+V = TypeVar("V")
+# Session.info key: ids of the jobs a session changed (forgotten from the caches at commit).
+CHANGED_JOBS = "asft_changed_jobs"
+# How long the feed waits before listening again after its connection failed.
+RECONNECT_DELAY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Version:
+    """What :meth:`ChangeCache.put` compares: the cache's generation and the key's count."""
+
+    generation: int
+    changes: int
+
+
+class ChangeCache(Generic[V]):
+    """A bounded LRU map that forgets a key when it changes; thread-safe; off until enabled."""
+
+    def __init__(self, max_entries: int) -> None:
+        """Hold at most ``max_entries`` values (the least recently used go first)."""
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, V] = OrderedDict()
+        # Per key, how many changes were seen: kept for keys changed since the last reset
+        # (bounded: past max_entries keys, a reset starts over).
+        self._changes: dict[str, int] = {}
+        self._generation = 0
+        self._enabled = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether values may be stored (the feed is listening)."""
+        return self._enabled
+
+    def get(self, key: str) -> V | None:
+        """The cached value for ``key``, or None."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def version(self, key: str) -> Version:
+        """Take before reading ``key`` from the database; give to :meth:`put` after."""
+        with self._lock:
+            return Version(self._generation, self._changes.get(key, 0))
+
+    def put(self, key: str, version: Version, value: V) -> bool:
+        """Store ``value`` unless ``key`` changed (or the cache was reset) since ``version``."""
+        with self._lock:
+            if not self._enabled or version != Version(self._generation, self._changes.get(key, 0)):
+                return False
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+            return True
+
+    def changed(self, key: str) -> None:
+        """``key`` changed in the database: forget it, and refuse values read before now."""
+        with self._lock:
+            self._entries.pop(key, None)
+            if len(self._changes) >= self.max_entries:
+                self._reset_locked()
+            self._changes[key] = self._changes.get(key, 0) + 1
+
+    def reset(self, enabled: bool) -> None:
+        """Forget everything (any key may have changed); store values again only if ``enabled``."""
+        with self._lock:
+            self._reset_locked()
+            self._enabled = enabled
+
+    def _reset_locked(self) -> None:
+        self._entries.clear()
+        self._changes.clear()
+        self._generation += 1
+
+
+@dataclass(frozen=True)
+class KeyGrant:
+    """What a valid key grants: its id (for its rate limit) and its team."""
+
+    key_id: str
+    team_id: str
+
+
+@dataclass(frozen=True)
+class CachedJob:
+    """A job's answer as sent, and the team that may read it."""
+
+    team_id: str
+    body: bytes
+
+
+class ReadCaches:
+    """The caches one API process keeps: valid keys by hash, and job answers by job id."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        """Empty and off until a :class:`ChangeFeed` listens."""
+        self.keys: ChangeCache[KeyGrant] = ChangeCache(max_entries)
+        self.jobs: ChangeCache[CachedJob] = ChangeCache(max_entries)
+
+    def notified(self, payload: str) -> None:
+        """Apply one notification's payload (``jobs:<id>`` or ``api_keys``)."""
+        table, _, row_id = payload.partition(":")
+        if table == "jobs":
+            self.jobs.changed(row_id)
+        elif table == "api_keys":
+            # Rare (created, revoked), and a grant is keyed by hash, not id: forget them all.
+            self.keys.reset(self.keys.enabled)
+
+    def reset(self, enabled: bool) -> None:
+        """Forget everything; store again only if ``enabled``."""
+        self.keys.reset(enabled)
+        self.jobs.reset(enabled)
+
+
+class ChangeFeed:
+    """Listens for the database's change notifications and applies them to ``caches``.
+
+    Runs in a daemon thread with a psycopg connection of its own; reconnects after failures,
+    with the caches off in between.
+    """
+
+    def __init__(self, dsn: str, caches: ReadCaches) -> None:
+        """``dsn``: a libpq connection string or ``postgresql://`` URL."""
+        self.dsn, self.caches = dsn, caches
+        self._stop = threading.Event()
+        self.listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="change-feed", daemon=True)
+
+    def start(self) -> None:
+        """Begin listening in the background (the caches turn on once it listens)."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and turn the caches off."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.caches.reset(enabled=False)
+
+    def _run(self) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    # Whatever changed before LISTEN took effect was never notified.
+                    self.caches.reset(enabled=True)
+                    self.listening.set()
+                    while not self._stop.is_set():
+                        for note in connection.notifies(timeout=0.5):
+                            self.caches.notified(note.payload)
+            except Exception:  # the database restarting, or unreachable: try again shortly
+                if not self._stop.is_set():
+                    logger.warning("change feed lost its connection; caches off", exc_info=True)
+            self.listening.clear()
+            self.caches.reset(enabled=False)
+            self._stop.wait(RECONNECT_DELAY_S)
+
+
+def note_changed_job(session: Session, job_id: str) -> None:
+    """Record that ``session`` changed job ``job_id`` by a statement (not through its row)."""
+    session.info.setdefault(CHANGED_JOBS, set()).add(job_id)
+
+
+def forget_on_commit(sessions: sessionmaker[Session], caches: ReadCaches) -> None:
+    """Make ``sessions`` forget, from ``caches``, the jobs each one changed, once committed.
+
+    Changed rows are found at flush; ``UPDATE`` statements report theirs with
+    :func:`note_changed_job` (``api.jobs.state.transition`` does).
+    """
+
+    @event.listens_for(sessions, "before_flush")
+    def _collect(session: Session, _context: Any, _instances: Any) -> None:
+        for row in (*session.new, *session.dirty, *session.deleted):
+            if isinstance(row, Job):
+                note_changed_job(session, row.id)
+
+    @event.listens_for(sessions, "after_commit")
+    def _forget(session: Session) -> None:
+        for job_id in session.info.pop(CHANGED_JOBS, ()):
+            caches.jobs.changed(job_id)
