@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, TypeVar
 
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from api.cache import KeyGrant, ReadCaches
@@ -83,6 +84,22 @@ def _session_slots(request: Request) -> asyncio.Semaphore | None:
     return slots
 
 
+@contextlib.asynccontextmanager
+async def session_slot(request: Request) -> AsyncIterator[None]:
+    """Hold one of the app's session slots for the block (one per request: a request that
+    already holds one does not wait for a second, which could deadlock under load)."""
+    slots = _session_slots(request)
+    if slots is None or getattr(request.state, "holds_session_slot", False):
+        yield
+        return
+    async with slots:
+        request.state.holds_session_slot = True
+        try:
+            yield
+        finally:
+            request.state.holds_session_slot = False
+
+
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """A session that commits on success and rolls back on error, within a session slot.
 
@@ -90,9 +107,9 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     event loop; the commit or rollback and the close, which do, run in the thread pool in one
     hop. (A sync generator costs two hops: FastAPI runs its setup and its teardown there.)
     """
-    slots = _session_slots(request)
-    async with slots if slots is not None else contextlib.nullcontext():
+    async with session_slot(request):
         session: Session = request.app.state.sessions()
+        request.state.session = session
         try:
             yield session
         except BaseException:
@@ -103,6 +120,28 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         else:
             # Nothing to commit and no connection held: closing does no I/O.
             session.close()
+
+
+T = TypeVar("T")
+
+
+def _in_new_session(sessions: sessionmaker[Session], function: Callable[[Session], T]) -> T:
+    with sessions() as session:
+        return function(session)
+
+
+async def read_in_session(request: Request, function: Callable[[Session], T]) -> T:
+    """Run ``function(session)`` in the thread pool: in the request's session when it has
+    one, else in a short one of its own, within a session slot.
+
+    For async routes and dependencies that need the database only sometimes (cache misses),
+    so that a hit opens no session at all.
+    """
+    session: Session | None = getattr(request.state, "session", None)
+    if session is not None:
+        return await run_in_threadpool(function, session)
+    async with session_slot(request):
+        return await run_in_threadpool(_in_new_session, request.app.state.sessions, function)
 
 
 async def get_store(request: Request) -> ArtifactStore:
@@ -186,7 +225,7 @@ def _refuse(request: Request, limiter: RateLimiter | None, code: str, message: s
 _MISSING = ("missing_api_key", "send your API key as 'Authorization: Bearer <key>'")
 
 
-def _grant_for(session: Session, presented: str) -> KeyGrant | None:
+def _grant_for(session: Session, *, presented: str) -> KeyGrant | None:
     """What the key whose hash is ``presented`` grants; None when it is unknown or revoked.
 
     Ends its transaction, so a request that needs nothing more from the database closes its
@@ -226,9 +265,6 @@ async def _refused(
 
 async def current_team_id(
     request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    limiter: RateLimiterDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER_SCHEME)] = None,
 ) -> str:
     """The id of the team whose (unrevoked) key authenticates the request, within the key's
@@ -236,8 +272,12 @@ async def current_team_id(
 
     The limit is counted per key id, so a team's keys have separate budgets; keys listed in
     ``rate_limit_exempt_keys`` have none. Valid keys are cached while the database's change
-    notifications keep the cache exact (``api.cache``): a polling client costs no query here.
+    notifications keep the cache exact (``api.cache``): a polling client costs no query here,
+    and no other dependency (each costs FastAPI more than this function's own work).
     """
+    state = request.app.state
+    settings: Settings = state.settings
+    limiter: RateLimiter | None = state.rate_limiter
     token = _bearer(request)
     if token is None:
         raise await _refused(request, limiter, *_MISSING)
@@ -246,7 +286,7 @@ async def current_team_id(
     grant = grants.get(presented)
     if grant is None:
         version = grants.version(presented)
-        grant = await run_in_threadpool(_grant_for, session, presented)
+        grant = await read_in_session(request, functools.partial(_grant_for, presented=presented))
         if grant is None:
             raise await _refused(
                 request, limiter, "invalid_api_key", "the API key is unknown or revoked"
@@ -257,7 +297,7 @@ async def current_team_id(
         if decision is not None:
             if not decision.allowed:
                 raise rate_limited(decision)
-            # RateLimitHeadersMiddleware puts the headers on the response, whatever its type.
+            # RequestContextMiddleware puts the headers on the response, whatever its type.
             request.state.rate_limit = decision
     return grant.team_id
 
@@ -265,7 +305,7 @@ async def current_team_id(
 CurrentTeamId = Annotated[str, Depends(current_team_id)]
 
 
-def current_team(session: SessionDep, team_id: CurrentTeamId) -> Team:
+def current_team(team_id: CurrentTeamId, session: SessionDep) -> Team:
     """The authenticated team's row, for routes that need more than its id."""
     team = session.get(Team, team_id)
     assert team is not None  # a key's team is deleted with its keys

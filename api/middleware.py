@@ -65,37 +65,6 @@ class HeaderLimitMiddleware:
             await self.app(scope, receive, send)
 
 
-class RateLimitHeadersMiddleware:
-    """Put the rate-limit headers of the request's key on its response.
-
-    ``current_team`` decides (and answers 429 itself); it leaves the decision in the request's
-    state, and this adds the headers to whatever response the route returns (JSON, files).
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        """Wrap ``app``."""
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one request."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        # The same dict the route's ``request.state`` writes to, even if a layer copies scope.
-        state: dict[str, Any] = scope.setdefault("state", {})
-
-        async def send_with_headers(message: Message) -> None:
-            decision = state.get("rate_limit")
-            if message["type"] == "http.response.start" and decision is not None:
-                added = [
-                    (name.encode(), value.encode()) for name, value in decision.headers().items()
-                ]
-                message["headers"] = [*message.get("headers", []), *added]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 class BodyLimitMiddleware:
     """Refuse request bodies over their limit with a 413, without buffering them.
 
@@ -180,43 +149,23 @@ async def _respond(send: Send, status: int, code: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class RequestIdMiddleware:
-    """Give each request an id (``X-Request-ID`` when the client sends a sane one), put it in
-    the logs' context and echo it in the response."""
+class RequestContextMiddleware:
+    """What every answer gets, in one layer (each ASGI layer costs every request):
+
+    - a request id (``X-Request-ID`` when the client sends a sane one), in the logs' context
+      and echoed in the response;
+    - the rate-limit headers of the request's key: ``current_team_id`` decides (and answers
+      429 itself) and leaves its decision in the request's state, and they are added here to
+      whatever response the route returns (JSON, files);
+    - the request's count and latency, labelled by route template (not raw path: bounded).
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         """Wrap ``app``."""
         self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one request."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        identifier = given if _SAFE_ID.match(given) else uuid.uuid4().hex
-        token = logs.request_id.set(identifier)
-
-        async def tagged_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", identifier.encode()),
-                ]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tagged_send)
-        finally:
-            logs.request_id.reset(token)
-
-
-class MetricsMiddleware:
-    """Count requests and time them, labelled by route template (not raw path: bounded labels)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        """Wrap ``app``."""
-        self.app = app
+        # Prometheus's labels() costs a lookup and a lock; a dict of the children does not.
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._timers: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one request."""
@@ -224,17 +173,42 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status: dict[str, Any] = {"code": 500}
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        identifier = given.decode("latin-1")
+        if not _SAFE_ID.match(identifier):
+            identifier = uuid.uuid4().hex
+        token = logs.request_id.set(identifier)
+        # The same dict the route's ``request.state`` writes to, even if a layer copies scope.
+        state: dict[str, Any] = scope.setdefault("state", {})
+        status = 500
 
-        async def recording_send(message: Message) -> None:
+        async def decorated_send(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status = message["status"]
+                headers = [*message.get("headers", []), (b"x-request-id", identifier.encode())]
+                decision = state.get("rate_limit")
+                if decision is not None:
+                    headers += [(k.encode(), v.encode()) for k, v in decision.headers().items()]
+                message["headers"] = headers
             await send(message)
 
         try:
-            await self.app(scope, receive, recording_send)
+            await self.app(scope, receive, decorated_send)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            REQUESTS.labels(scope["method"], template, str(status["code"])).inc()
-            LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)
+            logs.request_id.reset(token)
+            self._record(scope, status, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        method = scope["method"]
+        template = getattr(scope.get("route"), "path", "unmatched")
+        counter = self._counters.get((method, template, status))
+        if counter is None:
+            counter = REQUESTS.labels(method, template, str(status))
+            self._counters[(method, template, status)] = counter
+        timer = self._timers.get((method, template))
+        if timer is None:
+            timer = LATENCY.labels(method, template)
+            self._timers[(method, template)] = timer
+        counter.inc()
+        timer.observe(seconds)

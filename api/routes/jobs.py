@@ -10,16 +10,16 @@ Token counts need the model's tokenizer, so the worker adds them while the job i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import secrets
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
@@ -44,6 +44,7 @@ from api.deps import (
     SettingsDep,
     StoreDep,
     read_caches,
+    read_in_session,
 )
 from api.errors import Conflict, NotFound, TooMany, Unprocessable
 from api.jobs.events import append_event
@@ -51,7 +52,7 @@ from api.jobs.state import ACTIVE, TERMINAL, fine_tuned_name, transition
 from api.pagination import descending_by, newest_first, team_rows
 from api.queue import enqueue_job
 from api.routes.files import get_team_file
-from api.schemas.common import Page, errors, page_of
+from api.schemas.common import Page, errors, json_page, page_of
 from api.schemas.jobs import (
     METADATA_MAX_KEYS,
     FineTuningJob,
@@ -327,9 +328,11 @@ def list_jobs(
         str | None,
         Query(pattern="^(validating_files|validated|queued|running|succeeded|failed|cancelled)$"),
     ] = None,
-) -> Page[FineTuningJob]:
+) -> Response:
     """The team's jobs, newest first; filter by ``status`` and by ``metadata[key]=value``."""
-    statement = team_rows(Job, team_id)
+    # Only the page's ids come from this query; each job's answer comes from the cache that
+    # get_job fills, and only the jobs it lacks are read whole.
+    statement = team_rows(Job, team_id).with_only_columns(Job.id)
     if status is not None:
         statement = statement.where(Job.status == status)
     for key, value in _metadata_filters(request):
@@ -339,24 +342,44 @@ def list_jobs(
     rows, has_more = newest_first(
         session, statement, Job, after, limit, cursor_scope=team_rows(Job, team_id)
     )
-    data = [job_object(row) for row in rows]
-    return page_of(data, has_more)
+    ids = cast(list[str], rows)  # the statement selects Job.id only
+    answers = _job_answers(request, session, team_id, ids)
+    # A job deleted between the two reads is left out.
+    listed = [job_id for job_id in ids if job_id in answers]
+    body = json_page([answers[job_id].body for job_id in listed], listed, has_more)
+    return Response(body, media_type="application/json")
 
 
-def _job_answer(session: Session, team_id: str, job_id: str) -> CachedJob:
-    """The job's answer as sent (raises the 404 for another team's job); ends the
-    transaction, so closing the session needs no trip to the thread pool."""
+def _job_answers(
+    request: Request, session: Session, team_id: str, ids: list[str]
+) -> dict[str, CachedJob]:
+    """The answers of the team's jobs ``ids``: cached ones, and the others read in one query
+    (and cached)."""
+    jobs = read_caches(request).jobs
+    answers: dict[str, CachedJob] = {}
+    for job_id in ids:
+        answer = jobs.get(job_id)
+        if answer is not None and answer.team_id == team_id:
+            answers[job_id] = answer
+    missing = [job_id for job_id in ids if job_id not in answers]
+    if missing:
+        versions = {job_id: jobs.version(job_id) for job_id in missing}
+        for job in session.scalars(select(Job).where(Job.id.in_(missing), Job.team_id == team_id)):
+            answer = CachedJob(team_id, job_object(job).model_dump_json(by_alias=True).encode())
+            jobs.put(job.id, versions[job.id], answer)
+            answers[job.id] = answer
+    return answers
+
+
+def _job_answer(session: Session, *, team_id: str, job_id: str) -> CachedJob:
+    """The job's answer as sent (raises the 404 for another team's job)."""
     job = get_team_job(session, team_id, job_id)
     session.commit()
-    return CachedJob(
-        team_id=job.team_id, body=job_object(job).model_dump_json(by_alias=True).encode()
-    )
+    return CachedJob(team_id, job_object(job).model_dump_json(by_alias=True).encode())
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=errors(404))
-async def get_job(
-    request: Request, team_id: CurrentTeamId, session: SessionDep, fine_tuning_job_id: str
-) -> Response:
+async def get_job(request: Request, team_id: CurrentTeamId, fine_tuning_job_id: str) -> Response:
     """One job."""
     # The polling path: served from the process's cache while the job has not changed (the
     # database notifies every change; see api.cache), so most polls do no I/O at all.
@@ -364,7 +387,8 @@ async def get_job(
     answer = jobs.get(fine_tuning_job_id)
     if answer is None or answer.team_id != team_id:
         version = jobs.version(fine_tuning_job_id)
-        answer = await run_in_threadpool(_job_answer, session, team_id, fine_tuning_job_id)
+        read = functools.partial(_job_answer, team_id=team_id, job_id=fine_tuning_job_id)
+        answer = await read_in_session(request, read)
         jobs.put(fine_tuning_job_id, version, answer)
     return Response(answer.body, media_type="application/json")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
@@ -52,6 +53,19 @@ class Page(BaseModel, Generic[T]):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+def json_page(items: list[bytes], ids: list[str], has_more: bool) -> bytes:
+    """A :class:`Page` as JSON, from its items already encoded (``ids``: theirs, in order)."""
+    tail = {
+        "has_more": has_more,
+        "first_id": ids[0] if ids else None,
+        "last_id": ids[-1] if ids else None,
+    }
+    return b'{"object":"list","data":[%b],%b' % (
+        b",".join(items),
+        json.dumps(tail, separators=(",", ":"))[1:].encode(),
+    )
 
 
 def page_of(data: list[T], has_more: bool) -> Page[T]:

@@ -146,7 +146,7 @@ def test_the_cached_answer_is_the_uncached_one(
     read = client.get(path, headers=auth(team_key)).json()
     cached = client.get(path, headers=auth(team_key)).json()
     listed = client.get("/v1/fine_tuning/jobs", headers=auth(team_key)).json()["data"]
-    assert read == cached == [job for job in listed if job["id"] == job_id][0]
+    assert read == cached == next(job for job in listed if job["id"] == job_id)
 
 
 def test_another_team_gets_404_for_a_cached_job(
