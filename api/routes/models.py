@@ -72,13 +72,21 @@ def get_model(team: CurrentTeam, session: SessionDep, model_id: str) -> ModelObj
     return fine_tuned_object(tuned)
 
 
+def _expanded(value: str) -> Path:
+    """``value`` as a path with ``~`` expanded (unexpanded when it names no user)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # "~nosuchuser/...": no home directory to expand to
+        return Path(value)
+
+
 def _check_reference(value: str, param: str) -> str:
     """The model reference to store: an existing folder as an absolute path, else a hub id.
 
     Folders are resolved here because the worker runs in another process (often another
     working directory) and model loaders do not expand ``~``.
     """
-    folder = Path(value).expanduser()
+    folder = _expanded(value)
     if folder.is_dir():
         return str(folder.resolve())
     if value.startswith(("/", ".", "~")) or value.count("/") != 1:
@@ -105,7 +113,7 @@ def register_model(session: SessionDep, body: ModelPairCreate) -> ModelObject:
     base_model = _check_reference(body.base_model, "base_model")
     eval_suite = None
     if body.eval_suite is not None:
-        suite = Path(body.eval_suite).expanduser()
+        suite = _expanded(body.eval_suite)
         if not suite.is_file():
             raise Unprocessable("eval_suite_not_found", "eval_suite is not a file", "eval_suite")
         eval_suite = str(suite.resolve())  # read by the worker, from its own directory

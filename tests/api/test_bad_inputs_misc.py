@@ -387,6 +387,23 @@ CASES = [
         "aligned_model",
         model(aligned_model="/no/such/folder"),
     ),
+    admin_post(
+        # Found by the fuzzer: expanding "~nosuchuser" raised, a 500.
+        "register_aligned_in_an_unknown_user_s_home",
+        MODELS,
+        422,
+        "model_path_not_found",
+        "aligned_model",
+        model(aligned_model="~nosuchuser/model"),
+    ),
+    admin_post(
+        "register_eval_suite_in_an_unknown_user_s_home",
+        MODELS,
+        422,
+        "eval_suite_not_found",
+        "eval_suite",
+        model(eval_suite="~nosuchuser/suite.json"),
+    ),
     admin_post("register_base_number", MODELS, 422, INVALID, "base_model", model(base_model=7)),
     admin_post(
         "register_base_relative_missing",
