@@ -4,8 +4,8 @@ Kombu's own channel creates a message file and only then writes it, and a consum
 the folder can take the file in between: it reads an empty message, and the Celery worker
 stops with an unrecoverable JSON error, leaving every queued job without a worker. Here a
 message is written whole under a name no consumer takes and renamed into place, and a
-consumer that still meets a file it cannot decode (one written by another program) sets it
-aside in ``rejected/`` and goes on.
+consumer that still meets a file it cannot decode (one written by another program) leaves
+it a few seconds to be finished, then sets it aside in ``rejected/`` and goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from api.storage import write_atomically
 logger = logging.getLogger("asft.broker")
 # The transport as Celery's ``broker_transport`` setting names it.
 TRANSPORT = "api.broker:Transport"
+# A message file this recent that cannot be decoded may still be being written by a program
+# that does not write atomically; it is only rejected once older.
+STILL_WRITTEN_S = 5.0
 
 
 class Channel(filesystem.Channel):
@@ -51,21 +54,30 @@ class Channel(filesystem.Channel):
             try:
                 # A rename in one filesystem: of several consumers exactly one wins.
                 os.rename(inbox / name, taken)
-            except FileNotFoundError:
+            except OSError:  # taken by another consumer (or unreadable): next one
                 continue
-            payload = taken.read_bytes()
             try:
-                message = loads(bytes_to_str(payload))
-            except ValueError:
-                rejected = taken_folder.parent / "rejected"
-                rejected.mkdir(exist_ok=True)
-                os.replace(taken, rejected / name)
-                logger.error("broker message %s is not valid JSON; moved to %s", name, rejected)
+                message = loads(bytes_to_str(taken.read_bytes()))
+            except (OSError, ValueError):
+                message = None
+            if not isinstance(message, dict):
+                self._set_aside(taken, inbox / name)
                 continue
             if not self.store_processed:
                 taken.unlink()
             return message
         raise Empty()
+
+    def _set_aside(self, taken: Path, original: Path) -> None:
+        """Move an unreadable message to ``rejected/``; a young one goes back to the inbox, as
+        another program (Kombu's own channel) may still be writing it."""
+        if time.time() - taken.stat().st_mtime < STILL_WRITTEN_S:
+            os.replace(taken, original)
+            return
+        rejected = taken.parent.parent / "rejected"
+        rejected.mkdir(exist_ok=True)
+        os.replace(taken, rejected / taken.name)
+        logger.error("broker message %s is not a message; moved to %s", taken.name, rejected)
 
 
 class Transport(filesystem.Transport):

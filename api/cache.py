@@ -15,8 +15,12 @@ Two rules keep that exact:
   so a read that raced a write cannot store the older row.
 
 The API's own writes do not wait for that trip: a session from the app's factory forgets
-the jobs it changed when it commits (:func:`forget_on_commit`), so a client that cancels a job
-and polls it at once sees the cancel.
+the jobs and keys it changed when it commits (:func:`forget_on_commit`), so a client that
+cancels a job and polls it at once sees the cancel, and a key revoked is refused at once.
+
+The feed makes a round trip every few seconds and its connection has TCP keepalives, so a
+connection that died silently turns the caches off within about 10 s; without the triggers
+(an API started before migration 0003) it never turns them on.
 
 SQLite has no notifications: there the caches stay off and every request reads the database.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -32,15 +37,34 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db.models import Job
+from api.db.models import ApiKey, Job
 
 logger = logging.getLogger("asft.cache")
 CHANNEL = "asft_changes"
 V = TypeVar("V")
 # Session.info key: ids of the jobs a session changed (forgotten from the caches at commit).
 CHANGED_JOBS = "asft_changed_jobs"
+# Session.info key: set when a session changed an API key (all grants are forgotten).
+CHANGED_KEYS = "asft_changed_keys"
 # How long the feed waits before listening again after its connection failed.
 RECONNECT_DELAY_S = 1.0
+# How often a feed that found no triggers looks again (an upgrade may be under way).
+TRIGGER_RECHECK_S = 30.0
+# The feed's connection as pg_stat_activity shows it.
+APPLICATION_NAME = "asft-change-feed"
+# How often the feed makes a round trip on its connection, to find a dead one.
+PING_INTERVAL_S = 5.0
+# libpq settings that bound how long a dead connection goes unnoticed (about 10 s), where
+# the system's defaults would take hours.
+DEAD_CONNECTION_LIMITS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+# Migration 0003's triggers, one per table whose changes are notified.
+TRIGGER_NAMES = ("asft_notify_job_change", "asft_notify_key_change")
 
 
 @dataclass(frozen=True)
@@ -128,6 +152,7 @@ class CachedJob:
 
     team_id: str
     body: bytes
+    status: str
 
 
 class ReadCaches:
@@ -179,23 +204,50 @@ class ChangeFeed:
 
     def _run(self) -> None:
         import psycopg
+        from psycopg.conninfo import make_conninfo
 
         while not self._stop.is_set():
+            delay_s = RECONNECT_DELAY_S
             try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as connection:
-                    connection.execute(f"LISTEN {CHANNEL}")
-                    # Whatever changed before LISTEN took effect was never notified.
-                    self.caches.reset(enabled=True)
-                    self.listening.set()
-                    while not self._stop.is_set():
-                        for note in connection.notifies(timeout=0.5):
-                            self.caches.notified(note.payload)
+                address = make_conninfo(
+                    self.dsn, application_name=APPLICATION_NAME, **DEAD_CONNECTION_LIMITS
+                )
+                with psycopg.connect(address, autocommit=True, connect_timeout=5) as connection:
+                    if not _triggers_installed(connection):
+                        logger.warning("change triggers missing (migration 0003); caches off")
+                        delay_s = TRIGGER_RECHECK_S
+                    else:
+                        connection.execute(f"LISTEN {CHANNEL}")
+                        # Whatever changed before LISTEN took effect was never notified.
+                        self.caches.reset(enabled=True)
+                        self.listening.set()
+                        self._listen(connection)
             except Exception:  # the database restarting, or unreachable: try again shortly
                 if not self._stop.is_set():
                     logger.warning("change feed lost its connection; caches off", exc_info=True)
             self.listening.clear()
             self.caches.reset(enabled=False)
-            self._stop.wait(RECONNECT_DELAY_S)
+            self._stop.wait(delay_s)
+
+    def _listen(self, connection: Any) -> None:
+        last_ping = time.monotonic()
+        while not self._stop.is_set():
+            for note in connection.notifies(timeout=0.5):
+                self.caches.notified(note.payload)
+            if time.monotonic() - last_ping >= PING_INTERVAL_S:
+                # A connection that died without a reset (a failover, a partition) raises
+                # here within the TCP limits, instead of leaving the caches on, unrefreshed.
+                connection.execute("SELECT 1")
+                last_ping = time.monotonic()
+
+
+def _triggers_installed(connection: Any) -> bool:
+    """Whether migration 0003's triggers exist (without them nothing would be notified)."""
+    found = connection.execute(
+        "SELECT count(*) FROM pg_trigger WHERE tgname IN (%s, %s) AND NOT tgisinternal",
+        TRIGGER_NAMES,
+    ).fetchone()
+    return bool(found and found[0] == len(TRIGGER_NAMES))
 
 
 def note_changed_job(session: Session, job_id: str) -> None:
@@ -215,8 +267,13 @@ def forget_on_commit(sessions: sessionmaker[Session], caches: ReadCaches) -> Non
         for row in (*session.new, *session.dirty, *session.deleted):
             if isinstance(row, Job):
                 note_changed_job(session, row.id)
+            elif isinstance(row, ApiKey):
+                session.info[CHANGED_KEYS] = True
 
     @event.listens_for(sessions, "after_commit")
     def _forget(session: Session) -> None:
         for job_id in session.info.pop(CHANGED_JOBS, ()):
             caches.jobs.changed(job_id)
+        if session.info.pop(CHANGED_KEYS, False):
+            # A key revoked here answers 401 from the next request on, not a moment later.
+            caches.notified("api_keys")

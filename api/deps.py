@@ -115,6 +115,8 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         except BaseException:
             await run_in_threadpool(_end_session, session, False)
             raise
+        finally:
+            request.state.session = None
         if session.in_transaction():
             await run_in_threadpool(_end_session, session, True)
         else:
@@ -308,7 +310,12 @@ CurrentTeamId = Annotated[str, Depends(current_team_id)]
 def current_team(team_id: CurrentTeamId, session: SessionDep) -> Team:
     """The authenticated team's row, for routes that need more than its id."""
     team = session.get(Team, team_id)
-    assert team is not None  # a key's team is deleted with its keys
+    if team is None:  # deleted (with its keys) since the key was checked
+        raise Unauthorized(
+            "invalid_api_key",
+            "the API key is unknown or revoked",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return team
 
 

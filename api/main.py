@@ -56,6 +56,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Everything loaded so far (modules, the app, its routes) lives as long as the process:
     # moved out of the collector's generations, full collections no longer walk it, which
     # paused a worker for tens of milliseconds (the list endpoints' p99).
+    gc.collect()  # frozen garbage would never be freed
     gc.freeze()
     try:
         yield

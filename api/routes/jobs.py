@@ -343,29 +343,43 @@ def list_jobs(
         session, statement, Job, after, limit, cursor_scope=team_rows(Job, team_id)
     )
     ids = cast(list[str], rows)  # the statement selects Job.id only
-    answers = _job_answers(request, session, team_id, ids)
-    # A job deleted between the two reads is left out.
+    answers = _job_answers(request, session, team_id, ids, status)
+    # A job deleted (or, filtered by status, changed) between the two reads is left out.
     listed = [job_id for job_id in ids if job_id in answers]
     body = json_page([answers[job_id].body for job_id in listed], listed, has_more)
     return Response(body, media_type="application/json")
 
 
+def job_answer(job: Job) -> CachedJob:
+    """What ``GET /v1/fine_tuning/jobs/{id}`` answers for ``job``, encoded, for the cache."""
+    body = job_object(job).model_dump_json(by_alias=True).encode()
+    return CachedJob(team_id=job.team_id, body=body, status=job.status)
+
+
 def _job_answers(
-    request: Request, session: Session, team_id: str, ids: list[str]
+    request: Request, session: Session, team_id: str, ids: list[str], status: str | None
 ) -> dict[str, CachedJob]:
-    """The answers of the team's jobs ``ids``: cached ones, and the others read in one query
-    (and cached)."""
+    """The answers of the team's jobs ``ids`` (with ``status``, when given): cached ones, and
+    the others read in one query (and cached)."""
     jobs = read_caches(request).jobs
     answers: dict[str, CachedJob] = {}
     for job_id in ids:
         answer = jobs.get(job_id)
-        if answer is not None and answer.team_id == team_id:
+        if (
+            answer is not None
+            and answer.team_id == team_id
+            and (status is None or answer.status == status)
+        ):
             answers[job_id] = answer
     missing = [job_id for job_id in ids if job_id not in answers]
     if missing:
         versions = {job_id: jobs.version(job_id) for job_id in missing}
-        for job in session.scalars(select(Job).where(Job.id.in_(missing), Job.team_id == team_id)):
-            answer = CachedJob(team_id, job_object(job).model_dump_json(by_alias=True).encode())
+        rows = select(Job).where(Job.id.in_(missing), Job.team_id == team_id)
+        if status is not None:
+            # A job that left the status since the page's ids were read is left out.
+            rows = rows.where(Job.status == status)
+        for job in session.scalars(rows):
+            answer = job_answer(job)
             jobs.put(job.id, versions[job.id], answer)
             answers[job.id] = answer
     return answers
@@ -375,7 +389,7 @@ def _job_answer(session: Session, *, team_id: str, job_id: str) -> CachedJob:
     """The job's answer as sent (raises the 404 for another team's job)."""
     job = get_team_job(session, team_id, job_id)
     session.commit()
-    return CachedJob(team_id, job_object(job).model_dump_json(by_alias=True).encode())
+    return job_answer(job)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=errors(404))

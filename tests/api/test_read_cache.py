@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from api.cache import ChangeCache, ChangeFeed
+from api.cache import APPLICATION_NAME, ChangeCache, ChangeFeed
 from api.main import change_feed_dsn
-from tests.api.conftest import auth
+from tests.api.conftest import ADMIN, auth
 from tests.api.finished_jobs import create_job
 
 NOTIFIED_WITHIN_S = 5.0
@@ -171,6 +171,16 @@ def test_a_key_revoked_elsewhere_stops_working(
     _eventually(lambda: client.get(path, headers=auth(team_key)).status_code == 401)
 
 
+def _drop_feed_connection(dsn: str) -> None:
+    """Terminate the feed's connection, as a PostgreSQL restart would."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND datname = current_database()",
+            (APPLICATION_NAME,),
+        )
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_lost_feed_turns_the_caches_off_until_it_listens_again(
     app: FastAPI,
@@ -188,12 +198,7 @@ def test_a_lost_feed_turns_the_caches_off_until_it_listens_again(
     assert app.state.read_caches.jobs.get(job_id) is not None
     dsn = change_feed_dsn(database_url)
     assert dsn is not None
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        # The listening connection is dropped, as a PostgreSQL restart would.
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE query LIKE 'LISTEN%' AND datname = current_database()"
-        )
+    _drop_feed_connection(dsn)
     _eventually(lambda: app.state.read_caches.jobs.get(job_id) is None)
     # A change made while nobody listens is not missed: the caches start empty again.
     writer(f"UPDATE jobs SET trained_tokens = 777 WHERE id = '{job_id}'")
@@ -201,3 +206,34 @@ def test_a_lost_feed_turns_the_caches_off_until_it_listens_again(
     _eventually(feed.listening.is_set)
     client.get(path, headers=auth(team_key))
     _eventually(lambda: app.state.read_caches.jobs.get(job_id) is not None)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_without_the_triggers_the_caches_stay_off(
+    app: FastAPI, feed: ChangeFeed | None, writer: Callable[[str], None], database_url: str
+) -> None:
+    # An API started on a database that migration 0003 has not reached: nothing would
+    # notify it of changes, so it must not cache.
+    assert feed is not None
+    writer("DROP TRIGGER asft_notify_job_change ON jobs")
+    dsn = change_feed_dsn(database_url)
+    assert dsn is not None
+    _drop_feed_connection(dsn)
+    _eventually(lambda: not feed.listening.is_set())
+    time.sleep(1.5)  # past the reconnect delay: it looked, and found no trigger
+    assert not feed.listening.is_set()
+    assert not app.state.read_caches.jobs.enabled
+
+
+def test_a_key_revoked_through_the_api_is_refused_at_once(
+    client: TestClient, make_team: Callable[[str], tuple[str, str]], feed: ChangeFeed | None
+) -> None:
+    team_id, key = make_team("gamma")
+    for _ in range(2):  # cached (on PostgreSQL)
+        assert client.get("/v1/fine_tuning/jobs", headers=auth(key)).status_code == 200
+    keys = client.get(f"/v1/admin/teams/{team_id}/keys", headers=ADMIN).json()["data"]
+    for listed in keys:
+        revoked = client.delete(f"/v1/admin/teams/{team_id}/keys/{listed['id']}", headers=ADMIN)
+        assert revoked.status_code == 200
+    # No wait for the notification: the revoking process forgot its grants at commit.
+    assert client.get("/v1/fine_tuning/jobs", headers=auth(key)).status_code == 401

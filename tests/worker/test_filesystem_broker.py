@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -99,9 +100,16 @@ def test_a_worker_sets_aside_a_message_it_cannot_read_and_goes_on(
 ) -> None:
     inbox = Path(service_env["ASFT_DATA_DIR"]) / "broker" / "out"
     inbox.mkdir(parents=True, exist_ok=True)
-    # Written by something else than the service: empty, and cut off mid-message.
-    (inbox / "1_empty.gpu.msg").write_bytes(b"")
-    (inbox / "2_partial.gpu.msg").write_bytes(b'{"body": "eyJ')
+    # Written by something else than the service: empty, cut off mid-message, not a message;
+    # a minute ago, so no longer being written.
+    broken = {
+        "1_empty.gpu.msg": b"",
+        "2_partial.gpu.msg": b'{"body": "eyJ',
+        "3_list.gpu.msg": b"[]",
+    }
+    for name, content in broken.items():
+        (inbox / name).write_bytes(content)
+        os.utime(inbox / name, (time.time() - 60, time.time() - 60))
     worker = start_worker()
 
     training = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.0), 40)
@@ -111,4 +119,4 @@ def test_a_worker_sets_aside_a_message_it_cannot_read_and_goes_on(
     assert job["status"] == "succeeded" or job["error"]["code"] == "safety_gate_failed"
     assert worker.poll() is None
     rejected = Path(service_env["ASFT_DATA_DIR"]) / "broker" / "rejected"
-    assert sorted(p.name for p in rejected.iterdir()) == ["1_empty.gpu.msg", "2_partial.gpu.msg"]
+    assert sorted(p.name for p in rejected.iterdir()) == sorted(broken)
