@@ -18,9 +18,15 @@ The API's own writes do not wait for that trip: a session from the app's factory
 the jobs and keys it changed when it commits (:func:`forget_on_commit`), so a client that
 cancels a job and polls it at once sees the cancel, and a key revoked is refused at once.
 
-The feed makes a round trip every few seconds and its connection has TCP keepalives, so a
-connection that died silently turns the caches off within about 10 s; without the triggers
-(an API started before migration 0003) it never turns them on.
+The feed does not take delivery on trust. Every couple of seconds it checks that the triggers
+exist and are enabled, and sends a probe notification that must come back to it before the
+next check; otherwise it turns the caches off and connects again. So triggers missing (an API
+started before migration 0003) or disabled, a pooler that does not forward notifications
+(PgBouncer in transaction mode), or a connection that died silently (a failover) leave the
+caches on for a few seconds at most. ``TRUNCATE`` fires no row trigger: a statement trigger
+(migration 0004) sends ``reset``, which forgets everything. Writes made with
+``session_replication_role = replica`` (some replication and restore tools) fire no trigger at
+all; run those with the API stopped.
 
 SQLite has no notifications: there the caches stay off and every request reads the database.
 """
@@ -28,6 +34,7 @@ SQLite has no notifications: there the caches stay off and every request reads t
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -52,19 +59,37 @@ RECONNECT_DELAY_S = 1.0
 TRIGGER_RECHECK_S = 30.0
 # The feed's connection as pg_stat_activity shows it.
 APPLICATION_NAME = "asft-change-feed"
-# How often the feed makes a round trip on its connection, to find a dead one.
-PING_INTERVAL_S = 5.0
-# libpq settings that bound how long a dead connection goes unnoticed (about 10 s), where
+# How often the feed checks the triggers and sends a probe, which must have come back by the
+# next check: the longest a lost feed leaves the caches on is about twice this.
+PROBE_INTERVAL_S = 2.0
+# How long after a probe came back the caches are still served: past it, a feed that could
+# not confirm again (its thread stuck on a hung connection) has them off.
+CONFIRMED_FOR_S = 2 * PROBE_INTERVAL_S + 2.0
+# Payload prefix of the feed's own probes.
+PROBE_PREFIX = "probe:"
+# libpq settings that bound how long a dead connection goes unnoticed (a few seconds), where
 # the system's defaults would take hours.
 DEAD_CONNECTION_LIMITS = {
     "keepalives": 1,
     "keepalives_idle": 5,
     "keepalives_interval": 2,
     "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,
+    "tcp_user_timeout": 5_000,
 }
-# Migration 0003's triggers, one per table whose changes are notified.
-TRIGGER_NAMES = ("asft_notify_job_change", "asft_notify_key_change")
+# The triggers whose notifications the caches rely on (migrations 0003 and 0004).
+TRIGGERS = {
+    "jobs": ("asft_notify_job_change", "asft_notify_job_truncate"),
+    "api_keys": ("asft_notify_key_change", "asft_notify_key_truncate"),
+}
+
+
+class FeedLost(Exception):
+    """The feed can no longer vouch that notifications reach it."""
+
+    def __init__(self, reason: str, retry_after_s: float = RECONNECT_DELAY_S) -> None:
+        """``retry_after_s``: how long to wait before connecting again."""
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -88,14 +113,25 @@ class ChangeCache(Generic[V]):
         self._changes: dict[str, int] = {}
         self._generation = 0
         self._enabled = False
+        # time.monotonic() past which nothing is served or stored until the feed confirms
+        # again that notifications reach it: a feed stuck on a hung connection cannot keep
+        # the caches on.
+        self._confirmed_until = float("inf")
 
     @property
     def enabled(self) -> bool:
         """Whether values may be stored (the feed is listening)."""
         return self._enabled
 
+    def confirm(self, until: float) -> None:
+        """The feed vouches for notifications until ``until`` (``time.monotonic()``)."""
+        with self._lock:
+            self._confirmed_until = until
+
     def get(self, key: str) -> V | None:
         """The cached value for ``key``, or None."""
+        if time.monotonic() > self._confirmed_until:
+            return None
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
@@ -110,7 +146,11 @@ class ChangeCache(Generic[V]):
     def put(self, key: str, version: Version, value: V) -> bool:
         """Store ``value`` unless ``key`` changed (or the cache was reset) since ``version``."""
         with self._lock:
-            if not self._enabled or version != Version(self._generation, self._changes.get(key, 0)):
+            if (
+                not self._enabled
+                or time.monotonic() > self._confirmed_until
+                or version != Version(self._generation, self._changes.get(key, 0))
+            ):
                 return False
             self._entries[key] = value
             self._entries.move_to_end(key)
@@ -131,6 +171,11 @@ class ChangeCache(Generic[V]):
         with self._lock:
             self._reset_locked()
             self._enabled = enabled
+
+    def forget_all(self) -> None:
+        """Forget everything and refuse values read before now; on or off stays as it is."""
+        with self._lock:
+            self._reset_locked()
 
     def _reset_locked(self) -> None:
         self._entries.clear()
@@ -164,18 +209,26 @@ class ReadCaches:
         self.jobs: ChangeCache[CachedJob] = ChangeCache(max_entries)
 
     def notified(self, payload: str) -> None:
-        """Apply one notification's payload (``jobs:<id>`` or ``api_keys``)."""
+        """Apply one notification's payload (``jobs:<id>``, ``api_keys`` or ``reset``)."""
         table, _, row_id = payload.partition(":")
         if table == "jobs":
             self.jobs.changed(row_id)
         elif table == "api_keys":
             # Rare (created, revoked), and a grant is keyed by hash, not id: forget them all.
-            self.keys.reset(self.keys.enabled)
+            self.keys.forget_all()
+        elif table == "reset":  # a table was truncated
+            self.keys.forget_all()
+            self.jobs.forget_all()
 
     def reset(self, enabled: bool) -> None:
         """Forget everything; store again only if ``enabled``."""
         self.keys.reset(enabled)
         self.jobs.reset(enabled)
+
+    def confirm(self, until: float) -> None:
+        """Serve entries until ``until`` (``time.monotonic()``) unless confirmed again."""
+        self.keys.confirm(until)
+        self.jobs.confirm(until)
 
 
 class ChangeFeed:
@@ -190,6 +243,8 @@ class ChangeFeed:
         self.dsn, self.caches = dsn, caches
         self._stop = threading.Event()
         self.listening = threading.Event()
+        # Every API process listens on the one channel: its probes carry its own token.
+        self._probe_token = f"{PROBE_PREFIX}{secrets.token_hex(8)}:"
         self._thread = threading.Thread(target=self._run, name="change-feed", daemon=True)
 
     def start(self) -> None:
@@ -213,15 +268,17 @@ class ChangeFeed:
                     self.dsn, application_name=APPLICATION_NAME, **DEAD_CONNECTION_LIMITS
                 )
                 with psycopg.connect(address, autocommit=True, connect_timeout=5) as connection:
-                    if not _triggers_installed(connection):
-                        logger.warning("change triggers missing (migration 0003); caches off")
-                        delay_s = TRIGGER_RECHECK_S
-                    else:
-                        connection.execute(f"LISTEN {CHANNEL}")
-                        # Whatever changed before LISTEN took effect was never notified.
-                        self.caches.reset(enabled=True)
-                        self.listening.set()
-                        self._listen(connection)
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    self._check_triggers(connection)
+                    # Whatever changed before LISTEN took effect was never notified.
+                    self.caches.reset(enabled=True)
+                    self.caches.confirm(time.monotonic() + CONFIRMED_FOR_S)
+                    self.listening.set()
+                    self._listen(connection)
+            except FeedLost as lost:
+                if not self._stop.is_set():
+                    logger.warning("change feed: %s; caches off", lost)
+                    delay_s = lost.retry_after_s
             except Exception:  # the database restarting, or unreachable: try again shortly
                 if not self._stop.is_set():
                     logger.warning("change feed lost its connection; caches off", exc_info=True)
@@ -230,24 +287,51 @@ class ChangeFeed:
             self._stop.wait(delay_s)
 
     def _listen(self, connection: Any) -> None:
-        last_ping = time.monotonic()
+        probes_sent = 0
+        probe_back = True
+        next_probe = time.monotonic() + PROBE_INTERVAL_S
         while not self._stop.is_set():
             for note in connection.notifies(timeout=0.5):
-                self.caches.notified(note.payload)
-            if time.monotonic() - last_ping >= PING_INTERVAL_S:
-                # A connection that died without a reset (a failover, a partition) raises
-                # here within the TCP limits, instead of leaving the caches on, unrefreshed.
-                connection.execute("SELECT 1")
-                last_ping = time.monotonic()
+                if note.payload == f"{self._probe_token}{probes_sent}":
+                    probe_back = True
+                    self.caches.confirm(time.monotonic() + CONFIRMED_FOR_S)
+                elif not note.payload.startswith(PROBE_PREFIX):
+                    self.caches.notified(note.payload)
+            if time.monotonic() < next_probe:
+                continue
+            if not probe_back:
+                # Notifications do not reach this connection (a pooler that drops them, or a
+                # connection that died silently, where this is quicker than TCP's limits).
+                raise FeedLost(f"probe {probes_sent} did not come back")
+            self._check_triggers(connection)
+            probes_sent += 1
+            probe_back = False
+            connection.execute(
+                "SELECT pg_notify(%s, %s)", (CHANNEL, f"{self._probe_token}{probes_sent}")
+            )
+            next_probe = time.monotonic() + PROBE_INTERVAL_S
 
-
-def _triggers_installed(connection: Any) -> bool:
-    """Whether migration 0003's triggers exist (without them nothing would be notified)."""
-    found = connection.execute(
-        "SELECT count(*) FROM pg_trigger WHERE tgname IN (%s, %s) AND NOT tgisinternal",
-        TRIGGER_NAMES,
-    ).fetchone()
-    return bool(found and found[0] == len(TRIGGER_NAMES))
+    @staticmethod
+    def _check_triggers(connection: Any) -> None:
+        """Raise :class:`FeedLost` unless every trigger the caches rely on exists, enabled."""
+        found = connection.execute(
+            "SELECT c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE c.relname = ANY(%s) AND pg_table_is_visible(c.oid) AND t.tgenabled <> 'D' "
+            "AND NOT t.tgisinternal",
+            (list(TRIGGERS),),
+        ).fetchall()
+        enabled = set(found)
+        missing = [
+            name
+            for table, names in TRIGGERS.items()
+            for name in names
+            if (table, name) not in enabled
+        ]
+        if missing:
+            raise FeedLost(
+                f"triggers missing or disabled ({', '.join(missing)}; migrations 0003-0004)",
+                retry_after_s=TRIGGER_RECHECK_S,
+            )
 
 
 def note_changed_job(session: Session, job_id: str) -> None:

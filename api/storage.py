@@ -14,6 +14,9 @@ import tarfile
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, BinaryIO
+
+from anyio import to_thread
 
 from api.errors import TooLarge
 
@@ -83,11 +86,10 @@ class ArtifactStore:
                             f"the file is larger than the limit of {max_bytes} bytes",
                             "file",
                         )
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, target)
+                    # Disk writes, hashing and the fsync run in a thread: on the event loop a
+                    # large upload to a slow disk would stall every request of this process.
+                    await to_thread.run_sync(_append, out, digest, chunk)
+                await to_thread.run_sync(_sync_and_rename, out, Path(temporary), target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -102,6 +104,17 @@ class ArtifactStore:
             path.rmdir()
         else:
             path.unlink(missing_ok=True)
+
+
+def _append(out: BinaryIO, digest: Any, chunk: bytes) -> None:
+    digest.update(chunk)
+    out.write(chunk)
+
+
+def _sync_and_rename(out: BinaryIO, temporary: Path, target: Path) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+    os.replace(temporary, target)
 
 
 def adapter_archive(folder: Path) -> tuple[Path, str]:

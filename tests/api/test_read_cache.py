@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,9 +12,18 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
-from api.cache import APPLICATION_NAME, ChangeCache, ChangeFeed
+from api.cache import (
+    APPLICATION_NAME,
+    CONFIRMED_FOR_S,
+    PROBE_INTERVAL_S,
+    RECONNECT_DELAY_S,
+    CachedJob,
+    ChangeCache,
+    ChangeFeed,
+    ReadCaches,
+)
 from api.main import change_feed_dsn
 from tests.api.conftest import ADMIN, auth
 from tests.api.finished_jobs import create_job
@@ -209,20 +220,65 @@ def test_a_lost_feed_turns_the_caches_off_until_it_listens_again(
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_without_the_triggers_the_caches_stay_off(
-    app: FastAPI, feed: ChangeFeed | None, writer: Callable[[str], None], database_url: str
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TRIGGER asft_notify_job_change ON jobs",
+        "ALTER TABLE api_keys DISABLE TRIGGER asft_notify_key_change",
+        "DROP TRIGGER asft_notify_job_truncate ON jobs",
+    ],
+    ids=["dropped", "disabled", "truncate-trigger-dropped"],
+)
+def test_a_trigger_gone_while_listening_turns_the_caches_off(
+    app: FastAPI, feed: ChangeFeed | None, writer: Callable[[str], None], sql: str
 ) -> None:
-    # An API started on a database that migration 0003 has not reached: nothing would
-    # notify it of changes, so it must not cache.
+    # Nothing would notify the API of such changes any more: it must stop caching, without
+    # waiting for its connection to drop, and stay off while the trigger is missing.
     assert feed is not None
-    writer("DROP TRIGGER asft_notify_job_change ON jobs")
-    dsn = change_feed_dsn(database_url)
-    assert dsn is not None
-    _drop_feed_connection(dsn)
-    _eventually(lambda: not feed.listening.is_set())
-    time.sleep(1.5)  # past the reconnect delay: it looked, and found no trigger
-    assert not feed.listening.is_set()
+    writer(sql)
+    _eventually(lambda: not feed.listening.is_set(), timeout_s=3 * PROBE_INTERVAL_S + 2)
     assert not app.state.read_caches.jobs.enabled
+    time.sleep(RECONNECT_DELAY_S + 0.5)  # past a reconnect: it looked again, and found none
+    assert not feed.listening.is_set()
+    assert not app.state.read_caches.keys.enabled
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_truncate_forgets_everything(
+    app: FastAPI,
+    client: TestClient,
+    team_key: str,
+    job_id: str,
+    feed: ChangeFeed | None,
+    writer: Callable[[str], None],
+) -> None:
+    # TRUNCATE fires no row trigger; migration 0004's statement triggers say "reset".
+    path = f"/v1/fine_tuning/jobs/{job_id}"
+    for _ in range(2):
+        assert client.get(path, headers=auth(team_key)).status_code == 200
+    assert app.state.read_caches.jobs.get(job_id) is not None
+    writer("TRUNCATE teams CASCADE")  # the keys and jobs go with their teams
+    _eventually(lambda: client.get(path, headers=auth(team_key)).status_code == 401)
+    assert app.state.read_caches.jobs.get(job_id) is None
+    assert feed is not None and feed.listening.is_set()  # still on: only the rows went
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_the_probes_of_another_process_do_not_count_as_its_own(
+    app: FastAPI, feed: ChangeFeed | None, database_url: str
+) -> None:
+    # Two API processes share the channel; each must hear its own probes to stay on.
+    dsn = change_feed_dsn(database_url)
+    assert feed is not None and dsn is not None
+    other = ChangeFeed(dsn, ReadCaches())
+    other.start()
+    try:
+        assert other.listening.wait(10)
+        time.sleep(3 * PROBE_INTERVAL_S)  # several probes each way
+        assert feed.listening.is_set() and other.listening.is_set()
+        assert app.state.read_caches.jobs.enabled
+    finally:
+        other.stop()
 
 
 def test_a_key_revoked_through_the_api_is_refused_at_once(
@@ -237,3 +293,68 @@ def test_a_key_revoked_through_the_api_is_refused_at_once(
         assert revoked.status_code == 200
     # No wait for the notification: the revoking process forgot its grants at commit.
     assert client.get("/v1/fine_tuning/jobs", headers=auth(key)).status_code == 401
+
+
+class _FreezableRelay:
+    """A TCP relay to PostgreSQL that can stop passing bytes while keeping its sockets open:
+    a hung pooler or a partitioned link, as the feed's connection sees it (the kernel still
+    acknowledges what the feed sends, so TCP's own limits never fire)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.frozen = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            far = socket.create_connection(self.upstream)
+            for source, target in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            while self.frozen.is_set():  # held, never delivered
+                time.sleep(0.05)
+            target.sendall(data)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_feed_on_a_hung_connection_stops_serving_within_its_confirmation(
+    database_url: str,
+) -> None:
+    url = make_url(database_url)
+    relay = _FreezableRelay(url.host or "127.0.0.1", url.port or 5432)
+    caches = ReadCaches()
+    answer = CachedJob(team_id="team-x", body=b"{}", status="running")
+    relayed = url.set(drivername="postgresql", host="127.0.0.1", port=relay.port)
+    feed = ChangeFeed(relayed.render_as_string(hide_password=False), caches)
+    feed.start()
+    try:
+        assert feed.listening.wait(10)
+        caches.jobs.put("ftjob-x", caches.jobs.version("ftjob-x"), answer)
+        time.sleep(2 * PROBE_INTERVAL_S)  # probes come back: still served
+        assert caches.jobs.get("ftjob-x") == answer
+        relay.frozen.set()
+        waited = _eventually(lambda: caches.jobs.get("ftjob-x") is None, CONFIRMED_FOR_S + 2)
+        assert waited <= CONFIRMED_FOR_S + 1
+        # Nothing read meanwhile is stored either.
+        assert not caches.jobs.put("ftjob-y", caches.jobs.version("ftjob-y"), answer)
+    finally:
+        relay.frozen.clear()
+        feed.stop()
+        relay.close()
