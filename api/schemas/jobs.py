@@ -90,7 +90,8 @@ class Hyperparameters(Strict):
         None, ge=1, le=4096, description="Keep the top-k eigenpairs of C (exact when unset)."
     )
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    # Only the documented names: "lambda_" or "asft_safelora" is an unknown field.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @field_validator("n_epochs")
     @classmethod
@@ -169,7 +170,8 @@ class Method(BaseModel):
     safelora: MethodBlock | None = None
     asft_safelora: MethodBlock | None = Field(None, alias="asft+safelora")
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    # Only the documented names: "lambda_" or "asft_safelora" is an unknown field.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="after")
     def _one_block(self) -> Method:
@@ -255,8 +257,8 @@ class JobCreate(BaseModel):
             # Each block is valid alone; merged (as resolve_method does) they must be too,
             # e.g. not a threshold in one and a module count in the other.
             merged = {
-                **self.hyperparameters.model_dump(exclude_none=True),
-                **method.block().hyperparameters.model_dump(exclude_none=True),
+                **self.hyperparameters.model_dump(exclude_none=True, by_alias=True),
+                **method.block().hyperparameters.model_dump(exclude_none=True, by_alias=True),
             }
             try:
                 Hyperparameters.model_validate(merged)

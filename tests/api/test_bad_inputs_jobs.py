@@ -259,6 +259,13 @@ CASES = [
         message_has="not a module name",
     ),
     Case("unknown_hyperparameter", lambda f: asft(f, lr=0.1), 422, INVALID, f"{ASFT}.lr"),
+    Case(
+        "python_spelling_of_lambda",
+        lambda f: asft(f, lambda_=10.0),
+        422,
+        INVALID,
+        f"{ASFT}.lambda_",
+    ),
     # -- methods --
     Case(
         "unknown_method_type",
@@ -284,6 +291,13 @@ CASES = [
         422,
         INVALID,
         "method.lora",
+    ),
+    Case(
+        "python_spelling_of_asft_safelora",
+        lambda f: valid(f, method={"type": "asft+safelora", "asft_safelora": {}}),
+        422,
+        INVALID,
+        "method.asft_safelora",
     ),
     Case(
         "threshold_and_num_modules",
