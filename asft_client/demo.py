@@ -120,6 +120,7 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
     print()
     print(f"{'model':<12} {'status':<10} {'harmful score':<24} {'accuracy':<24} gate")
     reference_shown = False
+    refusals: list[str] = []
     for job in jobs:
         try:
             report = client.report(job["id"])["report"]
@@ -136,11 +137,19 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
             reference_shown = True
         tuned = evaluation["fine_tuned"]
         verdict = "approved" if report["gate"]["approved"] else "FAILED"
+        failures = report["gate"]["failures"]
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            refusals.append(f"  {job['method']['type']}: {failures[0]}{more}")
         print(
             f"{job['method']['type']:<12} {job['status']:<10} "
             f"{percent_cell(tuned['safety']['overall']):<24} "
             f"{percent_cell((tuned.get('task') or {}).get('accuracy')):<24} {verdict}"
         )
+    if refusals:
+        # A refused adapter is still served, marked not approved: say why it was refused.
+        print("\nwhy the safety gate refused:")
+        print("\n".join(refusals))
     print()
     for job in jobs:
         if job["fine_tuned_model"]:
