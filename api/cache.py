@@ -18,23 +18,28 @@ The API's own writes do not wait for that trip: a session from the app's factory
 the jobs and keys it changed when it commits (:func:`forget_on_commit`), so a client that
 cancels a job and polls it at once sees the cancel, and a key revoked is refused at once.
 
-The feed does not take delivery on trust. Every couple of seconds it checks that the triggers
-exist and are enabled, and sends a probe notification that must come back to it before the
-next check; otherwise it turns the caches off and connects again. So triggers missing (an API
-started before migration 0003) or disabled, a pooler that does not forward notifications
-(PgBouncer in transaction mode), or a connection that died silently (a failover) leave the
-caches on for a few seconds at most. ``TRUNCATE`` fires no row trigger: a statement trigger
-(migration 0004) sends ``reset``, which forgets everything. Writes made with
-``session_replication_role = replica`` (some replication and restore tools) fire no trigger at
-all; run those with the API stopped.
+The feed does not take delivery on trust. Every 2 s it checks that the triggers exist and
+fire, and sends a probe notification from a second connection, which must reach the listening
+one before the next check; the caches turn on only once a probe has come back, and serve
+entries only until 6 s after the last returned probe was sent. So triggers missing (an API
+started before migration 0003) or disabled, a pooler that does not pass notifications on
+(PgBouncer in transaction mode), or a connection that died or hung silently (a failover, a
+partition) leave the caches on for 6 s at most; a watchdog then shuts down the sockets of a
+feed stuck on a hung connection so that it connects again. ``TRUNCATE`` fires no row
+trigger: a statement trigger (migration 0004) sends ``reset``, which forgets everything.
+Writes made with ``session_replication_role = replica`` (some replication and restore tools)
+fire no trigger at all; run those with the API stopped.
 
 SQLite has no notifications: there the caches stay off and every request reads the database.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -53,18 +58,22 @@ V = TypeVar("V")
 CHANGED_JOBS = "asft_changed_jobs"
 # Session.info key: set when a session changed an API key (all grants are forgotten).
 CHANGED_KEYS = "asft_changed_keys"
-# How long the feed waits before listening again after its connection failed.
+# How long the feed waits before listening again after its connection failed; doubled after
+# each failure in a row, up to TRIGGER_RECHECK_S.
 RECONNECT_DELAY_S = 1.0
 # How often a feed that found no triggers looks again (an upgrade may be under way).
 TRIGGER_RECHECK_S = 30.0
 # The feed's connection as pg_stat_activity shows it.
 APPLICATION_NAME = "asft-change-feed"
-# How often the feed checks the triggers and sends a probe, which must have come back by the
-# next check: the longest a lost feed leaves the caches on is about twice this.
+# How often the feed checks the triggers and sends a probe (from a second connection), which
+# must have come back by the next check.
 PROBE_INTERVAL_S = 2.0
-# How long after a probe came back the caches are still served: past it, a feed that could
-# not confirm again (its thread stuck on a hung connection) has them off.
+# How long after a returned probe was sent the caches are served: past it, a feed that could
+# not confirm again (its thread stuck on a hung connection) has them off. This bounds how
+# long a lost feed leaves the caches on.
 CONFIRMED_FOR_S = 2 * PROBE_INTERVAL_S + 2.0
+# How long past that the watchdog waits before it shuts a stuck feed's sockets down.
+WATCHDOG_GRACE_S = 2.0
 # Payload prefix of the feed's own probes.
 PROBE_PREFIX = "probe:"
 # libpq settings that bound how long a dead connection goes unnoticed (a few seconds), where
@@ -126,6 +135,9 @@ class ChangeCache(Generic[V]):
     def confirm(self, until: float) -> None:
         """The feed vouches for notifications until ``until`` (``time.monotonic()``)."""
         with self._lock:
+            if time.monotonic() > self._confirmed_until:
+                # Unconfirmed for a while: notifications may have been lost meanwhile.
+                self._reset_locked()
             self._confirmed_until = until
 
     def get(self, key: str) -> V | None:
@@ -217,8 +229,9 @@ class ReadCaches:
             # Rare (created, revoked), and a grant is keyed by hash, not id: forget them all.
             self.keys.forget_all()
         elif table == "reset":  # a table was truncated
-            self.keys.forget_all()
+            # Jobs first: once a key is refused, no job it could read is still served.
             self.jobs.forget_all()
+            self.keys.forget_all()
 
     def reset(self, enabled: bool) -> None:
         """Forget everything; store again only if ``enabled``."""
@@ -234,8 +247,10 @@ class ReadCaches:
 class ChangeFeed:
     """Listens for the database's change notifications and applies them to ``caches``.
 
-    Runs in a daemon thread with a psycopg connection of its own; reconnects after failures,
-    with the caches off in between.
+    Runs in a daemon thread with two psycopg connections of its own: one listens, the other
+    sends the probes (a session gets its own notifications back at once, which would prove
+    nothing). The caches turn on only once a probe has come back, and off whenever one is
+    late; a watchdog thread shuts down the sockets of a feed stuck on a hung connection.
     """
 
     def __init__(self, dsn: str, caches: ReadCaches) -> None:
@@ -245,79 +260,132 @@ class ChangeFeed:
         self.listening = threading.Event()
         # Every API process listens on the one channel: its probes carry its own token.
         self._probe_token = f"{PROBE_PREFIX}{secrets.token_hex(8)}:"
+        self._connections: list[Any] = []
+        # Held while a connection is closed or its socket shut down, so the watchdog never
+        # shuts down a descriptor that was closed and reused meanwhile.
+        self._connections_lock = threading.Lock()
+        self._confirmed_until = 0.0
         self._thread = threading.Thread(target=self._run, name="change-feed", daemon=True)
+        self._watchdog = threading.Thread(
+            target=self._watch, name="change-feed-watchdog", daemon=True
+        )
 
     def start(self) -> None:
-        """Begin listening in the background (the caches turn on once it listens)."""
+        """Begin listening in the background (the caches turn on once a probe came back)."""
         self._thread.start()
+        self._watchdog.start()
 
     def stop(self) -> None:
         """Stop listening and turn the caches off."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self._watchdog.join(timeout=5)
         self.caches.reset(enabled=False)
 
     def _run(self) -> None:
-        import psycopg
-        from psycopg.conninfo import make_conninfo
-
+        failures, last_reason = 0, ""
         while not self._stop.is_set():
             delay_s = RECONNECT_DELAY_S
             try:
-                address = make_conninfo(
-                    self.dsn, application_name=APPLICATION_NAME, **DEAD_CONNECTION_LIMITS
-                )
-                with psycopg.connect(address, autocommit=True, connect_timeout=5) as connection:
-                    connection.execute(f"LISTEN {CHANNEL}")
-                    self._check_triggers(connection)
-                    # Whatever changed before LISTEN took effect was never notified.
-                    self.caches.reset(enabled=True)
-                    self.caches.confirm(time.monotonic() + CONFIRMED_FOR_S)
-                    self.listening.set()
-                    self._listen(connection)
-            except FeedLost as lost:
+                self._listen()
+            except Exception as error:  # lost, or the database restarting or unreachable
+                if self.listening.is_set():  # it had worked: a new outage, counted afresh
+                    failures, last_reason = 0, ""
+                delay_s = min(RECONNECT_DELAY_S * 2**failures, TRIGGER_RECHECK_S)
+                if isinstance(error, FeedLost):
+                    delay_s = max(delay_s, error.retry_after_s)
+                reason = f"{type(error).__name__}: {error}".strip()
                 if not self._stop.is_set():
-                    logger.warning("change feed: %s; caches off", lost)
-                    delay_s = lost.retry_after_s
-            except Exception:  # the database restarting, or unreachable: try again shortly
-                if not self._stop.is_set():
-                    logger.warning("change feed lost its connection; caches off", exc_info=True)
-            self.listening.clear()
-            self.caches.reset(enabled=False)
+                    # Once per kind of failure, not every few seconds while it lasts.
+                    level = logging.WARNING if reason != last_reason else logging.DEBUG
+                    logger.log(
+                        level, "change feed: %s; caches off, again in %.0f s", reason, delay_s
+                    )
+                failures, last_reason = failures + 1, reason
+            finally:
+                self.caches.reset(enabled=False)
+                self.listening.clear()
+                self._close_connections()
             self._stop.wait(delay_s)
 
-    def _listen(self, connection: Any) -> None:
-        probes_sent = 0
-        probe_back = True
-        next_probe = time.monotonic() + PROBE_INTERVAL_S
+    def _connect(self) -> Any:
+        import psycopg
+        from psycopg.conninfo import make_conninfo
+
+        address = make_conninfo(
+            self.dsn, application_name=APPLICATION_NAME, **DEAD_CONNECTION_LIMITS
+        )
+        connection = psycopg.connect(address, autocommit=True, connect_timeout=5)
+        with self._connections_lock:
+            self._connections.append(connection)
+        return connection
+
+    def _listen(self) -> None:
+        """Listen until the stop or a failure (raised); the caches are on while confirmed."""
+        listener, prober = self._connect(), self._connect()
+        listener.execute(f"LISTEN {CHANNEL}")
+        own_pid = listener.info.backend_pid
+        probes_sent, sent_at, probe_back = 0, 0.0, True
+        next_probe = time.monotonic()
         while not self._stop.is_set():
-            for note in connection.notifies(timeout=0.5):
-                if note.payload == f"{self._probe_token}{probes_sent}":
-                    probe_back = True
-                    self.caches.confirm(time.monotonic() + CONFIRMED_FOR_S)
-                elif not note.payload.startswith(PROBE_PREFIX):
+            for note in listener.notifies(timeout=0.5):
+                if not note.payload.startswith(PROBE_PREFIX):
                     self.caches.notified(note.payload)
+                elif note.payload == f"{self._probe_token}{probes_sent}" and note.pid != own_pid:
+                    # Sent by the other connection and delivered to this one: what any
+                    # writer's notifications take. (A pooler that put both sessions on one
+                    # server connection fails here, as its LISTEN would not hold.)
+                    probe_back = True
+                    self._confirm(sent_at + CONFIRMED_FOR_S)
             if time.monotonic() < next_probe:
                 continue
             if not probe_back:
-                # Notifications do not reach this connection (a pooler that drops them, or a
-                # connection that died silently, where this is quicker than TCP's limits).
                 raise FeedLost(f"probe {probes_sent} did not come back")
-            self._check_triggers(connection)
-            probes_sent += 1
-            probe_back = False
-            connection.execute(
+            self._check_triggers(listener)
+            probes_sent, sent_at, probe_back = probes_sent + 1, time.monotonic(), False
+            prober.execute(
                 "SELECT pg_notify(%s, %s)", (CHANNEL, f"{self._probe_token}{probes_sent}")
             )
-            next_probe = time.monotonic() + PROBE_INTERVAL_S
+            next_probe = sent_at + PROBE_INTERVAL_S
+
+    def _confirm(self, until: float) -> None:
+        if not self.listening.is_set():
+            # The first probe back: from here on every change reaches this feed, and
+            # whatever changed before was never notified, so the caches start empty.
+            self.caches.reset(enabled=True)
+            self.listening.set()
+        self._confirmed_until = until
+        self.caches.confirm(until)
+
+    def _watch(self) -> None:
+        """Shut down the sockets of a feed whose thread is stuck on a hung connection (one
+        whose peer still acknowledges packets, so TCP's limits never fire)."""
+        while not self._stop.wait(1.0):
+            overdue_s = time.monotonic() - self._confirmed_until
+            if self.listening.is_set() and overdue_s > WATCHDOG_GRACE_S:
+                logger.warning("change feed: unconfirmed for %.0f s; dropping it", overdue_s)
+                with self._connections_lock:
+                    for connection in self._connections:
+                        _shut_down(connection)
+                self._confirmed_until = time.monotonic()  # once per stuck connection
+
+    def _close_connections(self) -> None:
+        with self._connections_lock:
+            while self._connections:
+                connection = self._connections.pop()
+                try:
+                    connection.close()
+                except Exception:  # already broken: nothing to close cleanly
+                    logger.debug("change feed: closing a connection failed", exc_info=True)
 
     @staticmethod
     def _check_triggers(connection: Any) -> None:
-        """Raise :class:`FeedLost` unless every trigger the caches rely on exists, enabled."""
+        """Raise :class:`FeedLost` unless every trigger the caches rely on exists and fires
+        in ordinary sessions ('O'rigin or 'A'lways)."""
         found = connection.execute(
             "SELECT c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-            "WHERE c.relname = ANY(%s) AND pg_table_is_visible(c.oid) AND t.tgenabled <> 'D' "
-            "AND NOT t.tgisinternal",
+            "WHERE c.relname = ANY(%s) AND pg_table_is_visible(c.oid) "
+            "AND t.tgenabled IN ('O', 'A') AND NOT t.tgisinternal",
             (list(TRIGGERS),),
         ).fetchall()
         enabled = set(found)
@@ -332,6 +400,17 @@ class ChangeFeed:
                 f"triggers missing or disabled ({', '.join(missing)}; migrations 0003-0004)",
                 retry_after_s=TRIGGER_RECHECK_S,
             )
+
+
+def _shut_down(connection: Any) -> None:
+    """Wake whatever waits on ``connection``'s socket with an error (a duplicate descriptor,
+    so the connection's own is never closed under it)."""
+    try:
+        duplicate = socket.socket(fileno=os.dup(connection.fileno()))
+    except Exception:  # closed meanwhile
+        return
+    with duplicate, contextlib.suppress(OSError):
+        duplicate.shutdown(socket.SHUT_RDWR)
 
 
 def note_changed_job(session: Session, job_id: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -263,24 +264,6 @@ def test_a_truncate_forgets_everything(
     assert feed is not None and feed.listening.is_set()  # still on: only the rows went
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_the_probes_of_another_process_do_not_count_as_its_own(
-    app: FastAPI, feed: ChangeFeed | None, database_url: str
-) -> None:
-    # Two API processes share the channel; each must hear its own probes to stay on.
-    dsn = change_feed_dsn(database_url)
-    assert feed is not None and dsn is not None
-    other = ChangeFeed(dsn, ReadCaches())
-    other.start()
-    try:
-        assert other.listening.wait(10)
-        time.sleep(3 * PROBE_INTERVAL_S)  # several probes each way
-        assert feed.listening.is_set() and other.listening.is_set()
-        assert app.state.read_caches.jobs.enabled
-    finally:
-        other.stop()
-
-
 def test_a_key_revoked_through_the_api_is_refused_at_once(
     client: TestClient, make_team: Callable[[str], tuple[str, str]], feed: ChangeFeed | None
 ) -> None:
@@ -297,46 +280,53 @@ def test_a_key_revoked_through_the_api_is_refused_at_once(
 
 class _FreezableRelay:
     """A TCP relay to PostgreSQL that can stop passing bytes while keeping its sockets open:
-    a hung pooler or a partitioned link, as the feed's connection sees it (the kernel still
+    a hung pooler or a partitioned link, as the feed's connections see it (the kernel still
     acknowledges what the feed sends, so TCP's own limits never fire)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.upstream = (host, port)
         self.frozen = threading.Event()
+        self._sockets: list[socket.socket] = []
         self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self._closed = threading.Event()
         self.port = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 near, _ = self._server.accept()
-            except OSError:  # closed
+            except TimeoutError:
+                continue
+            except OSError:
                 return
+            near.settimeout(None)
             far = socket.create_connection(self.upstream)
+            self._sockets += [near, far]
             for source, target in ((near, far), (far, near)):
                 threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
 
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        while True:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            while self.frozen.is_set():  # held, never delivered
-                time.sleep(0.05)
-            target.sendall(data)
+        try:
+            while data := source.recv(65536):
+                while self.frozen.is_set():  # held, not delivered
+                    time.sleep(0.05)
+                target.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
-        self._server.close()
+        self.frozen.clear()
+        self._closed.set()
+        for open_socket in [self._server, *self._sockets]:
+            open_socket.close()
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_feed_on_a_hung_connection_stops_serving_within_its_confirmation(
-    database_url: str,
-) -> None:
+def test_a_feed_on_a_hung_connection_stops_serving_then_recovers(database_url: str) -> None:
     url = make_url(database_url)
     relay = _FreezableRelay(url.host or "127.0.0.1", url.port or 5432)
     caches = ReadCaches()
@@ -350,11 +340,14 @@ def test_a_feed_on_a_hung_connection_stops_serving_within_its_confirmation(
         time.sleep(2 * PROBE_INTERVAL_S)  # probes come back: still served
         assert caches.jobs.get("ftjob-x") == answer
         relay.frozen.set()
-        waited = _eventually(lambda: caches.jobs.get("ftjob-x") is None, CONFIRMED_FOR_S + 2)
-        assert waited <= CONFIRMED_FOR_S + 1
-        # Nothing read meanwhile is stored either.
+        # Off within the confirmation of the last probe that came back (slack for a busy
+        # machine), and nothing read meanwhile is stored.
+        _eventually(lambda: caches.jobs.get("ftjob-x") is None, CONFIRMED_FOR_S + 2)
         assert not caches.jobs.put("ftjob-y", caches.jobs.version("ftjob-y"), answer)
-    finally:
         relay.frozen.clear()
+        # The link is back: the feed connects again and serves what it stores from then on.
+        _eventually(lambda: caches.jobs.put("ftjob-z", caches.jobs.version("ftjob-z"), answer), 40)
+        assert caches.jobs.get("ftjob-x") is None  # nothing from before the outage
+    finally:
         feed.stop()
         relay.close()
