@@ -439,4 +439,4 @@ def forget_on_commit(sessions: sessionmaker[Session], caches: ReadCaches) -> Non
             caches.jobs.changed(job_id)
         if session.info.pop(CHANGED_KEYS, False):
             # A key revoked here answers 401 from the next request on, not a moment later.
-            caches.notified("api_keys")
+            caches.keys.forget_all()

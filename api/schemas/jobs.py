@@ -90,7 +90,7 @@ class Hyperparameters(Strict):
         None, ge=1, le=4096, description="Keep the top-k eigenpairs of C (exact when unset)."
     )
 
-    # Only the documented names: "lambda_" or "asft_safelora" is an unknown field.
+    # Only the documented name: "lambda_" is an unknown field.
     model_config = ConfigDict(extra="forbid", strict=True)
 
     @field_validator("n_epochs")
@@ -170,7 +170,7 @@ class Method(BaseModel):
     safelora: MethodBlock | None = None
     asft_safelora: MethodBlock | None = Field(None, alias="asft+safelora")
 
-    # Only the documented names: "lambda_" or "asft_safelora" is an unknown field.
+    # Only the documented name: "asft_safelora" is an unknown field.
     model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="after")
