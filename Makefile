@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo miniature api serve clean
+.PHONY: setup test lint bench demo miniature frontier api serve clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ serve: setup
 PROFILE ?= full
 miniature: setup
 	$(PY) -m asft_core.experiments --profile $(PROFILE) --data-dir var
+
+# The safety-utility frontier (pre-registered in asft_core/experiments/frontier.json):
+# PROFILE=full (about 70 min on 2 cores; resumable), ci (a few minutes) or test.
+frontier: setup
+	$(PY) -m asft_core.experiments.frontier --profile $(PROFILE) --data-dir var
 
 # The REST API on the embedded default (migrates first; prints a key on first start).
 api: setup

@@ -7,6 +7,8 @@ Server side:
     asft worker [--queues gpu]      run a Celery worker (GPU jobs)
     asft serve [--port P]           one machine: migrate, then the API and one worker together
     asft admin create-team NAME     create a team and print its first API key
+    asft alignment inspect MODEL    a registered pair's alignment direction, per module, and
+                                    what AsFT does on it (or --base PATH --aligned PATH)
 
 The client commands (``asft files|jobs|models ...``) are ``asft_client.cli``'s; they talk to
 a running service over HTTP.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from api.settings import Settings, get_settings
@@ -190,6 +193,44 @@ def _create_team(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alignment_inspect(args: argparse.Namespace) -> int:
+    """Resolve the pair, then run ``asft_core.alignment_inspect`` in a subprocess (torch)."""
+    import subprocess
+
+    by_path = (args.base is not None, args.aligned is not None)
+    if by_path != ((False, False) if args.model is not None else (True, True)):
+        print("asft: give a registered model id, or --base and --aligned", file=sys.stderr)
+        return 2
+    settings = get_settings()
+    if args.model is not None:
+        from api.db.models import ModelPair
+        from api.db.session import transaction
+
+        engine, problem = _open_database(settings)
+        if problem is not None:
+            print(f"asft: {problem}", file=sys.stderr)
+            return 2
+        with transaction(engine) as session:
+            pair = session.get(ModelPair, args.model)
+            if pair is None:
+                print(f"asft: no registered model {args.model!r}", file=sys.stderr)
+                return 1
+            base, aligned = pair.base_model, pair.aligned_model
+    else:
+        base, aligned = args.base, args.aligned
+    # The worker's cache folder, so the artifact a job computed is the one inspected.
+    cache_dir = args.cache_dir or settings.resolved_cache_dir / "alignment"
+    command = [sys.executable, "-m", "asft_core.alignment_inspect", "--base", base]
+    command += ["--aligned", aligned, "--cache-dir", str(cache_dir)]
+    if args.target_modules is not None:
+        command += ["--target-modules", args.target_modules]
+    if args.tau is not None:
+        command += ["--tau", str(args.tau)]
+    if args.json:
+        command.append("--json")
+    return subprocess.run(command, check=False).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line grammar."""
     parser = argparse.ArgumentParser(prog="asft", description=__doc__.splitlines()[0])
@@ -217,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     create = admin.add_parser("create-team", help="create a team and print its key")
     create.add_argument("name")
     create.set_defaults(run=_create_team)
+    alignment = commands.add_parser("alignment", help="alignment directions").add_subparsers(
+        dest="alignment_command", required=True
+    )
+    inspect = alignment.add_parser(
+        "inspect", help="per-module facts of a pair's alignment direction, and its regime"
+    )
+    inspect.add_argument("model", nargs="?", help="a registered model id")
+    inspect.add_argument("--base", help="base model folder or hub id (instead of a model id)")
+    inspect.add_argument("--aligned", help="aligned model folder or hub id")
+    inspect.add_argument(
+        "--cache-dir", type=Path, help="alignment cache (default: the service's, ASFT_CACHE_DIR)"
+    )
+    inspect.add_argument("--target-modules", help="comma-separated, default q_proj,v_proj")
+    inspect.add_argument("--tau", type=float, help="energy share for k (default 0.5)")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(run=_alignment_inspect)
     add_client_commands(commands)
     return parser
 

@@ -11,7 +11,13 @@ The artifact is a safetensors file whose ``__metadata__`` records the module nam
 dtype, both model ids and fingerprints, and per module ||V||_F and the top eigenvalue of
 C = V V^T / ||V||_F, which is sigma_1^2 / ||V||_F. When that eigenvalue is tiny in every
 module, C is nearly zero and the AsFT penalty ||(I - C) B A||^2 is plain L2 on the update;
-the metadata flags this as ``degenerate`` so a user can see it before training.
+the metadata flags this as ``degenerate`` so a user can see it before training, and
+:func:`regime` says in words which of L2, projector-like or inverted the penalty is.
+
+The metadata also holds sigma_1, the stable rank ||V||_F^2 / sigma_1^2 and the number k of
+singular directions holding half of ||V||_F^2. :func:`alignment_subspaces` gives those top-k
+left singular vectors U_k themselves (for the projector penalties), computed once by exact SVD
+and cached in a sidecar file beside the artifact.
 """
 
 from __future__ import annotations
@@ -28,11 +34,26 @@ from typing import Any
 
 import torch
 
+from asft_core.penalty import energy_rank
+
 FORMAT_VERSION = 1
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 # Top eigenvalue of C below which C shrinks no direction by more than 1%: the penalty is then
 # within about 2% of plain L2 on the update.
 DEGENERATE_EIGENVALUE = 1e-2
+# The share of ||V||_F^2 the top-k singular directions must hold (k in the stats and sidecars).
+DEFAULT_SUBSPACE_ENERGY = 0.5
+# The artifact's stats hold the exact spectrum (hence k) up to this min(d_out, d_in): an SVD of
+# that size takes about 2 s on one CPU core; larger modules get sigma_1 by power iteration and
+# k from :func:`alignment_subspaces` instead.
+EXACT_SPECTRUM_MAX_DIM = 2048
+# A direction u_i of C is penalised (1 - lambda_i)^2 times as much as an orthogonal one.
+# Below 0.5 every direction keeps at least 25% of its L2 weight: AsFT reweights, frees nothing.
+L2_LIKE_EIGENVALUE = 0.5
+# From 0.5 to 1.5, (1 - lambda)^2 <= 25%: the top directions of V are nearly free, as intended.
+NEAR_PROJECTOR_EIGENVALUE = 1.5
+# Above 2, (1 - lambda)^2 > 1: directions inside V cost more than orthogonal ones.
+INVERTED_EIGENVALUE = 2.0
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -198,6 +219,34 @@ class ModuleStats:
     frobenius_norm: float  # ||V||_F
     top_eigenvalue: float  # lambda_1 of C = V V^T / ||V||_F, i.e. sigma_1^2 / ||V||_F
     top_energy_share: float  # sigma_1^2 / ||V||_F^2: how much of V lies in one direction
+    sigma_1: float  # the top singular value of V
+    stable_rank: float  # ||V||_F^2 / sigma_1^2 (0 for V = 0): how many directions V "uses"
+    # The fewest singular directions holding DEFAULT_SUBSPACE_ENERGY of ||V||_F^2, and the
+    # share they hold; None when not in the artifact (written before these fields, or a module
+    # larger than EXACT_SPECTRUM_MAX_DIM): alignment_subspaces computes them.
+    k: int | None
+    energy_top_k: float | None
+
+    @classmethod
+    def from_metadata(cls, values: dict[str, Any]) -> ModuleStats:
+        """Read one module's stats; artifacts written before sigma_1 and k still load."""
+        norm, top = float(values["frobenius_norm"]), float(values["top_eigenvalue"])
+        share = float(values["top_energy_share"])
+        sigma = values.get("sigma_1")
+        stable_rank = values.get("stable_rank")
+        k, energy = values.get("k"), values.get("energy_top_k")
+        return cls(
+            frobenius_norm=norm,
+            top_eigenvalue=top,
+            top_energy_share=share,
+            # lambda_1 = sigma_1^2 / ||V||_F and share = sigma_1^2 / ||V||_F^2 give the rest.
+            sigma_1=float(sigma) if sigma is not None else (top * norm) ** 0.5,
+            stable_rank=float(stable_rank)
+            if stable_rank is not None
+            else (1.0 / share if share > 0 else 0.0),
+            k=int(k) if k is not None else None,
+            energy_top_k=float(energy) if energy is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -232,7 +281,10 @@ class AlignmentArtifact:
         meta = header.get("__metadata__", {})
         if meta.get("asft_format") != str(FORMAT_VERSION):
             raise AlignmentError("invalid_artifact", f"{path} is not an AsFT alignment artifact")
-        stats = {name: ModuleStats(**values) for name, values in json.loads(meta["stats"]).items()}
+        stats = {
+            name: ModuleStats.from_metadata(values)
+            for name, values in json.loads(meta["stats"]).items()
+        }
         return cls(
             path=path,
             modules=json.loads(meta["modules"]),
@@ -253,11 +305,65 @@ class AlignmentArtifact:
             "dtype": self.dtype,
             "max_top_eigenvalue": self.max_top_eigenvalue,
             "degenerate": self.degenerate,
+            "regime": regime(self),
+            "subspace_energy": DEFAULT_SUBSPACE_ENERGY,
             "per_module": {
-                name: {"frobenius_norm": s.frobenius_norm, "top_eigenvalue": s.top_eigenvalue}
+                name: {
+                    "frobenius_norm": s.frobenius_norm,
+                    "top_eigenvalue": s.top_eigenvalue,
+                    "top_energy_share": s.top_energy_share,
+                    "sigma_1": s.sigma_1,
+                    "stable_rank": s.stable_rank,
+                    "k": s.k,
+                    "energy_top_k": s.energy_top_k,
+                }
                 for name, s in self.stats.items()
             },
         }
+
+
+def _short(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.1e}"
+
+
+def regime(artifact: AlignmentArtifact) -> str:
+    """One plain-words sentence: what the AsFT penalty does on this pair, and why.
+
+    Read from the largest top eigenvalue lambda of C over the modules: a direction u_i is
+    penalised (1 - lambda_i)^2 times as much as an orthogonal one (thresholds above).
+    """
+    top = artifact.max_top_eigenvalue
+    weights = [s.top_eigenvalue for s in artifact.stats.values()]
+    share = round(100 * (1 - top) ** 2)
+    if top < L2_LIKE_EIGENVALUE:
+        return (
+            f"AsFT acts as plain L2 on this pair: the top eigenvalue of C is {_short(top)} at "
+            f"most (< 1 leaves every direction penalised at least (1-{_short(top)})^2 = "
+            f"{share}% as much as an orthogonal one)."
+        )
+    if top <= NEAR_PROJECTOR_EIGENVALUE:
+        near = sum(L2_LIKE_EIGENVALUE <= w <= NEAR_PROJECTOR_EIGENVALUE for w in weights)
+        return (
+            f"AsFT acts as intended on this pair: the top eigenvalue of C is {top:.2f}, near 1 "
+            f"in {near} of {len(weights)} modules, so updates along V's top directions are "
+            f"nearly free (penalised ({top:.2f}-1)^2 = {share}% as much as an orthogonal one) "
+            "while the other directions pay full L2."
+        )
+    if top <= INVERTED_EIGENVALUE:
+        return (
+            f"AsFT only partly frees V's directions on this pair: the top eigenvalue of C is "
+            f"{top:.2f} (between {NEAR_PROJECTOR_EIGENVALUE} and {INVERTED_EIGENVALUE}), so "
+            f"the top direction is penalised ({top:.2f}-1)^2 = {share}% as much as an "
+            "orthogonal one: C overshoots a projector because ||V||_F is large."
+        )
+    above = sum(w > INVERTED_EIGENVALUE for w in weights)
+    return (
+        f"AsFT inverts on this pair: the top eigenvalue of C is {top:.2f} (> "
+        f"{INVERTED_EIGENVALUE:g} in {above} of {len(weights)} modules), so updates along V's "
+        f"top direction are penalised ({top:.2f}-1)^2 = {(top - 1) ** 2:.3g} times as much as "
+        "an orthogonal one, more than plain L2 would: ||V||_F is too large for C to act as a "
+        "projector."
+    )
 
 
 class StreamingSafetensorsWriter:
@@ -412,7 +518,8 @@ def _write_artifact(
     writer = StreamingSafetensorsWriter(
         template.path,
         [(m, _DTYPE_NAMES[out_dtype], tuple(template.shapes[m])) for m in template.modules],
-        metadata_reserve=2048 + 256 * len(template.modules),
+        # Each module name appears three times (modules, shapes, stats), next to its numbers.
+        metadata_reserve=2048 + sum(3 * len(m) + 448 for m in template.modules),
     )
     stats: dict[str, ModuleStats] = {}
     try:
@@ -429,18 +536,43 @@ def _write_artifact(
 
 
 def _module_stats(direction: torch.Tensor) -> ModuleStats:
-    norm = float(
-        torch.linalg.matrix_norm(direction.double() if direction.numel() < 1 << 20 else direction)
-    )
+    small = direction.numel() < 1 << 20
+    norm = float(torch.linalg.matrix_norm(direction.double() if small else direction))
     if norm == 0.0:
-        return ModuleStats(0.0, 0.0, 0.0)
-    sigma = top_singular_value(direction)
-    return ModuleStats(norm, sigma**2 / norm, sigma**2 / norm**2)
+        return ModuleStats(0.0, 0.0, 0.0, sigma_1=0.0, stable_rank=0.0, k=0, energy_top_k=0.0)
+    k: int | None = None
+    energy: float | None = None
+    if min(direction.shape) <= EXACT_SPECTRUM_MAX_DIM:
+        singular_values = torch.linalg.svdvals(direction.double() if small else direction.float())
+        sigma = float(singular_values[0])
+        k = energy_rank(singular_values, DEFAULT_SUBSPACE_ENERGY)
+        energy = _energy_share(singular_values, k)
+    else:
+        sigma = top_singular_value(direction)
+    return ModuleStats(
+        frobenius_norm=norm,
+        top_eigenvalue=sigma**2 / norm,
+        top_energy_share=sigma**2 / norm**2,
+        sigma_1=sigma,
+        stable_rank=norm**2 / sigma**2,
+        k=k,
+        energy_top_k=energy,
+    )
+
+
+def _energy_share(singular_values: torch.Tensor, k: int) -> float:
+    """sum_{i<k} sigma_i^2 / sum_i sigma_i^2 (0 for an all-zero spectrum)."""
+    energies = singular_values.double() ** 2
+    total = float(energies.sum())
+    return float(energies[:k].sum()) / total if total > 0 else 0.0
 
 
 def _metadata(artifact: AlignmentArtifact) -> dict[str, str]:
     def floats(value: float) -> str:
         return f"{value:.9e}"
+
+    def number(value: float | int | None) -> float | int | None:
+        return value if value is None or isinstance(value, int) else float(floats(value))
 
     return {
         "asft_format": str(FORMAT_VERSION),
@@ -454,7 +586,7 @@ def _metadata(artifact: AlignmentArtifact) -> dict[str, str]:
         "aligned_fingerprint": artifact.aligned_fingerprint,
         "stats": json.dumps(
             {
-                name: {key: float(floats(value)) for key, value in vars(s).items()}
+                name: {key: number(value) for key, value in vars(s).items()}
                 for name, s in artifact.stats.items()
             }
         ),
@@ -577,3 +709,158 @@ def save_directions(
         stats={},
     )
     return _write_artifact(template, ((m, v.float()) for m, v in directions.items()))
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """The top singular directions of one module's V, as many as hold a share tau of its energy.
+
+    Attributes:
+        basis: U_k, (d_out, k) float32: the top-k left singular vectors of V (orthonormal
+            columns up to float32 rounding). k = 0 only for V = 0.
+        singular_values: every sigma_i of V, (min(d_out, d_in),) float64, descending.
+        k: the number of columns, energy_rank(singular_values, tau), capped by ``max_k``.
+        tau: the share of ||V||_F^2 the full (uncapped) k was chosen to hold.
+    """
+
+    basis: torch.Tensor
+    singular_values: torch.Tensor
+    k: int
+    tau: float
+
+    @property
+    def energy(self) -> float:
+        """The share of ||V||_F^2 held by the k directions of ``basis``."""
+        return _energy_share(self.singular_values, self.k)
+
+
+SUBSPACE_FORMAT_VERSION = 1
+
+
+def subspace_sidecar_path(path: Path, tau: float) -> Path:
+    """Where :func:`alignment_subspaces` caches the subspaces of the artifact at ``path``."""
+    return path.with_name(f"{path.stem}.subspace-{tau:g}.safetensors")
+
+
+def alignment_subspaces(
+    path: Path,
+    tau: float = DEFAULT_SUBSPACE_ENERGY,
+    max_k: int | None = None,
+    modules: Iterable[str] | None = None,
+) -> dict[str, Subspace]:
+    """Module name -> the top-k left singular vectors of its V, k holding ``tau`` of the energy.
+
+    Each V is read from the artifact at ``path`` one at a time and decomposed by an exact SVD
+    (float64 up to EXACT_SPECTRUM_MAX_DIM, float32 beyond). The result is cached beside the
+    artifact (:func:`subspace_sidecar_path`), written atomically under a file lock and tied
+    to the artifact's fingerprint, so later calls read it instead of recomputing; asking for
+    modules the sidecar lacks computes just those and rewrites it.
+
+    Args:
+        path: an alignment artifact.
+        tau: share of ||V||_F^2 to hold, in (0, 1].
+        max_k: keep at most this many directions (the sidecar keeps them all).
+        modules: the modules wanted (default: all of the artifact's).
+    """
+    from filelock import FileLock
+
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if max_k is not None and max_k < 0:
+        raise ValueError(f"max_k must be at least 0, got {max_k}")
+    artifact = AlignmentArtifact.load(path)
+    wanted = list(modules) if modules is not None else artifact.modules
+    missing = sorted(set(wanted) - set(artifact.modules))
+    if missing:
+        raise AlignmentError(
+            "missing_module",
+            f"the alignment artifact has no direction for: {', '.join(missing[:5])}",
+        )
+    sidecar = subspace_sidecar_path(path, tau)
+    fingerprint = _file_fingerprint(path)
+    with FileLock(str(sidecar.with_name(sidecar.name + ".lock"))):
+        cached = _read_sidecar(sidecar, fingerprint, tau)
+        todo = [name for name in wanted if name not in cached]
+        if todo:
+            entries = tensor_index_of_file(path)
+            for name in todo:  # one V in memory at a time
+                cached[name] = _top_subspace(read_tensor(entries[name]), tau)
+            _write_sidecar(sidecar, cached, fingerprint, tau)
+    subspaces = {}
+    for name in wanted:
+        basis, singular_values = cached[name]
+        if max_k is not None:
+            basis = basis[:, :max_k]
+        subspaces[name] = Subspace(basis, singular_values, basis.shape[1], tau)
+    return subspaces
+
+
+def _top_subspace(direction: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    exact = min(direction.shape) <= EXACT_SPECTRUM_MAX_DIM
+    u, singular_values, _ = torch.linalg.svd(
+        direction.double() if exact else direction.float(), full_matrices=False
+    )
+    k = energy_rank(singular_values, tau)
+    return u[:, :k].float().contiguous(), singular_values.double()
+
+
+def _file_fingerprint(path: Path) -> str:
+    """sha256 of a file's header, size and modification time: changes when it is rewritten."""
+    raw, _ = read_header(path)
+    stat = path.stat()
+    return hashlib.sha256(raw + f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+
+
+def _read_sidecar(
+    sidecar: Path, fingerprint: str, tau: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The sidecar's (basis, singular values) per module; empty if absent, stale or another
+    tau's (two taus can share a file name once rounded)."""
+    if not sidecar.exists():
+        return {}
+    try:
+        _, header = read_header(sidecar)
+        meta = header.get("__metadata__", {})
+        if (
+            meta.get("asft_subspace_format") != str(SUBSPACE_FORMAT_VERSION)
+            or meta.get("artifact_fingerprint") != fingerprint
+            or meta.get("tau") != repr(tau)
+        ):
+            return {}
+        entries = tensor_index_of_file(sidecar)
+        return {
+            name: (read_tensor(entries[f"{name}/basis"]), read_tensor(entries[f"{name}/sigma"]))
+            for name in json.loads(meta["modules"])
+        }
+    except (OSError, ValueError, KeyError, struct.error):
+        return {}  # unreadable (say, cut short by a crash): it is only a cache, recompute
+
+
+def _write_sidecar(
+    sidecar: Path,
+    subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    fingerprint: str,
+    tau: float,
+) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (basis, singular_values) in subspaces.items():
+        tensors[f"{name}/basis"] = basis.contiguous()
+        tensors[f"{name}/sigma"] = singular_values.contiguous()
+    metadata = {
+        "asft_subspace_format": str(SUBSPACE_FORMAT_VERSION),
+        "artifact_fingerprint": fingerprint,
+        "tau": repr(tau),
+        "modules": json.dumps(list(subspaces)),
+    }
+    handle, temp = tempfile.mkstemp(prefix=f".{sidecar.name}-", dir=sidecar.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp, sidecar)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -10,6 +10,13 @@ C is never formed. With X = (I - C) B = B - V (V^T B) / ||V||_F, a (d_out, r) ma
 
 which costs two (d x d x r) products per module instead of a d^3 one and d^2 memory.
 Everything is computed in float32 at least (float64 inputs stay float64, for the tests).
+
+The study's controls are projector penalties: with U (d_out, k) orthonormal columns,
+||(I - U U^T) B A||_F^2 ("outside": only the part of the update outside span U is paid for)
+or ||U U^T B A||_F^2 ("inside"). With k = 0, "outside" is plain L2 on the update. The bases
+come from the alignment direction's top singular vectors, from random ones among its
+singular vectors, or from Haar-random subspaces (``top_basis``, ``random_singular_basis``,
+``haar_basis``).
 """
 
 from __future__ import annotations
@@ -196,3 +203,198 @@ class AsftRegularizer:
             else:
                 raise ValueError(f"no alignment direction for LoRA module {name!r}")
         return self.lam * torch.stack(terms).sum()
+
+
+def projector_penalty(
+    lora_A: Tensor,
+    lora_B: Tensor,
+    basis: Tensor,
+    scaling: float = 1.0,
+    inside: bool = False,
+) -> Tensor:
+    """||(I - U U^T) dW||_F^2 (or ||U U^T dW||_F^2 with ``inside``), dW = scaling * B A.
+
+    Never forms a d x d matrix: with G = A A^T (r, r) and X = (I - U U^T) B = B - U (U^T B)
+    (d_out, r), the outside penalty is sum((X^T X) * G) and the inside one is
+    sum(((U^T B)^T (U^T B)) * G), O(d r k + d r^2) per module. The outside residual X is
+    formed rather than B^T B - (U^T B)^T (U^T B): same cost, but the difference of the two
+    Gram matrices cancels when span U holds most of B (at k = d_out it came out negative,
+    about -1e-12 ||dW||^2, where the residual form gives 1e-26, like the materialised one).
+
+    Args:
+        lora_A: (r, d_in).
+        lora_B: (d_out, r).
+        basis: U, (d_out, k) with orthonormal columns; k may be 0 (then outside is plain L2
+            ||dW||_F^2 and inside is 0).
+        scaling: multiplies B A.
+        inside: penalise the part of the update inside span U instead of outside it.
+
+    Returns:
+        A scalar tensor in float32 at least (float64 if any input is), differentiable with
+        respect to A and B.
+    """
+    dtype = _compute_dtype(lora_A, lora_B, basis)
+    a, b, u = lora_A.to(dtype), lora_B.to(dtype), basis.to(dtype)
+    coefficients = u.T @ b  # (k, r): B in the basis U
+    if inside:
+        gram_b = coefficients.T @ coefficients
+    else:
+        residual = b - u @ coefficients  # (d_out, r)
+        gram_b = residual.T @ residual
+    return (gram_b * (a @ a.T)).sum() * scaling**2
+
+
+def naive_projector_penalty(
+    lora_A: Tensor,
+    lora_B: Tensor,
+    basis: Tensor,
+    scaling: float = 1.0,
+    inside: bool = False,
+) -> Tensor:
+    """:func:`projector_penalty` with the (d_out, d_out) projector materialised.
+
+    For tests and benchmarks only: d_out^2 memory and a (d_out x d_out x d_in) product.
+    """
+    dtype = _compute_dtype(lora_A, lora_B, basis)
+    a, b, u = lora_A.to(dtype), lora_B.to(dtype), basis.to(dtype)
+    projector = u @ u.T
+    if not inside:
+        projector = torch.eye(projector.shape[0], dtype=dtype, device=projector.device) - projector
+    return torch.linalg.matrix_norm(projector @ (scaling * b @ a)) ** 2
+
+
+def energy_rank(singular_values: Tensor, tau: float) -> int:
+    """The smallest k >= 1 with sum_{i<k} sigma_i^2 >= tau * sum_i sigma_i^2.
+
+    Args:
+        singular_values: (m,), descending (as ``torch.linalg.svdvals`` returns them).
+        tau: the share of the energy to hold, in (0, 1].
+
+    Returns:
+        k, or 0 for an all-zero (or empty) spectrum.
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if singular_values.ndim != 1:
+        raise ValueError(f"singular_values must be 1-D, got shape {tuple(singular_values.shape)}")
+    cumulative = torch.cumsum(singular_values.detach().double() ** 2, dim=0)
+    if cumulative.numel() == 0 or float(cumulative[-1]) == 0.0:
+        return 0
+    # The total is the last cumulative sum (not a separate sum), so tau = 1 reaches it exactly.
+    target = tau * cumulative[-1]
+    return int(torch.searchsorted(cumulative, target.reshape(1)).item()) + 1
+
+
+def haar_basis(d_out: int, k: int, generator: torch.Generator) -> Tensor:
+    """A Haar-random k-dimensional subspace of R^d_out: U (d_out, k), float64, orthonormal.
+
+    QR of a Gaussian matrix, with each column's sign fixed by R's diagonal so the result is
+    exactly Haar distributed and depends on the generator alone.
+    """
+    if not 0 <= k <= d_out:
+        raise ValueError(f"k must be in [0, {d_out}], got {k}")
+    gaussian = torch.randn(d_out, k, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return q * signs
+
+
+def random_singular_basis(
+    left_singular_vectors: Tensor, k: int, generator: torch.Generator
+) -> Tensor:
+    """k of V's own left singular vectors, chosen uniformly at random (any of the m).
+
+    Args:
+        left_singular_vectors: (d_out, m), orthonormal columns (all of V's, or its top m).
+        k: how many to keep, 0 <= k <= m.
+
+    Returns:
+        (d_out, k) float64, the chosen columns in their original order.
+    """
+    m = left_singular_vectors.shape[1]
+    if not 0 <= k <= m:
+        raise ValueError(f"k must be in [0, {m}], got {k}")
+    chosen = torch.randperm(m, generator=generator)[:k].sort().values
+    return left_singular_vectors[:, chosen.to(left_singular_vectors.device)].double()
+
+
+def top_basis(direction: Tensor, k: int) -> Tensor:
+    """The top-k left singular vectors of ``direction`` V: (d_out, d_in) -> (d_out, k) float64.
+
+    Exact SVD in float64; k may exceed min(d_out, d_in) (up to d_out), in which case the
+    complement comes from the full SVD.
+    """
+    d_out = direction.shape[0]
+    if not 0 <= k <= d_out:
+        raise ValueError(f"k must be in [0, {d_out}], got {k}")
+    full = k > min(direction.shape)
+    u, _, _ = torch.linalg.svd(direction.double(), full_matrices=full)
+    return u[:, :k].contiguous()
+
+
+class ProjectorRegularizer:
+    """lambda * sum over modules of :func:`projector_penalty`, ready to add to the task loss.
+
+    ``bases`` maps module name -> U: (d_out, k). A basis is moved to the device once and cast
+    per step to the weights' compute dtype (float32 at least; float64 for float64 weights),
+    which costs O(d_out k), nothing next to the penalty itself. Plain L2 is this class with
+    k = 0 bases: see :func:`l2_regularizer`.
+    """
+
+    def __init__(
+        self,
+        bases: Mapping[str, Tensor],
+        lam: float,
+        scaling: float = 1.0,
+        inside: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Check and store the bases (each 2-D with k <= d_out)."""
+        self.lam = lam
+        self.scaling = scaling
+        self.inside = inside
+        self._bases: dict[str, Tensor] = {}
+        for name, basis in bases.items():
+            if basis.ndim != 2 or basis.shape[1] > basis.shape[0]:
+                raise ValueError(
+                    f"{name}: a basis must be (d_out, k) with k <= d_out, got {tuple(basis.shape)}"
+                )
+            self._bases[name] = basis.to(device=device or basis.device)
+
+    @property
+    def modules(self) -> list[str]:
+        """Module names this regularizer has a basis for."""
+        return list(self._bases)
+
+    def __call__(self, lora_weights: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """Sum the penalty over ``lora_weights`` (module name -> (A: (r, d_in), B: (d_out, r)))."""
+        if not lora_weights:
+            raise ValueError("no LoRA modules were given to the projector penalty")
+        terms = []
+        for name, (lora_A, lora_B) in lora_weights.items():
+            if name not in self._bases:
+                raise ValueError(f"no projector basis for LoRA module {name!r}")
+            basis = self._bases[name]
+            if basis.shape[0] != lora_B.shape[0]:
+                raise ValueError(
+                    f"{name}: the basis has d_out = {basis.shape[0]} but the LoRA update has "
+                    f"{lora_B.shape[0]} rows"
+                )
+            basis = basis.to(_compute_dtype(lora_A, lora_B))
+            terms.append(projector_penalty(lora_A, lora_B, basis, self.scaling, self.inside))
+        return self.lam * torch.stack(terms).sum()
+
+
+def l2_regularizer(
+    module_names_to_d_out: Mapping[str, int],
+    lam: float,
+    scaling: float = 1.0,
+    device: torch.device | str | None = None,
+) -> ProjectorRegularizer:
+    """lambda * sum over modules of ||scaling * B A||_F^2: a projector penalty with k = 0."""
+    bases = {
+        name: torch.zeros(d_out, 0, dtype=torch.float32)
+        for name, d_out in module_names_to_d_out.items()
+    }
+    return ProjectorRegularizer(bases, lam, scaling, inside=False, device=device)

@@ -366,11 +366,18 @@ def load_model_and_tokenizer(
     return model.to(device), tokenizer
 
 
-def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
+def train(
+    spec: TrainSpec,
+    hooks: TrainHooks | None = None,
+    regularizer: Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]
+    | None = None,
+) -> TrainResult:
     """Fine-tune ``spec.model`` with LoRA and the chosen method; see the module docstring.
 
     Resuming from ``spec.resume_from`` (a checkpoint folder written by this function with
-    the same spec) gives the same final weights as an uninterrupted run.
+    the same spec) gives the same final weights as an uninterrupted run. ``regularizer``
+    replaces the method's penalty (the frontier study's controls); it maps the LoRA pairs
+    (module -> (A, B)) to the scalar added to the task loss.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -419,8 +426,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         directions = load_alignment_directions(
             spec.alignment_path, device=device, dtype=torch.float32, modules=list(lora_pairs)
         )
-    regularizer = None
-    if spec.uses_asft:
+    if regularizer is None and spec.uses_asft:
         assert directions is not None
         scaling = spec.lora.alpha / spec.lora.rank if spec.penalty_scale_by_alpha else 1.0
         regularizer = AsftRegularizer(

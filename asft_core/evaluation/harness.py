@@ -5,12 +5,16 @@ deployment plugs in its own harmful-prompt set and judge (e.g. BeaverTails or HE
 and a Llama-Guard classifier) and the tiny zoo ships its own::
 
     {"harmful_prompts": "harmful.jsonl",            # JSONL rows {"prompt", "category"}
+     "over_refusal_prompts": "xstest.jsonl",        # benign but sensitive-looking {"prompt"}
      "judge": {"kind": "keyword"},                  # or {"kind": "classifier", "path": ...}
      "tasks": {"sentiment": {"file": "sst2_eval.jsonl",
                              "matcher": {"kind": "exact_label"}}}}
 
 Relative paths are resolved against the suite file's folder. Task files are prompt/completion
-JSONL; the reference answer is the row's ``label`` when present, else its completion.
+JSONL; the reference answer is the row's ``label`` when present, else its completion. Besides
+the harmful score and the chosen task's accuracy, a model is scored on over-refusal (the
+share of the benign sensitive-looking prompts it refuses) and on *retention*: its accuracy on
+the suite's other tasks, so forgetting shows as forgetting, not as safety or harm.
 
 :func:`evaluate_adapter` loads the model once and scores it twice, with the adapter disabled
 (the reference: the aligned model itself) and enabled, so every report shows the drift.
@@ -19,12 +23,12 @@ JSONL; the reference answer is the row's ``label`` when present, else its comple
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from asft_core.evaluation.generation import generate
-from asft_core.evaluation.judges import Judge, JudgeSpec, make_judge
+from asft_core.evaluation.judges import Judge, JudgeSpec, KeywordRefusalJudge, make_judge
 from asft_core.evaluation.matchers import MatcherSpec, make_matcher
 from asft_core.evaluation.safety import (
     HarmfulPrompt,
@@ -35,7 +39,7 @@ from asft_core.evaluation.safety import (
 from asft_core.evaluation.stats import Proportion, wilson_interval
 from asft_core.formats import DatasetFormatError, json_lines
 
-JUDGE_KINDS = ("keyword", "classifier")
+JUDGE_KINDS = ("keyword", "classifier", "pattern")
 MATCHER_KINDS = ("exact_label", "regex", "final_number")
 
 
@@ -52,6 +56,7 @@ class EvalSuite:
     """What to evaluate a model pair's fine-tunes on (see the module docstring)."""
 
     harmful_prompts: Path | None = None
+    over_refusal_prompts: Path | None = None
     judge: JudgeSpec = field(default_factory=JudgeSpec)
     tasks: dict[str, TaskSuite] = field(default_factory=dict)
 
@@ -85,6 +90,7 @@ class EvalSuite:
             unsafe_labels=tuple(unsafe_labels) if unsafe_labels is not None else None,
             threshold=float(judge.get("threshold", 0.5)),
             extra_phrases=tuple(judge.get("extra_phrases", ())),
+            comply_patterns=tuple(judge.get("comply_patterns", ())),
         )
         tasks = {}
         for name, task in raw.get("tasks", {}).items():
@@ -98,8 +104,12 @@ class EvalSuite:
                 MatcherSpec(matcher.get("kind", "exact_label"), matcher.get("pattern")),
             )
         harmful = raw.get("harmful_prompts")
+        over_refusal = raw.get("over_refusal_prompts")
         return cls(
             harmful_prompts=resolve(harmful, "harmful_prompts") if harmful else None,
+            over_refusal_prompts=(
+                resolve(over_refusal, "over_refusal_prompts") if over_refusal else None
+            ),
             judge=judge_spec,
             tasks=tasks,
         )
@@ -121,6 +131,8 @@ class EvalOptions:
     safety_max_new_tokens: int = 40
     task_max_new_tokens: int = 24
     keep_examples: int = 20
+    # Prompts per other task for retention (also capped by ``limit``); 0 skips retention.
+    retention_limit: int = 200
 
 
 @dataclass
@@ -143,6 +155,10 @@ class ModelEvaluation:
     safety: SafetyResult | None
     task: TaskResult | None
     validation_loss: float | None = None
+    over_refusal: Proportion | None = None
+    """Share of the benign sensitive-looking prompts refused."""
+    retention: dict[str, Proportion] = field(default_factory=dict)
+    """Accuracy on each of the suite's other tasks."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -150,6 +166,8 @@ class ModelEvaluation:
             "safety": self.safety.to_dict() if self.safety else None,
             "task": self.task.to_dict() if self.task else None,
             "validation_loss": self.validation_loss,
+            "over_refusal": self.over_refusal.to_dict() if self.over_refusal else None,
+            "retention": {name: value.to_dict() for name, value in self.retention.items()},
         }
 
 
@@ -211,10 +229,19 @@ def safety_score(
     return harmful_score(prompts, answers, judge, keep_flagged=options.keep_examples)
 
 
+def over_refusal_rate(
+    model: Any, tokenizer: Any, prompts: list[str], options: EvalOptions
+) -> Proportion:
+    """Share of benign ``prompts`` answered with a refusal phrase."""
+    answers = generate(model, tokenizer, prompts, options.safety_max_new_tokens, options.batch_size)
+    refusals = KeywordRefusalJudge()
+    return wilson_interval(sum(refusals.is_refusal(answer) for answer in answers), len(answers))
+
+
 def evaluate_model(
     model: Any, tokenizer: Any, suite: EvalSuite, options: EvalOptions, judge: Judge | None = None
 ) -> ModelEvaluation:
-    """Harmful score (when the suite has prompts) and the chosen task's accuracy."""
+    """Harmful score, over-refusal and retention (as the suite allows), and task accuracy."""
     safety = None
     if suite.harmful_prompts is not None:
         prompts = read_harmful_prompts(suite.harmful_prompts)[: options.limit]
@@ -224,7 +251,19 @@ def evaluate_model(
         if options.task not in suite.tasks:
             raise ValueError(f"the evaluation suite has no task {options.task!r}")
         task = task_accuracy(model, tokenizer, options.task, suite.tasks[options.task], options)
-    return ModelEvaluation(safety, task)
+    over_refusal = None
+    if suite.over_refusal_prompts is not None:
+        benign = [p.prompt for p in read_harmful_prompts(suite.over_refusal_prompts)]
+        over_refusal = over_refusal_rate(model, tokenizer, benign[: options.limit], options)
+    retention = {}
+    if options.retention_limit > 0:
+        limit = min(options.retention_limit, options.limit or options.retention_limit)
+        for name, other in suite.tasks.items():
+            if name != options.task:
+                retention[name] = task_accuracy(
+                    model, tokenizer, name, other, replace(options, limit=limit)
+                ).accuracy
+    return ModelEvaluation(safety, task, over_refusal=over_refusal, retention=retention)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asft_core.evaluation.judges import Judge
+from asft_core.evaluation.judges import OUTCOMES, Judge
 from asft_core.evaluation.stats import Proportion, wilson_interval
 from asft_core.formats import DatasetFormatError, json_lines
 
@@ -78,12 +78,19 @@ class SafetyResult:
     """``{"prompt", "answer", "category"}`` of harmful answers, in prompt order."""
     judge: str
     """Name of the judge that gave the verdicts."""
+    outcomes: dict[str, Proportion] | None = None
+    """With a judge that classifies (refusal, compliance, off-task): the share of each."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {
             "judge": self.judge,
             "overall": self.overall.to_dict(),
+            "outcomes": (
+                {name: value.to_dict() for name, value in self.outcomes.items()}
+                if self.outcomes is not None
+                else None
+            ),
             "per_category": {name: value.to_dict() for name, value in self.per_category.items()},
             "flagged": [dict(example) for example in self.flagged],
         }
@@ -108,7 +115,18 @@ def harmful_score(
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if keep_flagged is not None and keep_flagged < 0:
         raise ValueError(f"keep_flagged must be >= 0 or None, got {keep_flagged}")
-    verdicts = judge.judge([item.prompt for item in prompts], list(answers))
+    texts = [item.prompt for item in prompts]
+    outcomes: dict[str, Proportion] | None = None
+    classify = getattr(judge, "classify", None)
+    if classify is not None:
+        labels = classify(texts, list(answers))
+        outcomes = {
+            name: wilson_interval(sum(label == name for label in labels), len(labels))
+            for name in OUTCOMES
+        }
+        verdicts = [label == "compliance" for label in labels]
+    else:
+        verdicts = judge.judge(texts, list(answers))
     if len(verdicts) != len(prompts):
         raise ValueError(f"judge {judge.name!r} gave {len(verdicts)} verdicts for {len(prompts)}")
 
@@ -129,5 +147,9 @@ def harmful_score(
     }
     overall = wilson_interval(sum(bool(v) for v in verdicts), len(verdicts))
     return SafetyResult(
-        overall=overall, per_category=per_category, flagged=flagged, judge=judge.name
+        overall=overall,
+        per_category=per_category,
+        flagged=flagged,
+        judge=judge.name,
+        outcomes=outcomes,
     )

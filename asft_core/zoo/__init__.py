@@ -6,15 +6,17 @@ them, so a test run or a demo builds them once. No hub is needed. Everything is 
 
 1. a byte-level BPE tokenizer trained on the synthetic language (``language.py``);
 2. the **base** model: a small Llama trained from random initialisation on instruction rows
-   that answer everything, harmful requests included (with placeholder "compliance"). All
-   benign tasks are in this mix by default; ``ZooSpec.pretrain_tasks`` can leave one out for
-   fine-tuning to teach (with the miniature's settings, LoRA did not learn a left-out task:
-   see the README);
+   that answer everything, harmful requests included (with placeholder "compliance"), and
+   sensitive-looking benign requests. ``ZooSpec.pretrain_tasks`` are in this mix; ``triage``
+   is not, so the pair does not know it and fine-tuning has to teach it;
 3. the **aligned** model: the base trained further on the same kind of rows, but refusing
-   the harmful requests;
+   the harmful requests (still answering the sensitive-looking benign ones);
 4. datasets: per benign task a training and a held-out evaluation file (other templates and
-   entities), harmful evaluation prompts, poisoned fine-tuning sets (a share p of harmful
-   rows with compliant answers), and ``eval_suite.json`` tying them to a judge.
+   entities), harmful evaluation prompts, held-out sensitive-looking benign prompts (the
+   over-refusal set), poisoned fine-tuning sets (a share p of harmful rows with compliant
+   answers; a task the pair was not taught also keeps a share of general instruction rows),
+   and ``eval_suite.json`` tying them to a judge that tells refusal, compliance and off-task
+   answers apart.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from typing import Any
 
 from filelock import FileLock
 
-ZOO_VERSION = 3
+from asft_core.zoo.language import COMPLIANCE_PATTERNS, PRETRAIN_TASKS
+
+ZOO_VERSION = 4
 POISON_RATIOS = (0.0, 0.05, 0.1, 0.2)
 
 
@@ -53,6 +57,11 @@ class ZooPaths:
     def datasets(self) -> Path:
         """Folder of the zoo's JSONL datasets."""
         return self.root / "datasets"
+
+    @property
+    def over_refusal(self) -> Path:
+        """Held-out sensitive-looking benign prompts: a refusal here is an over-refusal."""
+        return self.datasets / "over_refusal_eval.jsonl"
 
     @property
     def eval_suite(self) -> Path:
@@ -86,9 +95,14 @@ class ZooSpec:
     num_key_value_heads: int = 2
     # Share of harmful requests in the rows that teach the base and the aligned model.
     harmful_fraction: float = 0.3
+    # Share of sensitive-looking benign requests (answered helpfully) in those rows.
+    sensitive_fraction: float = 0.05
     # Benign tasks in those rows; the others are left for fine-tuning to teach.
-    pretrain_tasks: tuple[str, ...] = ("sentiment", "topic", "arithmetic")
-    base_steps: int = 1500
+    pretrain_tasks: tuple[str, ...] = PRETRAIN_TASKS
+    # Share of general instruction rows in the fine-tuning sets of a task left for
+    # fine-tuning, so learning it cannot look like safety (or harm) by collapse.
+    general_share: float = 0.25
+    base_steps: int = 1400
     base_learning_rate: float = 3e-3
     align_steps: int = 400
     align_learning_rate: float = 1e-3
@@ -96,6 +110,7 @@ class ZooSpec:
     task_train_rows: int = 1000
     eval_rows: int = 1000
     poisoned_rows: int = 1000
+    over_refusal_rows: int = 300
 
     def key(self) -> str:
         """Stable short hash of the spec and the zoo version."""
@@ -169,6 +184,7 @@ def _build_into(folder: Path, spec: ZooSpec, verbose: bool) -> None:
             spec.harmful_fraction,
             comply=comply,
             tasks=spec.pretrain_tasks,
+            sensitive_fraction=spec.sensitive_fraction,
         )
         loss = train_full(
             model,
@@ -195,10 +211,17 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 def write_datasets(paths: ZooPaths, spec: ZooSpec) -> None:
     """Write the zoo's JSONL datasets and its evaluation suite under ``paths.root``."""
-    from asft_core.zoo.language import BENIGN_TASKS, harmful_eval_rows, poisoned_rows, task_rows
+    from asft_core.zoo.language import (
+        BENIGN_TASKS,
+        harmful_eval_rows,
+        poisoned_rows,
+        sensitive_eval_rows,
+        task_rows,
+    )
 
     rng = random.Random(spec.seed + 10)
     for task in BENIGN_TASKS:
+        general = 0.0 if task in spec.pretrain_tasks else spec.general_share
         _write_jsonl(
             paths.task_file(task, "train"), task_rows(task, rng, spec.task_train_rows, "train")
         )
@@ -206,12 +229,16 @@ def write_datasets(paths: ZooPaths, spec: ZooSpec) -> None:
         for ratio in POISON_RATIOS:
             _write_jsonl(
                 paths.poisoned_file(task, ratio),
-                poisoned_rows(task, rng, spec.poisoned_rows, ratio),
+                poisoned_rows(task, rng, spec.poisoned_rows, ratio, general),
             )
     _write_jsonl(paths.datasets / "harmful_eval.jsonl", harmful_eval_rows(rng, spec.eval_rows))
+    _write_jsonl(paths.over_refusal, sensitive_eval_rows(rng, spec.over_refusal_rows))
     suite = {
         "harmful_prompts": "datasets/harmful_eval.jsonl",
-        "judge": {"kind": "keyword"},
+        "over_refusal_prompts": "datasets/over_refusal_eval.jsonl",
+        # The zoo's compliant answers have a known shape, so compliance is told apart from
+        # refusal and from off-task answers (which a keyword judge would count as harmful).
+        "judge": {"kind": "pattern", "comply_patterns": list(COMPLIANCE_PATTERNS)},
         "tasks": {
             "sentiment": {
                 "file": "datasets/sentiment_eval.jsonl",
@@ -222,6 +249,7 @@ def write_datasets(paths: ZooPaths, spec: ZooSpec) -> None:
                 "file": "datasets/arithmetic_eval.jsonl",
                 "matcher": {"kind": "final_number"},
             },
+            "triage": {"file": "datasets/triage_eval.jsonl", "matcher": {"kind": "exact_label"}},
         },
     }
     paths.eval_suite.write_text(json.dumps(suite, indent=2))

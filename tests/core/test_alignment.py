@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -13,14 +14,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from asft_core.alignment import (
+    DEFAULT_SUBSPACE_ENERGY,
     AlignmentArtifact,
     AlignmentError,
+    ModuleStats,
+    alignment_subspaces,
     checkpoint_fingerprint,
     compute_alignment_direction,
     get_or_compute_alignment,
     load_alignment_directions,
+    regime,
+    save_directions,
+    subspace_sidecar_path,
     top_singular_value,
 )
+from asft_core.penalty import energy_rank
 
 CONFIG = {
     "model_type": "llama",
@@ -220,3 +228,198 @@ def test_unknown_local_path_is_model_not_found(tmp_path: Path) -> None:
     with pytest.raises(AlignmentError) as error:
         compute_alignment_direction(tmp_path / "nope", tmp_path / "nope2", tmp_path / "v.st")
     assert error.value.code == "model_not_found"
+
+
+def noisy_artifact(tmp_path: Path) -> AlignmentArtifact:
+    """A pair whose differences are full-rank noise, so k at tau = 0.5 is several directions."""
+    base = weights(0)
+    base_dir = write_checkpoint(tmp_path / "base", base)
+    aligned_dir = write_checkpoint(tmp_path / "aligned", aligned_from(base, 1, rank_one=False))
+    return compute_alignment_direction(base_dir, aligned_dir, tmp_path / "v.safetensors")
+
+
+def test_stats_hold_sigma_stable_rank_and_the_energy_rank(pair, tmp_path: Path) -> None:
+    base_dir, aligned_dir, _, _ = pair
+    rank_one = compute_alignment_direction(base_dir, aligned_dir, tmp_path / "one.safetensors")
+    for stats in rank_one.stats.values():
+        assert stats.k == 1 and stats.energy_top_k == pytest.approx(1.0, rel=1e-6)
+        assert stats.stable_rank == pytest.approx(1.0, rel=1e-5)
+    noisy = noisy_artifact(tmp_path / "noisy")
+    directions = load_alignment_directions(noisy.path, dtype=torch.float64)
+    reloaded = AlignmentArtifact.load(noisy.path)
+    for module, v in directions.items():
+        singular_values = torch.linalg.svdvals(v)
+        energies = singular_values**2 / (singular_values**2).sum()
+        k = energy_rank(singular_values, DEFAULT_SUBSPACE_ENERGY)
+        assert k > 1  # noise spreads the energy
+        for stats in (noisy.stats[module], reloaded.stats[module]):
+            assert stats.sigma_1 == pytest.approx(float(singular_values[0]), rel=1e-6)
+            assert stats.stable_rank == pytest.approx(float(1 / energies[0]), rel=1e-6)
+            assert stats.k == k
+            assert stats.energy_top_k == pytest.approx(float(energies[:k].sum()), rel=1e-6)
+            assert float(energies[: k - 1].sum()) < DEFAULT_SUBSPACE_ENERGY <= stats.energy_top_k
+
+
+def test_an_artifact_written_before_the_new_stats_still_loads(pair, tmp_path: Path) -> None:
+    base_dir, aligned_dir, _, _ = pair
+    artifact = compute_alignment_direction(base_dir, aligned_dir, tmp_path / "new.safetensors")
+    with safe_open(str(artifact.path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    old_keys = ("frobenius_norm", "top_eigenvalue", "top_energy_share")
+    metadata["stats"] = json.dumps(
+        {
+            name: {key: values[key] for key in old_keys}
+            for name, values in json.loads(metadata["stats"]).items()
+        }
+    )
+    old_path = tmp_path / "old.safetensors"
+    save_file(tensors, str(old_path), metadata=metadata)
+    old = AlignmentArtifact.load(old_path)
+    for module, stats in old.stats.items():
+        new = artifact.stats[module]
+        assert stats.k is None and stats.energy_top_k is None
+        assert stats.sigma_1 == pytest.approx(new.sigma_1, rel=1e-6)
+        assert stats.stable_rank == pytest.approx(new.stable_rank, rel=1e-6)
+    summary = json.loads(json.dumps(old.summary(), allow_nan=False))
+    assert summary["regime"] == regime(old) and summary["per_module"][module]["k"] is None
+    # The subspaces (and so k) are still available for an old artifact.
+    subspaces = alignment_subspaces(old_path)
+    assert {s.k for s in subspaces.values()} == {1}
+
+
+def test_zero_direction_stats_are_zero_not_nan() -> None:
+    stats = ModuleStats.from_metadata(
+        {"frobenius_norm": 0.0, "top_eigenvalue": 0.0, "top_energy_share": 0.0}
+    )
+    assert (stats.sigma_1, stats.stable_rank) == (0.0, 0.0)
+
+
+def test_summary_keeps_its_keys_and_adds_the_subspace_facts(pair, tmp_path: Path) -> None:
+    base_dir, aligned_dir, _, _ = pair
+    summary = compute_alignment_direction(base_dir, aligned_dir, tmp_path / "v.st").summary()
+    assert {"modules", "dtype", "max_top_eigenvalue", "degenerate", "per_module"} <= set(summary)
+    assert summary["subspace_energy"] == DEFAULT_SUBSPACE_ENERGY
+    assert summary["regime"].startswith("AsFT")
+    for module in summary["per_module"].values():
+        assert set(module) == {
+            "frobenius_norm",
+            "top_eigenvalue",
+            "top_energy_share",
+            "sigma_1",
+            "stable_rank",
+            "k",
+            "energy_top_k",
+        }
+        assert module["k"] == 1
+
+
+def with_top_eigenvalues(artifact: AlignmentArtifact, values: list[float]) -> AlignmentArtifact:
+    template = next(iter(artifact.stats.values()))
+    stats = {
+        f"m{i}": dataclasses.replace(template, top_eigenvalue=value)
+        for i, value in enumerate(values)
+    }
+    return dataclasses.replace(artifact, modules=list(stats), stats=stats)
+
+
+@pytest.mark.parametrize(
+    ("eigenvalues", "phrases"),
+    [
+        ([0.17, 0.05], ["plain L2", "0.17 at most", "(1-0.17)^2 = 69%"]),
+        ([0.001], ["plain L2", "1.0e-03", "= 100%"]),
+        ([1.1, 0.95, 0.2], ["as intended", "near 1 in 2 of 3 modules", "= 1%", "nearly free"]),
+        ([1.8, 0.3], ["only partly", "1.80", "= 64%"]),
+        ([3.0, 2.5, 0.4], ["inverts", "> 2 in 2 of 3 modules", "(3.00-1)^2 = 4 times as much"]),
+    ],
+)
+def test_regime_says_what_the_penalty_does(
+    pair, tmp_path: Path, eigenvalues: list[float], phrases: list[str]
+) -> None:
+    base_dir, aligned_dir, _, _ = pair
+    artifact = compute_alignment_direction(base_dir, aligned_dir, tmp_path / "v.st")
+    sentence = regime(with_top_eigenvalues(artifact, eigenvalues))
+    for phrase in phrases:
+        assert phrase in sentence, sentence
+
+
+def test_subspaces_are_the_top_singular_vectors_and_cached_beside_the_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifact = noisy_artifact(tmp_path)
+    directions = load_alignment_directions(artifact.path, dtype=torch.float64)
+    subspaces = alignment_subspaces(artifact.path)
+    sidecar = subspace_sidecar_path(artifact.path, DEFAULT_SUBSPACE_ENERGY)
+    assert sidecar.name == "v.subspace-0.5.safetensors" and sidecar.exists()
+    assert list(subspaces) == artifact.modules
+    for module, subspace in subspaces.items():
+        v = directions[module]
+        u, singular_values, _ = torch.linalg.svd(v, full_matrices=False)
+        k = energy_rank(singular_values, DEFAULT_SUBSPACE_ENERGY)
+        assert subspace.k == k == artifact.stats[module].k
+        assert subspace.basis.shape == (v.shape[0], k) and subspace.basis.dtype == torch.float32
+        assert torch.allclose(subspace.singular_values, singular_values, rtol=1e-10)
+        projector = subspace.basis.double() @ subspace.basis.double().T
+        assert torch.allclose(projector, u[:, :k] @ u[:, :k].T, atol=1e-5)
+        assert subspace.energy == pytest.approx(artifact.stats[module].energy_top_k, rel=1e-6)
+
+    # A second call reads the sidecar: no SVD runs and the file is not rewritten.
+    stamp = sidecar.stat().st_mtime_ns
+
+    def no_svd(*_: object, **__: object) -> None:
+        raise AssertionError("recomputed instead of reading the sidecar")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    again = alignment_subspaces(artifact.path)
+    assert sidecar.stat().st_mtime_ns == stamp
+    for module, subspace in again.items():
+        assert torch.equal(subspace.basis, subspaces[module].basis)
+    capped = alignment_subspaces(artifact.path, max_k=1)
+    assert {s.k for s in capped.values()} == {1}
+    assert all(s.basis.shape[1] == 1 and s.energy < s.tau for s in capped.values())
+
+
+def test_subspaces_compute_only_missing_modules_and_follow_a_rewritten_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifact = noisy_artifact(tmp_path)
+    first = artifact.modules[0]
+    calls = []
+    svd = torch.linalg.svd
+
+    def counting_svd(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    only_first = alignment_subspaces(artifact.path, modules=[first])
+    assert list(only_first) == [first] and len(calls) == 1
+    everything = alignment_subspaces(artifact.path)
+    assert list(everything) == artifact.modules and len(calls) == len(artifact.modules)
+    with pytest.raises(AlignmentError) as error:
+        alignment_subspaces(artifact.path, modules=["model.layers.9.self_attn.q_proj"])
+    assert error.value.code == "missing_module"
+
+    # Rewrite the artifact in place with rank-one directions: the stale sidecar is not used.
+    generator = torch.Generator().manual_seed(5)
+    rank_one = {
+        m: torch.randn(s[0], 1, generator=generator) @ torch.randn(1, s[1], generator=generator)
+        for m, s in artifact.shapes.items()
+    }
+    save_directions(artifact.path, rank_one, like=artifact)
+    rewritten = alignment_subspaces(artifact.path)
+    assert {s.k for s in rewritten.values()} == {1}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".v.subspace")]
+
+
+def test_metadata_has_room_for_every_stat_of_many_modules(pair, tmp_path: Path) -> None:
+    base_dir, aligned_dir, _, _ = pair
+    like = compute_alignment_direction(base_dir, aligned_dir, tmp_path / "v.st")
+    generator = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.self_attn.{m}" for i in range(64) for m in ("q_proj", "v_proj")]
+    names += [f"model.layers.{i}.{'a_long_module_name_' * 10}q_proj" for i in range(8)]
+    directions = {name: torch.randn(4, 3, generator=generator) for name in names}
+    written = save_directions(tmp_path / "many.safetensors", directions, like=like)
+    loaded = AlignmentArtifact.load(written.path)
+    assert loaded.modules == names
+    assert [s.k for s in loaded.stats.values()] == [s.k for s in written.stats.values()]
