@@ -33,10 +33,10 @@ import httpx
 
 from asft_client.client import ApiError, Client
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
+from asft_core.methods import DEFAULT_METHOD, METHODS
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-METHODS = ("asft", "supervised", "safelora", "asft+safelora")
 
 
 class ExitCode:
@@ -509,7 +509,7 @@ def add_client_commands(commands: Any) -> None:
     create.add_argument("--model", required=True, help="a registered model pair")
     create.add_argument("--training-file", required=True, help="file id, or a local JSONL")
     create.add_argument("--validation-file", help="file id, or a local JSONL")
-    create.add_argument("--method", choices=METHODS, default="asft")
+    create.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
     create.add_argument("--lambda", dest="lambda_", type=float, help="AsFT penalty weight")
     create.add_argument("--epochs", type=int)
     create.add_argument("--batch-size", type=int)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from asft_core.methods import DEFAULT_SUBSPACE_ENERGY
 from asft_core.penalty import energy_rank
 
 FORMAT_VERSION = 1
@@ -41,8 +42,6 @@ DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 # Top eigenvalue of C below which C shrinks no direction by more than 1%: the penalty is then
 # within about 2% of plain L2 on the update.
 DEGENERATE_EIGENVALUE = 1e-2
-# The share of ||V||_F^2 the top-k singular directions must hold (k in the stats and sidecars).
-DEFAULT_SUBSPACE_ENERGY = 0.5
 # The artifact's stats hold the exact spectrum (hence k) up to this min(d_out, d_in): an SVD of
 # that size takes about 2 s on one CPU core; larger modules get sigma_1 by power iteration and
 # k from :func:`alignment_subspaces` instead.

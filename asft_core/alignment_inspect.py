@@ -40,24 +40,14 @@ DEFAULT_CACHE_DIR = Path("var/cache/alignment")
 def module_rows(artifact: AlignmentArtifact, tau: float) -> dict[str, dict[str, Any]]:
     """Module name -> its facts, with k and the energy of the top k at ``tau``.
 
-    The artifact's own k is used when it was stored at this tau; otherwise the subspaces are
-    computed (or read from their sidecar).
+    The subspaces come from their sidecar (computed once): the artifact's own k may have been
+    stored at another default tau.
     """
-    need_svd = [
-        name
-        for name, stats in artifact.stats.items()
-        if stats.k is None or tau != DEFAULT_SUBSPACE_ENERGY
-    ]
-    subspaces = alignment_subspaces(artifact.path, tau, modules=need_svd) if need_svd else {}
+    subspaces = alignment_subspaces(artifact.path, tau)
     rows = {}
     for name in artifact.modules:
         stats = artifact.stats[name]
-        k: int | None
-        energy: float | None
-        if name in subspaces:
-            k, energy = subspaces[name].k, subspaces[name].energy
-        else:
-            k, energy = stats.k, stats.energy_top_k
+        k, energy = subspaces[name].k, subspaces[name].energy
         rows[name] = {
             "frobenius_norm": stats.frobenius_norm,
             "sigma_1": stats.sigma_1,

@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run the demo and print its metrics and evaluation."""
     from asft_core.alignment import get_or_compute_alignment
     from asft_core.evaluation.harness import EvalOptions, EvalSuite, evaluate_adapter
-    from asft_core.training import METHODS, StepMetrics, TrainHooks, TrainSpec, train
+    from asft_core.methods import METHODS
+    from asft_core.training import StepMetrics, TrainHooks, TrainSpec, train
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=Path("var"))

@@ -7,7 +7,12 @@ checkpoints, events and cancellation; the core never touches a database or a que
 Methods (the same names the API uses):
 
 - ``supervised``: plain LoRA.
-- ``asft``: LoRA plus lambda * sum ||(I - C) B A||_F^2 over modules (AsFT).
+- ``asft``: LoRA plus lambda * sum ||(I - C) B A||_F^2 over modules (AsFT, the reference code's
+  formula on the unscaled B A).
+- ``asft_projector``: LoRA plus lambda * sum ||(I - U_k U_k^T) dW||_F^2 with dW = (alpha/r) B A
+  and U_k the top-k left singular vectors of V holding ``subspace_energy`` of its energy: no
+  penalty inside the alignment subspace, and free of V's scale.
+- ``l2``: LoRA plus lambda * sum ||dW||_F^2 (needs no alignment direction).
 - ``safelora``: plain LoRA, then the Safe LoRA projection of the result.
 - ``asft+safelora``: both.
 """
@@ -21,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 
@@ -42,9 +47,8 @@ from asft_core.data import (
     tokenize_dataset,
 )
 from asft_core.formats import read_examples
+from asft_core.methods import DEFAULT_SUBSPACE_ENERGY, METHODS, Method
 
-Method = Literal["supervised", "asft", "safelora", "asft+safelora"]
-METHODS: tuple[str, ...] = get_args(Method)
 Precision = Literal["auto", "fp32", "bf16"]
 Schedule = Literal["linear", "cosine", "constant"]
 
@@ -86,6 +90,8 @@ class TrainSpec:
     penalty_scale_by_alpha: bool = False
     # Keep only the top-k eigenpairs of C per module (None: exact). Saves memory on big models.
     penalty_rank: int | None = None
+    # asft_projector: the share of ||V||_F^2 the free subspace U_k holds, per module.
+    subspace_energy: float = DEFAULT_SUBSPACE_ENERGY
     safelora_threshold: float | None = None
     safelora_num_modules: int | None = None
     learning_rate: float = 5e-5
@@ -116,7 +122,7 @@ class TrainSpec:
         """
         if self.method not in METHODS:
             raise TrainingError("invalid_method", f"method must be one of {', '.join(METHODS)}")
-        if require_alignment and self.method != "supervised" and self.alignment_path is None:
+        if require_alignment and self.needs_alignment and self.alignment_path is None:
             raise TrainingError(
                 "alignment_required", f"method {self.method!r} needs an alignment artifact"
             )
@@ -141,6 +147,8 @@ class TrainSpec:
             raise TrainingError("invalid_hyperparameter", "learning_rate must be positive")
         if self.asft_lambda < 0:
             raise TrainingError("invalid_hyperparameter", "asft_lambda must be >= 0")
+        if not 0 < self.subspace_energy <= 1:
+            raise TrainingError("invalid_hyperparameter", "subspace_energy must be in (0, 1]")
         if not self.lora.target_modules:
             raise TrainingError("invalid_hyperparameter", "target_modules must not be empty")
 
@@ -148,6 +156,11 @@ class TrainSpec:
     def uses_asft(self) -> bool:
         """Whether the AsFT penalty is added to the loss."""
         return self.method in ("asft", "asft+safelora")
+
+    @property
+    def needs_alignment(self) -> bool:
+        """Whether the method reads the alignment artifact."""
+        return self.method not in ("supervised", "l2")
 
     @property
     def uses_safelora(self) -> bool:
@@ -382,7 +395,6 @@ def train(
     from peft import LoraConfig, get_peft_model
 
     from asft_core.alignment import load_alignment_directions
-    from asft_core.penalty import AsftRegularizer
 
     spec.validate()
     hooks = hooks or TrainHooks()
@@ -422,16 +434,12 @@ def train(
 
     # Penalty: the alignment directions, loaded once onto the training device in fp32.
     directions = None
-    if spec.alignment_path is not None:
+    if spec.alignment_path is not None and (spec.uses_asft or spec.uses_safelora):
         directions = load_alignment_directions(
             spec.alignment_path, device=device, dtype=torch.float32, modules=list(lora_pairs)
         )
-    if regularizer is None and spec.uses_asft:
-        assert directions is not None
-        scaling = spec.lora.alpha / spec.lora.rank if spec.penalty_scale_by_alpha else 1.0
-        regularizer = AsftRegularizer(
-            directions, lam=spec.asft_lambda, scaling=scaling, low_rank=spec.penalty_rank
-        )
+    if regularizer is None:
+        regularizer = method_regularizer(spec, lora_pairs, directions, device)
 
     # Optimizer and schedule.
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -585,6 +593,36 @@ def train(
         checkpoints,
         safelora_report,
     )
+
+
+def method_regularizer(
+    spec: TrainSpec,
+    lora_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    directions: dict[str, torch.Tensor] | None,
+    device: torch.device,
+) -> Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor] | None:
+    """The penalty ``spec.method`` adds to the task loss (None for methods without one)."""
+    from asft_core.alignment import alignment_subspaces
+    from asft_core.penalty import AsftRegularizer, ProjectorRegularizer, l2_regularizer
+
+    effective = spec.lora.alpha / spec.lora.rank
+    if spec.uses_asft:
+        assert directions is not None
+        scaling = effective if spec.penalty_scale_by_alpha else 1.0
+        return AsftRegularizer(
+            directions, lam=spec.asft_lambda, scaling=scaling, low_rank=spec.penalty_rank
+        )
+    if spec.method == "asft_projector":
+        assert spec.alignment_path is not None
+        subspaces = alignment_subspaces(
+            spec.alignment_path, tau=spec.subspace_energy, modules=list(lora_pairs)
+        )
+        bases = {name: subspace.basis for name, subspace in subspaces.items()}
+        return ProjectorRegularizer(bases, lam=spec.asft_lambda, scaling=effective, device=device)
+    if spec.method == "l2":
+        d_out = {name: b.shape[0] for name, (_, b) in lora_pairs.items()}
+        return l2_regularizer(d_out, lam=spec.asft_lambda, scaling=effective, device=device)
+    return None
 
 
 @torch.no_grad()

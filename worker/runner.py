@@ -265,6 +265,7 @@ def clear_job_outputs(context: JobContext, job_id: str) -> None:
 
 def train_spec_for(job: Job, pair: ModelPair, context: JobContext, registered_id: str) -> Any:
     """The core's TrainSpec for a job row (paths from ids, never from user strings)."""
+    from asft_core.methods import DEFAULT_SUBSPACE_ENERGY
     from asft_core.training import LoraSettings, TrainSpec
 
     method = job.method["type"]
@@ -284,6 +285,7 @@ def train_spec_for(job: Job, pair: ModelPair, context: JobContext, registered_id
         ),
         asft_lambda=hyper.get("lambda", 1.0),
         penalty_rank=hyper.get("penalty_rank"),
+        subspace_energy=hyper.get("subspace_energy", DEFAULT_SUBSPACE_ENERGY),
         safelora_threshold=hyper.get("safelora_threshold"),
         safelora_num_modules=hyper.get("safelora_num_modules"),
         learning_rate=hyper["learning_rate"],

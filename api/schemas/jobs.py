@@ -20,9 +20,15 @@ from pydantic import (
 )
 
 from api.schemas.common import PLAIN_TEXT
+from asft_core.methods import (
+    DEFAULT_LAMBDA,
+    DEFAULT_METHOD,
+    DEFAULT_SUBSPACE_ENERGY,
+    METHODS,
+)
+from asft_core.methods import Method as MethodType
 
-MethodType = Literal["supervised", "asft", "safelora", "asft+safelora"]
-METHOD_TYPES: tuple[str, ...] = ("supervised", "asft", "safelora", "asft+safelora")
+METHOD_TYPES = METHODS
 Auto = Literal["auto"]
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
 
@@ -69,7 +75,17 @@ class Hyperparameters(Strict):
         None, gt=0, le=1, description="Absolute learning rate (instead of the multiplier)."
     )
     lambda_: float | None = Field(
-        None, alias="lambda", ge=0, le=1e6, description="AsFT penalty weight (asft methods)."
+        None,
+        alias="lambda",
+        ge=0,
+        le=1e6,
+        description="Penalty weight (asft, asft_projector, l2; default per method).",
+    )
+    subspace_energy: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="asft_projector: share of ||V||_F^2 the free subspace holds (0.8).",
     )
     rank: int | None = Field(None, ge=1, le=256, description="LoRA rank r.")
     alpha: float | None = Field(None, gt=0, le=4096, description="LoRA alpha.")
@@ -133,23 +149,23 @@ class Hyperparameters(Strict):
 
 # Parameters only one family of methods reads, as (field, name in the request): given to
 # another method they would be silently ignored.
-_ONLY_FOR: dict[str, tuple[tuple[str, str], ...]] = {
-    "asft": (("lambda_", "lambda"), ("penalty_rank", "penalty_rank")),
-    "safelora": (
-        ("safelora_threshold", "safelora_threshold"),
-        ("safelora_num_modules", "safelora_num_modules"),
-    ),
+# (field, name in the request) -> the method families that read it.
+_ONLY_FOR: dict[tuple[str, str], tuple[str, ...]] = {
+    ("lambda_", "lambda"): ("asft", "asft_projector", "l2"),
+    ("penalty_rank", "penalty_rank"): ("asft",),
+    ("subspace_energy", "subspace_energy"): ("asft_projector",),
+    ("safelora_threshold", "safelora_threshold"): ("safelora",),
+    ("safelora_num_modules", "safelora_num_modules"): ("safelora",),
 }
 
 
 def check_applicable(method_type: str, given: Hyperparameters) -> None:
     """Raise ``ValueError`` for a parameter ``method_type`` does not use."""
+    families = method_type.split("+")
     unused = [
         name
-        for family, fields in _ONLY_FOR.items()
-        if family not in method_type.split("+")
-        for field, name in fields
-        if getattr(given, field) is not None
+        for (field, name), readers in _ONLY_FOR.items()
+        if not set(readers) & set(families) and getattr(given, field) is not None
     ]
     if unused:
         raise ValueError(f"{', '.join(unused)} not used by method {method_type}")
@@ -167,6 +183,8 @@ class Method(BaseModel):
     type: MethodType
     supervised: MethodBlock | None = None
     asft: MethodBlock | None = None
+    asft_projector: MethodBlock | None = None
+    l2: MethodBlock | None = None
     safelora: MethodBlock | None = None
     asft_safelora: MethodBlock | None = Field(None, alias="asft+safelora")
 
@@ -222,7 +240,7 @@ class JobCreate(BaseModel):
     hyperparameters: Hyperparameters | None = Field(
         None, description="OpenAI's older place for n_epochs, batch_size, lr multiplier."
     )
-    method: Method | None = Field(None, description="Default: {'type': 'asft'}.")
+    method: Method | None = Field(None, description=f"Default: {{'type': '{DEFAULT_METHOD}'}}.")
     suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = Field(
@@ -252,7 +270,7 @@ class JobCreate(BaseModel):
     @model_validator(mode="after")
     def _blocks_agree(self) -> JobCreate:
         if self.hyperparameters is not None:
-            method = self.method or Method(type="asft")
+            method = self.method or Method(type=DEFAULT_METHOD)
             check_applicable(method.type, self.hyperparameters)
             # Each block is valid alone; merged (as resolve_method does) they must be too,
             # e.g. not a threshold in one and a module count in the other.
@@ -279,7 +297,7 @@ class JobCreate(BaseModel):
 
 def resolve_method(request: JobCreate) -> dict[str, Any]:
     """The method with every hyperparameter resolved to the number it trains with."""
-    method = request.method or Method(type="asft")
+    method = request.method or Method(type=DEFAULT_METHOD)
     given = method.block().hyperparameters
     legacy = request.hyperparameters or Hyperparameters()
     merged = {
@@ -300,9 +318,13 @@ def resolve_method(request: JobCreate) -> dict[str, Any]:
         "gradient_accumulation_steps": merged.get("gradient_accumulation_steps", 1),
         "warmup_steps": merged.get("warmup_steps", 0),
     }
-    if method.type in ("asft", "asft+safelora"):
-        resolved["lambda"] = merged.get("lambda_", 1.0)
+    family = method.type.split("+")[0]
+    if family in DEFAULT_LAMBDA:
+        resolved["lambda"] = merged.get("lambda_", DEFAULT_LAMBDA[family])
+    if family == "asft":
         resolved["penalty_rank"] = merged.get("penalty_rank")
+    if family == "asft_projector":
+        resolved["subspace_energy"] = merged.get("subspace_energy", DEFAULT_SUBSPACE_ENERGY)
     if method.type in ("safelora", "asft+safelora"):
         resolved["safelora_threshold"] = merged.get("safelora_threshold")
         resolved["safelora_num_modules"] = merged.get("safelora_num_modules")

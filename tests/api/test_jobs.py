@@ -255,6 +255,28 @@ def test_lambda_zero_is_kept_not_replaced_by_the_default(create: Create) -> None
     assert hyper(job)["lambda"] == 0.0
 
 
+def test_projector_and_l2_methods_resolve_their_own_parameters(create: Create) -> None:
+    from asft_core.methods import DEFAULT_LAMBDA, DEFAULT_SUBSPACE_ENERGY
+
+    projector = created(create(method={"type": "asft_projector"}))
+    assert set(projector["method"]) == {"type", "asft_projector"}
+    assert hyper(projector)["lambda"] == DEFAULT_LAMBDA["asft_projector"]
+    assert hyper(projector)["subspace_energy"] == DEFAULT_SUBSPACE_ENERGY
+    assert "penalty_rank" not in hyper(projector)
+    l2 = created(create(method={"type": "l2", "l2": {"hyperparameters": {"lambda": 0.5}}}))
+    assert hyper(l2)["lambda"] == 0.5
+    assert "subspace_energy" not in hyper(l2)
+    # A parameter the method does not read is refused, not silently ignored.
+    for method in (
+        {"type": "l2", "l2": {"hyperparameters": {"subspace_energy": 0.5}}},
+        {"type": "asft", "asft": {"hyperparameters": {"subspace_energy": 0.5}}},
+        {"type": "asft_projector", "asft_projector": {"hyperparameters": {"penalty_rank": 2}}},
+    ):
+        refused = create(method=method)
+        assert refused.status_code == 422, method
+        assert "not used by method" in refused.json()["error"]["message"]
+
+
 def test_safelora_threshold_default_and_choices(create: Create) -> None:
     default = created(create(method={"type": "safelora"}))
     assert default["method"]["type"] == "safelora"

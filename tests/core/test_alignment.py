@@ -350,7 +350,9 @@ def test_subspaces_are_the_top_singular_vectors_and_cached_beside_the_artifact(
     directions = load_alignment_directions(artifact.path, dtype=torch.float64)
     subspaces = alignment_subspaces(artifact.path)
     sidecar = subspace_sidecar_path(artifact.path, DEFAULT_SUBSPACE_ENERGY)
-    assert sidecar.name == "v.subspace-0.5.safetensors" and sidecar.exists()
+    assert (
+        sidecar.name == f"v.subspace-{DEFAULT_SUBSPACE_ENERGY:g}.safetensors" and sidecar.exists()
+    )
     assert list(subspaces) == artifact.modules
     for module, subspace in subspaces.items():
         v = directions[module]

@@ -25,8 +25,11 @@ def test_the_zoo_suite_loads_with_paths_resolved(zoo: ZooPaths) -> None:
     suite = EvalSuite.load(zoo.eval_suite)
     assert suite.harmful_prompts == zoo.datasets / "harmful_eval.jsonl"
     assert suite.harmful_prompts.exists()
-    assert suite.judge.kind == "keyword"
-    assert set(suite.tasks) == {"sentiment", "topic", "arithmetic"}
+    assert suite.over_refusal_prompts == zoo.over_refusal
+    assert suite.over_refusal_prompts.exists()
+    assert suite.judge.kind == "pattern"
+    assert suite.judge.comply_patterns
+    assert set(suite.tasks) == {"sentiment", "topic", "arithmetic", "triage"}
     assert suite.tasks["arithmetic"].matcher.kind == "final_number"
     assert all(task.file.exists() for task in suite.tasks.values())
 

@@ -240,3 +240,54 @@ def test_invalid_specs_are_refused_with_a_code(
     with pytest.raises(TrainingError) as error:
         train(spec)
     assert error.value.code == code
+
+
+@pytest.mark.parametrize("method", ["asft_projector", "l2"])
+def test_the_projector_and_l2_methods_add_their_penalty_on_the_effective_update(
+    zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path, method: str
+) -> None:
+    from peft import PeftModel
+
+    from asft_core.alignment import alignment_subspaces
+    from asft_core.evaluation.harness import load_for_evaluation
+    from asft_core.penalty import projector_penalty
+    from asft_core.training import lora_weight_pairs
+
+    # l2 needs no alignment direction at all.
+    artifact = alignment_artifact if method == "asft_projector" else None
+    spec = make_spec(
+        zoo, train_file, tmp_path, artifact, method=method, asft_lambda=0.5, max_steps=2
+    )
+    spec.validate()
+    seen: list[StepMetrics] = []
+    train(spec, TrainHooks(on_metrics=seen.append))
+    assert [m.step for m in seen] == [1, 2]
+    # B starts at zero, so the first step's penalty is 0; after one update it is not.
+    assert seen[0].penalty == 0.0 and seen[1].penalty > 0.0
+    # Step 2's penalty is computed on the weights after step 1: the adapter of a 1-step run.
+    one_step = train(replace(spec, max_steps=1, output_dir=tmp_path / "one"))
+    model, _ = load_for_evaluation(str(zoo.aligned))
+    model = PeftModel.from_pretrained(model, str(one_step.adapter_dir))
+    pairs = lora_weight_pairs(model)
+    scaling = spec.lora.alpha / spec.lora.rank
+    if method == "asft_projector":
+        bases = {n: s.basis for n, s in alignment_subspaces(alignment_artifact).items()}
+        assert all(0 < basis.shape[1] < basis.shape[0] for basis in bases.values())
+    else:
+        bases = {n: torch.zeros(b.shape[0], 0) for n, (_, b) in pairs.items()}
+    expected = 0.5 * sum(
+        float(projector_penalty(a.detach(), b.detach(), bases[n], scaling))
+        for n, (a, b) in pairs.items()
+    )
+    assert seen[1].penalty == pytest.approx(expected, rel=1e-4)
+
+
+def test_asft_projector_needs_an_alignment_artifact(
+    zoo: ZooPaths, train_file: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(zoo, train_file, tmp_path, None, method="asft_projector")  # type: ignore[arg-type]
+    with pytest.raises(TrainingError) as caught:
+        spec.validate()
+    assert caught.value.code == "alignment_required"
+    with pytest.raises(TrainingError, match="subspace_energy"):
+        replace(spec, method="l2", subspace_energy=1.5).validate()
