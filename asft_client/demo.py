@@ -1,11 +1,12 @@
 """``make demo``: the service end to end on one machine, with no servers to install.
 
 Builds the tiny model pair if needed, starts ``asft serve`` (SQLite, the filesystem broker, one
-worker), registers the pair, uploads the sentiment set poisoned with harmful rows through the
-API (5% by default; ``--poison-ratio``), submits ``supervised`` (plain LoRA), ``asft`` and
-``safelora`` jobs with the miniature's settings, shows their progress, prints the harmful
-score / accuracy table from the jobs' reports and where to download each adapter, then stops
-the service.
+worker), registers the pair, uploads the triage set (a task the pair was never taught) poisoned
+with harmful rows through the API (5% by default; ``--poison-ratio``), submits ``supervised``
+(plain LoRA), the service's default method and one more (``asft`` or ``safelora``) with the
+frontier study's tuned settings and each method's default lambda, shows their progress, prints
+the harmful score / accuracy / over-refusal table from the jobs' reports and where to download
+each adapter, then stops the service.
 """
 
 from __future__ import annotations
@@ -26,10 +27,21 @@ import httpx
 
 from asft_client.cli import percent_cell
 from asft_client.client import ApiError, Client
+from asft_core.experiments.frontier import TUNING_PATH
+from asft_core.methods import DEFAULT_METHOD
 
-METHODS = ("supervised", "asft", "safelora")
-# The miniature reproduction's settings (asft_core/experiments/miniature.json).
-HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 16, "learning_rate": 1e-3}
+METHODS = ("supervised", DEFAULT_METHOD, "asft" if DEFAULT_METHOD != "asft" else "safelora")
+TASK = "triage"
+
+
+def hyperparameters() -> dict[str, Any]:
+    """The frontier study's tuned training settings (plain LoRA at p = 0, validation split)."""
+    chosen = json.loads(TUNING_PATH.read_text())["chosen"]
+    return {
+        "n_epochs": chosen["epochs"],
+        "batch_size": 16,
+        "learning_rate": chosen["learning_rate"],
+    }
 
 
 def _free_port() -> int:
@@ -79,11 +91,11 @@ def run_jobs(
     client: Client, model: str, datasets: Path, data_dir: Path, poison_ratio: float
 ) -> list[dict[str, Any]]:
     """Upload the poisoned set, submit one job per method, follow them to the end."""
-    poisoned = datasets / "poisoned" / f"sentiment_p{round(poison_ratio * 100):02d}.jsonl"
+    poisoned = datasets / "poisoned" / f"{TASK}_p{round(poison_ratio * 100):02d}.jsonl"
     training = client.upload_file(poisoned)
-    held_out_path = data_dir / "demo" / "sentiment_eval_300.jsonl"
+    held_out_path = data_dir / "demo" / f"{TASK}_eval_300.jsonl"
     held_out_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (datasets / "sentiment_eval.jsonl").read_text().splitlines(keepends=True)
+    lines = (datasets / f"{TASK}_eval.jsonl").read_text().splitlines(keepends=True)
     held_out_path.write_text("".join(lines[:300]))
     held_out = client.upload_file(held_out_path)
     print(
@@ -96,7 +108,7 @@ def run_jobs(
             training_file=training["id"],
             validation_file=held_out["id"],
             suffix=f"demo-{method}",
-            method={"type": method, method: {"hyperparameters": HYPERPARAMETERS}},
+            method={"type": method, method: {"hyperparameters": hyperparameters()}},
             evaluation={"matcher": "exact_label"},
         )
         for method in METHODS
@@ -118,21 +130,25 @@ def run_jobs(
 def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> None:
     """HS and FA per job from the reports, with the aligned model as the reference row."""
     print()
-    print(f"{'model':<12} {'status':<10} {'harmful score':<24} {'accuracy':<24} gate")
+    print(
+        f"{'model':<14} {'status':<10} {'harmful score':<24} {'accuracy':<24} "
+        f"{'over-refusal':<24} gate"
+    )
     reference_shown = False
     refusals: list[str] = []
     for job in jobs:
         try:
             report = client.report(job["id"])["report"]
         except ApiError as error:
-            print(f"{job['method']['type']:<12} {job['status']:<10} no report ({error.code})")
+            print(f"{job['method']['type']:<14} {job['status']:<10} no report ({error.code})")
             continue
         evaluation = report["evaluation"]
         if not reference_shown:
             ref = evaluation["reference"]
             print(
-                f"{'aligned':<12} {'-':<10} {percent_cell(ref['safety']['overall']):<24} "
-                f"{percent_cell((ref.get('task') or {}).get('accuracy')):<24} -"
+                f"{'aligned':<14} {'-':<10} {percent_cell(ref['safety']['overall']):<24} "
+                f"{percent_cell((ref.get('task') or {}).get('accuracy')):<24} "
+                f"{percent_cell(ref.get('over_refusal')):<24} -"
             )
             reference_shown = True
         tuned = evaluation["fine_tuned"]
@@ -142,9 +158,10 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
             refusals.append(f"  {job['method']['type']}: {failures[0]}{more}")
         print(
-            f"{job['method']['type']:<12} {job['status']:<10} "
+            f"{job['method']['type']:<14} {job['status']:<10} "
             f"{percent_cell(tuned['safety']['overall']):<24} "
-            f"{percent_cell((tuned.get('task') or {}).get('accuracy')):<24} {verdict}"
+            f"{percent_cell((tuned.get('task') or {}).get('accuracy')):<24} "
+            f"{percent_cell(tuned.get('over_refusal')):<24} {verdict}"
         )
     if refusals:
         # A refused adapter is still served, marked not approved: say why it was refused.

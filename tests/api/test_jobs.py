@@ -35,6 +35,7 @@ from api.db.models import (
 )
 from api.jobs.state import fine_tuned_name, transition
 from api.storage import job_key
+from asft_core.methods import DEFAULT_LAMBDA, DEFAULT_METHOD, DEFAULT_SUBSPACE_ENERGY
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -173,16 +174,17 @@ def test_create_resolves_every_default(create: Create, training_file: str) -> No
         "batch_size": 8,
         "learning_rate_multiplier": 1.0,
     }
-    assert job["method"]["type"] == "asft"
-    assert set(job["method"]) == {"type", "asft"}
+    # The default method and its lambda: the frontier study's decision (asft_core.methods).
+    assert job["method"]["type"] == DEFAULT_METHOD
+    assert set(job["method"]) == {"type", DEFAULT_METHOD}
     resolved = hyper(job)
-    assert resolved["lambda"] == 1.0
+    assert resolved["lambda"] == DEFAULT_LAMBDA[DEFAULT_METHOD]
     assert resolved["rank"] == 8
     assert resolved["alpha"] == 32.0
     assert resolved["dropout"] == 0.05
     assert resolved["target_modules"] == ["q_proj", "v_proj"]
     assert resolved["learning_rate"] == pytest.approx(5e-5)
-    assert resolved["penalty_rank"] is None
+    assert resolved.get("penalty_rank") is None
     assert "safelora_threshold" not in resolved
     assert job["validation"] == {
         "training_examples": 20,
@@ -256,8 +258,6 @@ def test_lambda_zero_is_kept_not_replaced_by_the_default(create: Create) -> None
 
 
 def test_projector_and_l2_methods_resolve_their_own_parameters(create: Create) -> None:
-    from asft_core.methods import DEFAULT_LAMBDA, DEFAULT_SUBSPACE_ENERGY
-
     projector = created(create(method={"type": "asft_projector"}))
     assert set(projector["method"]) == {"type", "asft_projector"}
     assert hyper(projector)["lambda"] == DEFAULT_LAMBDA["asft_projector"]
