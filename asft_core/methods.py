@@ -11,7 +11,7 @@ from typing import Literal, get_args
 Method = Literal["supervised", "asft", "asft_projector", "l2", "safelora", "asft+safelora"]
 METHODS: tuple[str, ...] = get_args(Method)
 # The method a job gets when it names none: the frontier study's decision (README).
-DEFAULT_METHOD: Method = "asft"
+DEFAULT_METHOD: Method = "l2"
 # Lambda when a job gives none, per penalised method.
 DEFAULT_LAMBDA: dict[str, float] = {"asft": 1.0, "asft_projector": 1.0, "l2": 1.0}
 # The share of ||V||_F^2 that asft_projector's free subspace holds per module (the frontier

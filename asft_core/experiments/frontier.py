@@ -366,6 +366,28 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def aligned_reference(config: dict[str, Any], cache_dir: Path, work_dir: Path) -> dict[str, float]:
+    """The aligned model itself on the study's sets: the 'before' of every cell."""
+    from asft_core.evaluation.harness import load_for_evaluation
+
+    lab = Lab(config, cache_dir, work_dir)
+    model, tokenizer = load_for_evaluation(str(lab.zoo.aligned))
+    record = lab.outcomes(model, tokenizer)
+    retention = "".join(record["retention"][k] for k in sorted(record["retention"]))
+    return {
+        "hs": record["harmful"].count("c") / len(record["harmful"]),
+        "refusal": record["harmful"].count("r") / len(record["harmful"]),
+        "off_task": record["harmful"].count("o") / len(record["harmful"]),
+        "fa": record["task"].count("1") / len(record["task"]),
+        "over_refusal": record["over_refusal"].count("1") / len(record["over_refusal"]),
+        "retention": retention.count("1") / len(retention),
+        **{
+            f"retention_{name}": bits.count("1") / len(bits)
+            for name, bits in record["retention"].items()
+        },
+    }
+
+
 def foreign_direction(cache_dir: Path, out: Path, log: Callable[[str], None] = print) -> Path:
     """A *foreign* delta: the base fine-tuned like the aligned model, on benign rows only.
 
@@ -665,6 +687,7 @@ def main(argv: list[str] | None = None) -> None:
         s.basis.shape[0] for s in subspaces.values()
     )
     summary["energy"] = analysis.energy_summary(cells, random_share)
+    summary["aligned"] = aligned_reference(config, cache_dir, out / "runs")
     summary["alignment"] = artifact.summary()
     summary["subspace_k"] = {name: s.k for name, s in subspaces.items()}
     summary["cells"] = len(cells)

@@ -130,6 +130,8 @@ def analyse(cells: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str
     frontier_methods = [
         m for m in config["methods"] if m not in ("lora", "safelora_threshold")
     ] + list(config["controls"])
+    if not cells:
+        raise ValueError("no finished cells to analyse")
     outcomes = outcome_matrices(cells)
     endpoints = config["endpoints"]
     point, boot = bootstrap_means(
@@ -143,7 +145,7 @@ def analyse(cells: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str
 
     def curves(method: str, p: float) -> tuple[list[float], dict[str, Any], dict[str, Any]]:
         lambdas, index = curve_points(cells, method, p, seeds)
-        if not lambdas:
+        if len(lambdas) < 2:  # plain LoRA alone is no curve of this method
             return [], {}, {}
         idx = np.array(index)  # (points, seeds)
         pt = {m: point[m][idx].mean(axis=1) for m in METRICS}

@@ -17,6 +17,7 @@ from asft_client.cli import (
     progress_text,
     summary_lines,
 )
+from asft_core.methods import DEFAULT_METHOD
 
 
 def parse(*argv: str) -> object:
@@ -90,7 +91,7 @@ def test_job_request_defaults_are_the_servers() -> None:
     assert body == {
         "model": "m",
         "training_file": "f",
-        "method": {"type": "asft", "asft": {"hyperparameters": {}}},
+        "method": {"type": DEFAULT_METHOD, DEFAULT_METHOD: {"hyperparameters": {}}},
     }
 
 
