@@ -486,6 +486,7 @@ def run_study(
     artifact = get_or_compute_alignment(zoo.base, zoo.aligned, cache_dir / "alignment")
     alignment_subspaces(artifact.path, tau=config["subspace_energy"])  # cached for the workers
     work_dir = out_dir / "runs"
+    work_dir.mkdir(parents=True, exist_ok=True)
     if "projector_foreign" in config["controls"]:
         foreign_direction(cache_dir, out_dir / "foreign-direction.safetensors", log)
     cells_path = out_dir / "cells.jsonl"
