@@ -324,6 +324,11 @@ def plot_table(table: MiniatureTable, path: Path) -> Path | None:
     axes[0].legend(fontsize=8)
     figure.suptitle(f"AsFT in miniature ({table.config['profile']} profile, 95% CIs)")
     figure.tight_layout()
+    return save_figure(figure, path, plt)
+
+
+def save_figure(figure: Any, path: Path, plt: Any) -> Path:
+    """Write a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.stem + ".tmp.png")
     figure.savefig(temporary, dpi=110)

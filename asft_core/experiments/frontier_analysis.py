@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from asft_core.experiments import save_figure
+
 METRICS = ("hs", "fa", "over_refusal", "off_task", "refusal", "retention")
 
 
@@ -334,7 +336,7 @@ def plot(summary: dict[str, Any], cells: Sequence[dict[str, Any]], out_dir: Path
     axes[0][0].legend(fontsize=7)
     figure.suptitle("Safety-utility frontier (seed means; curves run from plain LoRA up in lambda)")
     figure.tight_layout()
-    written.append(_save(figure, out_dir / "frontier.png", plt))
+    written.append(save_figure(figure, out_dir / "frontier.png", plt))
 
     figure, axis = plt.subplots(figsize=(6, 4.2))
     for method in sorted({c["method"] for c in cells}):
@@ -352,7 +354,7 @@ def plot(summary: dict[str, Any], cells: Sequence[dict[str, Any]], out_dir: Path
     axis.set_title("HS against update size, p > 0 (one curve: direction is irrelevant)")
     axis.legend(fontsize=7)
     figure.tight_layout()
-    written.append(_save(figure, out_dir / "hs_vs_update_norm.png", plt))
+    written.append(save_figure(figure, out_dir / "hs_vs_update_norm.png", plt))
 
     probes = {
         probe: [c["energy_inside"] for c in cells if c["method"] == probe]
@@ -370,17 +372,8 @@ def plot(summary: dict[str, Any], cells: Sequence[dict[str, Any]], out_dir: Path
         axis.set_ylabel("% of ||dW||^2 inside top-k of V")
         axis.set_title("Where plain LoRA puts its update")
         figure.tight_layout()
-        written.append(_save(figure, out_dir / "energy_inside.png", plt))
+        written.append(save_figure(figure, out_dir / "energy_inside.png", plt))
     return written
-
-
-def _save(figure: Any, path: Path, plt: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
 
 
 def energy_summary(cells: Sequence[dict[str, Any]], random_share: float) -> dict[str, Any]:
