@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from asft_core.methods import DEFAULT_METHOD
 from tests.api.conftest import auth
 
 
@@ -20,7 +21,7 @@ def test_upload_create_and_read_a_job(
     assert job["object"] == "fine_tuning.job"
     assert job["id"].startswith("ftjob-")
     assert job["status"] == "validating_files"
-    assert job["method"]["type"] == "asft"
+    assert job["method"]["type"] == DEFAULT_METHOD
     assert job["hyperparameters"] == {
         "n_epochs": 3,
         "batch_size": 8,
