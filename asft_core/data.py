@@ -17,6 +17,9 @@ import torch
 from asft_core.formats import DatasetFormatError, Example, Message
 
 IGNORE_INDEX = -100
+# Batches per length-sorted window: wide enough that a batch pads little, narrow enough
+# that consecutive steps still see different lengths.
+LENGTH_GROUP_BATCHES = 32
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,12 @@ class TokenizedDataset:
     @property
     def num_tokens(self) -> int:
         """Tokens in one pass over the data (padding excluded)."""
-        return sum(len(example.input_ids) for example in self.examples)
+        return sum(self.lengths)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each row, in order."""
+        return [len(example.input_ids) for example in self.examples]
 
 
 def _as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
@@ -142,19 +150,35 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
 
 
 def epoch_batches(
-    num_examples: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
+    num_examples: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    lengths: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Row indices of each batch of one epoch.
 
     The order depends only on (seed, epoch), never on global RNG state, so a run resumed
-    mid-epoch sees exactly the batches the uninterrupted run would have seen.
+    mid-epoch sees exactly the batches the uninterrupted run would have seen. With
+    ``lengths`` (tokens per row) and ``shuffle``, rows are grouped by length: the shuffled
+    order is cut into windows of ``LENGTH_GROUP_BATCHES`` batches, each window sorted by
+    length, and the batches shuffled again, so a batch pads little but stays random.
     """
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(num_examples, generator=generator).tolist()
-    else:
+    if not shuffle:
         order = list(range(num_examples))
-    return [order[start : start + batch_size] for start in range(0, num_examples, batch_size)]
+        return [order[start : start + batch_size] for start in range(0, num_examples, batch_size)]
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    if lengths is None:
+        return [order[start : start + batch_size] for start in range(0, num_examples, batch_size)]
+    window = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, num_examples, window):
+        rows = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
+    permutation = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in permutation]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, gradient_accumulation_steps: int) -> int:

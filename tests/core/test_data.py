@@ -85,3 +85,21 @@ def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
     assert sorted(i for batch in first for i in batch) == list(range(10))
     assert [len(b) for b in first] == [3, 3, 3, 1]
     assert epoch_batches(4, 2, seed=1, epoch=0, shuffle=False) == [[0, 1], [2, 3]]
+
+
+def test_length_grouping_pads_less_and_keeps_every_row_once() -> None:
+    lengths = [5 + (i * 37) % 90 for i in range(1000)]
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    grouped = epoch_batches(1000, 16, seed=3, epoch=2, lengths=lengths)
+    plain = epoch_batches(1000, 16, seed=3, epoch=2)
+    assert grouped == epoch_batches(1000, 16, seed=3, epoch=2, lengths=lengths)
+    assert grouped != epoch_batches(1000, 16, seed=3, epoch=3, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert len(grouped) == len(plain)
+    assert padded(grouped) < 0.8 * padded(plain)
+    # Still random: batches are not in length order.
+    firsts = [lengths[b[0]] for b in grouped]
+    assert firsts != sorted(firsts)
