@@ -16,6 +16,7 @@ import functools
 import hashlib
 import hmac
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from celery import Celery
@@ -26,7 +27,6 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from api.cache import KeyGrant, ReadCaches
 from api.db.models import ApiKey, Team
 from api.errors import TooMany, Unauthorized
 from api.ratelimit import Decision, RateLimiter
@@ -136,8 +136,7 @@ async def read_in_session(request: Request, function: Callable[[Session], T]) ->
     """Run ``function(session)`` in the thread pool: in the request's session when it has
     one, else in a short one of its own, within a session slot.
 
-    For async routes and dependencies that need the database only sometimes (cache misses),
-    so that a hit opens no session at all.
+    For async routes and dependencies: the event loop never waits on the database.
     """
     session: Session | None = getattr(request.state, "session", None)
     if session is not None:
@@ -156,12 +155,6 @@ async def get_queue(request: Request) -> Celery:
     """The Celery app used to enqueue jobs (by task name)."""
     queue: Celery = request.app.state.queue
     return queue
-
-
-def read_caches(request: Request) -> ReadCaches:
-    """The process's read caches, for code that has the request."""
-    caches: ReadCaches = request.app.state.read_caches
-    return caches
 
 
 async def get_rate_limiter(request: Request) -> RateLimiter | None:
@@ -224,6 +217,14 @@ def _refuse(request: Request, limiter: RateLimiter | None, code: str, message: s
     return Unauthorized(code, message, headers={"WWW-Authenticate": "Bearer"})
 
 
+@dataclass(frozen=True)
+class KeyGrant:
+    """What a valid key grants: its id (for its rate limit) and its team."""
+
+    key_id: str
+    team_id: str
+
+
 _MISSING = ("missing_api_key", "send your API key as 'Authorization: Bearer <key>'")
 
 
@@ -238,8 +239,7 @@ def _grant_for(session: Session, *, presented: str) -> KeyGrant | None:
     # The database compares hashes, not keys: its timing could only tell how many leading
     # digits of SHA-256(guess) match a stored hash, which says nothing about a key. The
     # comparison here is in constant time all the same, so no step compares the key itself
-    # in variable time whatever the database does. (The cache's dictionary is keyed by the
-    # same hashes, for the same reason.)
+    # in variable time whatever the database does.
     if (
         found is None
         or found.revoked_at is not None
@@ -273,9 +273,8 @@ async def current_team_id(
     rate limit.
 
     The limit is counted per key id, so a team's keys have separate budgets; keys listed in
-    ``rate_limit_exempt_keys`` have none. Valid keys are cached while the database's change
-    notifications keep the cache exact (``api.cache``): a polling client costs no query here,
-    and no other dependency (each costs FastAPI more than this function's own work).
+    ``rate_limit_exempt_keys`` have none. One async dependency that does all of it: each
+    extra dependency costs FastAPI more than this function's own work.
     """
     state = request.app.state
     settings: Settings = state.settings
@@ -284,16 +283,11 @@ async def current_team_id(
     if token is None:
         raise await _refused(request, limiter, *_MISSING)
     presented = hash_key(token)
-    grants = read_caches(request).keys
-    grant = grants.get(presented)
+    grant = await read_in_session(request, functools.partial(_grant_for, presented=presented))
     if grant is None:
-        version = grants.version(presented)
-        grant = await read_in_session(request, functools.partial(_grant_for, presented=presented))
-        if grant is None:
-            raise await _refused(
-                request, limiter, "invalid_api_key", "the API key is unknown or revoked"
-            )
-        grants.put(presented, version, grant)
+        raise await _refused(
+            request, limiter, "invalid_api_key", "the API key is unknown or revoked"
+        )
     if limiter is not None and grant.key_id not in settings.rate_limit_exempt_key_ids:
         decision = await _hit(limiter, f"key:{grant.key_id}")
         if decision is not None:

@@ -7,9 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy import make_url
 
-from api.cache import ChangeFeed, ReadCaches, forget_on_commit
 from api.db.session import engine_for, session_factory
 from api.errors import install_error_handlers
 from api.middleware import (
@@ -36,33 +34,14 @@ request carries `Authorization: Bearer <team key>`; errors use the envelope
 """
 
 
-def change_feed_dsn(database_url: str) -> str | None:
-    """The libpq address of ``database_url`` when it is PostgreSQL (which notifies changes)."""
-    url = make_url(database_url)
-    if url.get_backend_name() != "postgresql":
-        return None
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # Per serving process (each uvicorn worker builds its own app): its own feed and caches.
-    settings: Settings = app.state.settings
-    dsn = change_feed_dsn(settings.resolved_database_url) if settings.read_cache else None
-    feed = ChangeFeed(dsn, app.state.read_caches) if dsn is not None else None
-    app.state.change_feed = feed
-    if feed is not None:
-        feed.start()
     # Everything loaded so far (modules, the app, its routes) lives as long as the process:
     # moved out of the collector's generations, full collections no longer walk it, which
     # paused a worker for tens of milliseconds (the list endpoints' p99).
     gc.collect()  # frozen garbage would never be freed
     gc.freeze()
-    try:
-        yield
-    finally:
-        if feed is not None:
-            feed.stop()
+    yield
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -77,9 +56,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
     app.state.queue = make_celery(settings)
     app.state.rate_limiter = make_rate_limiter(settings)
-    # Off until the lifespan's change feed listens (never on SQLite).
-    app.state.read_caches = ReadCaches()
-    forget_on_commit(app.state.sessions, app.state.read_caches)
     install_error_handlers(app)
     for module in (health, files, jobs, models, admin):
         app.include_router(module.router)

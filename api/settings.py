@@ -104,11 +104,6 @@ class Settings(BaseSettings):
         0.1, description="Default safety gate: largest rise over the aligned model's score."
     )
     log_level: str = Field("INFO", description="Log level of API and worker.")
-    read_cache: bool = Field(
-        True,
-        description="On PostgreSQL, cache keys and job answers, kept exact by change "
-        "notifications (false: every request reads the database).",
-    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -34,9 +34,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    # Read committed whatever the server's default: the API's read caches rely on each
-    # statement seeing every commit notified before it (api.cache).
-    return create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+    return create_engine(url, pool_pre_ping=True)
 
 
 @lru_cache

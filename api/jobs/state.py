@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from api.cache import note_changed_job
 from api.db.models import Job, now
 
 STATUSES = (
@@ -63,7 +62,6 @@ def transition(session: Session, job_id: str, current: str, target: str, **value
         .values(status=target, updated_at=now(), **values)
         .execution_options(synchronize_session="fetch")
     )
-    note_changed_job(session, job_id)
     return bool(getattr(result, "rowcount", 0) == 1)
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
@@ -25,7 +25,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.cache import CachedJob
+from api.conditional import NOT_MODIFIED, conditional_json
 from api.db.models import (
     Checkpoint,
     EvaluationReport,
@@ -43,7 +43,6 @@ from api.deps import (
     SessionDep,
     SettingsDep,
     StoreDep,
-    read_caches,
     read_in_session,
 )
 from api.errors import Conflict, NotFound, TooMany, Unprocessable
@@ -330,88 +329,40 @@ def list_jobs(
     ] = None,
 ) -> Response:
     """The team's jobs, newest first; filter by ``status`` and by ``metadata[key]=value``."""
-    # Only the page's ids come from this query; each job's answer comes from the cache that
-    # get_job fills, and only the jobs it lacks are read whole.
-    statement = team_rows(Job, team_id).with_only_columns(Job.id)
+    statement = team_rows(Job, team_id)
     if status is not None:
         statement = statement.where(Job.status == status)
     for key, value in _metadata_filters(request):
         statement = statement.where(_metadata_equals(session, key, value))
     # The cursor is looked up among all the team's jobs: the last job of a page may have
     # changed status since, and must not end the listing with invalid_cursor.
-    rows, has_more = newest_first(
+    jobs, has_more = newest_first(
         session, statement, Job, after, limit, cursor_scope=team_rows(Job, team_id)
     )
-    ids = cast(list[str], rows)  # the statement selects Job.id only
-    answers = _job_answers(request, session, team_id, ids, status)
-    # A job deleted (or, filtered by status, changed) between the two reads is left out.
-    listed = [job_id for job_id in ids if job_id in answers]
-    body = json_page([answers[job_id].body for job_id in listed], listed, has_more)
+    body = json_page([_encoded(job) for job in jobs], [job.id for job in jobs], has_more)
     return Response(body, media_type="application/json")
 
 
-def job_answer(job: Job) -> CachedJob:
-    """What ``GET /v1/fine_tuning/jobs/{id}`` answers for ``job``, encoded, for the cache."""
-    body = job_object(job).model_dump_json(by_alias=True).encode()
-    return CachedJob(team_id=job.team_id, body=body, status=job.status)
+def _encoded(job: Job) -> bytes:
+    """The job as ``GET /v1/fine_tuning/jobs/{id}`` sends it."""
+    return job_object(job).model_dump_json(by_alias=True).encode()
 
 
-def _job_answers(
-    request: Request, session: Session, team_id: str, ids: list[str], status: str | None
-) -> dict[str, CachedJob]:
-    """The answers of the team's jobs ``ids`` (with ``status``, when given): cached ones, and
-    the others read in one query (and cached)."""
-    jobs = read_caches(request).jobs
-    answers: dict[str, CachedJob] = {}
-    for job_id in ids:
-        answer = jobs.get(job_id)
-        if (
-            answer is not None
-            and answer.team_id == team_id
-            and (status is None or answer.status == status)
-        ):
-            answers[job_id] = answer
-    missing = [job_id for job_id in ids if job_id not in answers]
-    if missing:
-        versions = {job_id: jobs.version(job_id) for job_id in missing}
-        rows = select(Job).where(Job.id.in_(missing), Job.team_id == team_id)
-        if status is not None:
-            # A job that left the status since the page's ids were read is left out.
-            rows = rows.where(Job.status == status)
-        for job in session.scalars(rows):
-            answer = job_answer(job)
-            jobs.put(job.id, versions[job.id], answer)
-            answers[job.id] = answer
-    return answers
-
-
-def _job_answer(session: Session, *, team_id: str, job_id: str) -> CachedJob:
+def _read_job(session: Session, *, team_id: str, job_id: str) -> bytes:
     """The job's answer as sent (raises the 404 for another team's job)."""
     job = get_team_job(session, team_id, job_id)
     session.commit()
-    return job_answer(job)
+    return _encoded(job)
 
 
-@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=errors(404))
+@router.get(
+    "/{fine_tuning_job_id}", response_model=FineTuningJob, responses={**errors(404), **NOT_MODIFIED}
+)
 async def get_job(request: Request, team_id: CurrentTeamId, fine_tuning_job_id: str) -> Response:
-    """One job."""
-    # The polling path: served from the process's cache while the job has not changed (the
-    # database notifies every change; see api.cache), so most polls do no I/O at all.
-    jobs = read_caches(request).jobs
-    answer = jobs.get(fine_tuning_job_id)
-    if answer is None or answer.team_id != team_id:
-        version = jobs.version(fine_tuning_job_id)
-        read = functools.partial(_job_answer, team_id=team_id, job_id=fine_tuning_job_id)
-        answer = await read_in_session(request, read)
-        jobs.put(fine_tuning_job_id, version, answer)
-    return Response(answer.body, media_type="application/json")
-
-
-def _require_job(request: Request, session: Session, team_id: str, job_id: str) -> None:
-    """404 unless the team has job ``job_id`` (known from the cache when it holds the job)."""
-    answer = read_caches(request).jobs.get(job_id)
-    if answer is None or answer.team_id != team_id:
-        get_team_job(session, team_id, job_id)
+    """One job. Send the ``ETag`` of the last answer as ``If-None-Match`` to get a bodiless
+    304 while the job has not changed."""
+    read = functools.partial(_read_job, team_id=team_id, job_id=fine_tuning_job_id)
+    return conditional_json(request, await read_in_session(request, read))
 
 
 @router.post(
@@ -474,7 +425,9 @@ def start_job(
 
 
 @router.get(
-    "/{fine_tuning_job_id}/events", response_model=Page[JobEventObject], responses=errors(404)
+    "/{fine_tuning_job_id}/events",
+    response_model=Page[JobEventObject],
+    responses={**errors(404), **NOT_MODIFIED},
 )
 def list_events(
     request: Request,
@@ -483,9 +436,10 @@ def list_events(
     fine_tuning_job_id: str,
     after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-) -> Page[JobEventObject]:
-    """The job's events, newest first (``metrics`` events carry per-step figures)."""
-    _require_job(request, session, team_id, fine_tuning_job_id)
+) -> Response:
+    """The job's events, newest first (``metrics`` events carry per-step figures). The page
+    has an ``ETag``: send it as ``If-None-Match`` to get a bodiless 304 until a new event."""
+    get_team_job(session, team_id, fine_tuning_job_id)
     statement = select(JobEvent).where(JobEvent.job_id == fine_tuning_job_id)
     rows, has_more = descending_by(
         session, statement, JobEvent, JobEvent.seq, after, limit, "event"
@@ -501,7 +455,9 @@ def list_events(
         )
         for row in rows
     ]
-    return page_of(data, has_more)
+    return conditional_json(
+        request, page_of(data, has_more).model_dump_json(by_alias=True).encode()
+    )
 
 
 def _checkpoint_object(row: Checkpoint, job: Job, team: Team) -> JobCheckpoint:
