@@ -37,7 +37,7 @@ from api.storage import ArtifactStore
 # thread pool, and each such hop costs more CPU than the rest of these functions together.
 
 
-async def get_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
     """The app's settings (set by create_app)."""
     settings: Settings = request.app.state.settings
     return settings
@@ -163,7 +163,7 @@ async def get_rate_limiter(request: Request) -> RateLimiter | None:
     return limiter
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 RateLimiterDep = Annotated[RateLimiter | None, Depends(get_rate_limiter)]
 # scope="function": commit before the response is sent, so a client's next request sees the
 # write and a failed commit is an error answer, not a 200 (the default runs it afterwards).

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 import httpx
 
 SIGNATURE_HEADER = "X-ASFT-Signature"
-EVENT_TYPES = ("succeeded", "failed", "cancelled")
 
 
 class WebhookRefused(ValueError):

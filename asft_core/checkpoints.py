@@ -184,9 +184,3 @@ def load_checkpoint(
     scheduler.load_state_dict(sidecar["scheduler"])
     _restore_rng(tensors)
     return TrainingPosition(**sidecar["position"])
-
-
-def read_position(folder: Path) -> TrainingPosition:
-    """The position stored in a checkpoint, without loading any tensor."""
-    sidecar = json.loads((folder / SIDECAR_FILE).read_text())
-    return TrainingPosition(**sidecar["position"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 T = TypeVar("T")
 
@@ -103,8 +103,3 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
         for code in sorted({400, 401, 422, 429, 431, *codes})
     }
-
-
-def page_limit_field() -> Any:
-    """The ``limit`` query parameter's definition."""
-    return Field(20, ge=1, le=100, description="How many items per page (1 to 100).")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -335,8 +335,3 @@ def save_figure(figure: Any, path: Path, plt: Any) -> Path:
     plt.close(figure)
     temporary.replace(path)
     return path
-
-
-def config_with(config: MiniatureConfig, **changes: Any) -> MiniatureConfig:
-    """A copy of ``config`` with ``changes`` (for tests and ad-hoc runs)."""
-    return replace(config, **changes)

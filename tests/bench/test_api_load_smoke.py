@@ -55,5 +55,3 @@ def test_api_load_bench_completes_and_the_api_answers_2xx() -> None:
         assert float(fields[2]) > 0, f"{name} at {count} connections served nothing:\n{output}"
         if name != "bare":
             assert int(fields[NON_2XX_COLUMN]) == 0, f"{name} answered non-2xx:\n{output}"
-    # The rows held to a target carry a verdict (whichever it is on this machine).
-    assert rows[("get_job", 8)][-1] in ("PASS", "FAIL"), output

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from api.queue import make_celery
 from api.settings import Settings
-from worker.celery_app import make_celery
 
 
 def test_embedded_default_uses_the_filesystem_broker(tmp_path: Path) -> None:
