@@ -14,7 +14,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY asft_core ./asft_core
 COPY asft_client ./asft_client
+COPY asft ./asft
 COPY api ./api
+COPY service ./service
 COPY worker ./worker
 
 FROM build AS api-build

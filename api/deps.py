@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import hmac
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,11 +26,12 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from api.db.models import ApiKey, Team
 from api.errors import TooMany, Unauthorized
 from api.ratelimit import Decision, RateLimiter
-from api.settings import Settings
-from api.storage import ArtifactStore
+from service.db.models import ApiKey, Team
+from service.settings import Settings
+from service.storage import ArtifactStore
+from service.teams import hash_key
 
 # Dependencies that do no I/O are ``async``: FastAPI runs a plain ``def`` dependency in its
 # thread pool, and each such hop costs more CPU than the rest of these functions together.
@@ -170,11 +170,6 @@ RateLimiterDep = Annotated[RateLimiter | None, Depends(get_rate_limiter)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 QueueDep = Annotated[Celery, Depends(get_queue)]
-
-
-def hash_key(key: str) -> str:
-    """How keys are stored: SHA-256 hex (keys are random tokens, so no slow hash is needed)."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 # Declares the scheme in the OpenAPI document (so /docs can send keys); checks are ours.

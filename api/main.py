@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.db.session import engine_for, session_factory
 from api.errors import install_error_handlers
 from api.middleware import (
     MAX_HEADER_COUNT,
@@ -16,11 +15,12 @@ from api.middleware import (
     HeaderLimitMiddleware,
     RequestContextMiddleware,
 )
-from api.queue import make_celery
 from api.ratelimit import make_rate_limiter
 from api.routes import admin, files, health, jobs, models
-from api.settings import Settings, get_settings
-from api.storage import ArtifactStore
+from service.db.session import engine_for, session_factory
+from service.queue import make_celery
+from service.settings import Settings, get_settings
+from service.storage import ArtifactStore
 
 # JSON bodies are small; only uploads may be large (ASFT_MAX_UPLOAD_BYTES).
 MAX_JSON_BODY_BYTES = 1 << 20

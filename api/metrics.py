@@ -10,8 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Engine, func, select
 
-from api.db.models import Job, JobEvent
-from api.jobs.state import STATUSES
+from service.db.models import Job, JobEvent
+from service.jobs.state import STATUSES
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter(

@@ -11,9 +11,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import logs
 from api.errors import envelope
 from api.metrics import LATENCY, REQUESTS
+from service import logs
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # Multipart framing around an uploaded file (boundaries, part headers, the purpose field).

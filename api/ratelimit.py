@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from api.settings import Settings
+from service.settings import Settings
 
 logger = logging.getLogger("asft.api")
 

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"starting asft serve on {base_url}", flush=True)
     service = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)], env=env
+        [sys.executable, "-m", "asft.cli", "serve", "--port", str(port)], env=env
     )
     try:
         _wait_ready(base_url, service, timeout_s=180)

@@ -54,11 +54,11 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
-from api.db.migrate import upgrade_head
-from api.db.models import ApiKey, File, Job, JobEvent, ModelPair, Team, new_id
-from api.db.session import make_engine, transaction
-from api.routes.admin import create_team_with_key
 from api.schemas.jobs import JobCreate, resolve_method
+from service.db.migrate import upgrade_head
+from service.db.models import ApiKey, File, Job, JobEvent, ModelPair, Team, new_id
+from service.db.session import make_engine, transaction
+from service.teams import create_team_with_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LUA_SCRIPT = Path(__file__).resolve().with_name("api_load.lua")

@@ -39,12 +39,12 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
-from api.db.migrate import upgrade_head
-from api.db.models import Job, JobEvent
-from api.db.session import make_engine
 from api.main import create_app
-from api.settings import Settings
 from asft_core.zoo import ZooPaths, build_zoo
+from service.db.migrate import upgrade_head
+from service.db.models import Job, JobEvent
+from service.db.session import make_engine
+from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "admin-dispatch-bench"

@@ -1,11 +1,11 @@
-"""Alembic environment: the URL comes from the config's attributes (see api.db.migrate)."""
+"""Alembic environment: the URL comes from the config's attributes (see service.db.migrate)."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from api.db.models import Base
-from api.db.session import make_engine
+from service.db.models import Base
+from service.db.session import make_engine
 
 url = context.config.attributes.get("database_url") or context.config.get_main_option(
     "sqlalchemy.url"

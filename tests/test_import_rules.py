@@ -1,7 +1,10 @@
 """The architecture's import rules, enforced.
 
-asft_core never imports web, queue or database code; the API never loads torch; and
-``asft_core/__init__.py`` stays light so ``asft_core.formats`` can be shared.
+asft_core never imports web, queue or database code; the API never loads torch; the shared
+``service`` package never imports FastAPI, the API or the worker (so it raises no HTTP
+errors); the worker never imports the API; the API never imports the client (the ``asft``
+command sits above both); and ``asft_core/__init__.py`` stays light so
+``asft_core.formats`` can be shared.
 """
 
 from __future__ import annotations
@@ -14,7 +17,24 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FORBIDDEN_IN_CORE = {"fastapi", "starlette", "celery", "sqlalchemy", "alembic", "api", "worker"}
+FORBIDDEN_IN_CORE = {
+    "fastapi",
+    "starlette",
+    "celery",
+    "sqlalchemy",
+    "alembic",
+    "api",
+    "service",
+    "worker",
+    "asft",
+}
+# Package -> the top-level packages its files may not import.
+LAYER_RULES = {
+    "service": {"fastapi", "starlette", "api", "worker", "asft", "asft_client"},
+    "worker": {"fastapi", "starlette", "api", "asft", "asft_client"},
+    "api": {"worker", "asft", "asft_client", "torch", "transformers", "peft"},
+    "asft_client": {"api", "service", "worker", "asft", "torch"},
+}
 HEAVY = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy")
 
 
@@ -40,13 +60,15 @@ def test_core_imports_no_web_queue_or_db_code() -> None:
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
-def test_api_never_imports_torch_statically() -> None:
-    offenders = [
-        str(path.relative_to(REPO_ROOT))
-        for path in sorted((REPO_ROOT / "api").rglob("*.py"))
-        if imported_roots(path) & {"torch", "transformers", "peft", "worker"}
-    ]
-    assert offenders == []
+@pytest.mark.parametrize("package", sorted(LAYER_RULES))
+def test_each_layer_imports_only_what_it_may(package: str) -> None:
+    files = sorted((REPO_ROOT / package).rglob("*.py"))
+    assert files, f"{package} has no Python files"
+    offenders = {
+        str(path.relative_to(REPO_ROOT)): sorted(imported_roots(path) & LAYER_RULES[package])
+        for path in files
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
 
 
 def _loaded_modules_after(statement: str) -> set[str]:
@@ -62,16 +84,16 @@ def _loaded_modules_after(statement: str) -> set[str]:
     [
         "import api",
         "import api.main; api.main.create_app()",
-        "import api.settings",
+        "import service.settings",
         "import asft_core",
         "import asft_core.formats",
         "import asft_core.zoo",
-        "import api.cli",
+        "import asft.cli",
         "import asft_client.demo",
         "import asft_client.cli",
     ],
 )
 def test_light_imports_do_not_load_the_ml_stack(statement: str) -> None:
     loaded = _loaded_modules_after(statement)
-    assert {"asft_core", "api", "asft_client"} & loaded
+    assert {"asft_core", "api", "service", "asft", "asft_client"} & loaded
     assert sorted(loaded & set(HEAVY)) == []

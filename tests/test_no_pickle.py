@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from api.queue import make_celery
-from api.settings import Settings
+from service.queue import make_celery
+from service.settings import Settings
 from tests.conftest import REPO_ROOT
 
 PACKAGES = ("asft_core", "api", "worker", "asft_client")

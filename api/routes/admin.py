@@ -8,16 +8,17 @@ from fastapi import APIRouter
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api.db.models import ApiKey, Team, new_id, now
-from api.deps import AdminDep, SessionDep, SettingsDep, hash_key
+from api.deps import AdminDep, SessionDep, SettingsDep
 from api.errors import Conflict, NotFound, Unprocessable
+from api.lookup import owned_row
 from api.schemas.admin import KeyCreate, KeyObject, TeamCreate, TeamObject, TeamUpdate
 from api.schemas.common import Page, errors
-from api.storage import is_id
-from api.webhooks import WebhookRefused, check_url
+from service.db.models import ApiKey, Team, new_id, now
+from service.storage import is_id
+from service.teams import issue_key
+from service.webhooks import WebhookRefused, check_url
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
-KEY_PREFIX = "asft-"
 
 
 def team_object(team: Team) -> TeamObject:
@@ -45,26 +46,6 @@ def key_object(key: ApiKey, secret: str | None = None) -> KeyObject:
         revoked_at=key.revoked_at,
         key=secret,
     )
-
-
-def create_team_with_key(session: SessionDep, name: str) -> tuple[Team, str]:
-    """A new team and its first key (the secret is returned once, stored hashed)."""
-    team = Team(id=new_id("team"), name=name)
-    session.add(team)
-    session.flush()
-    _, secret = issue_key(session, team.id, "default")
-    return team, secret
-
-
-def issue_key(session: SessionDep, team_id: str, name: str) -> tuple[ApiKey, str]:
-    """A new random key for ``team_id``; returns the row and the secret."""
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(
-        id=new_id("key"), team_id=team_id, name=name, key_hash=hash_key(secret), prefix=secret[:12]
-    )
-    session.add(key)
-    session.flush()
-    return key, secret
 
 
 def _team(session: SessionDep, team_id: str) -> Team:
@@ -140,9 +121,8 @@ def list_keys(session: SessionDep, team_id: str) -> Page[KeyObject]:
 @router.delete("/teams/{team_id}/keys/{key_id}", response_model=KeyObject, responses=errors(404))
 def revoke_key(session: SessionDep, team_id: str, key_id: str) -> KeyObject:
     """Revoke a key: it answers 401 from now on."""
-    key = session.get(ApiKey, key_id) if is_id(key_id) else None
-    if key is None or key.team_id != team_id:
-        raise NotFound("key_not_found", f"no key {key_id!r} in team {team_id!r}", "key_id")
+    missing = NotFound("key_not_found", f"no key {key_id!r} in team {team_id!r}", "key_id")
+    key = owned_row(session, ApiKey, key_id, team_id, missing)
     if key.revoked_at is None:
         key.revoked_at = now()
     session.flush()

@@ -18,15 +18,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from api.db.models import File, Job, new_id
 from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
-from api.errors import Conflict, NotFound, Unprocessable
-from api.jobs.state import TERMINAL
+from api.errors import Conflict, NotFound, TooLarge, Unprocessable
+from api.lookup import owned_row
 from api.pagination import newest_first, team_rows
 from api.schemas.common import Page, errors, page_of
 from api.schemas.files import PURPOSES, FileDeleted, FileObject, UploadForm
-from api.storage import CHUNK_BYTES, ID_PATTERN, file_key, is_id
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
+from service.db.models import File, Job, new_id
+from service.jobs.state import TERMINAL
+from service.storage import CHUNK_BYTES, ID_PATTERN, FileTooLarge, file_key
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 DEFAULT_FILENAME = "upload.jsonl"
@@ -54,11 +55,8 @@ def file_object(row: File) -> FileObject:
 
 def get_team_file(session: SessionDep, team_id: str, file_id: str) -> File:
     """The team's file ``file_id``; another team's answers 404 like a missing one."""
-    # A string that is not an id names no file (and a NUL in it would make PostgreSQL fail).
-    row = session.get(File, file_id) if is_id(file_id) else None
-    if row is None or row.team_id != team_id:
-        raise NotFound("file_not_found", f"no file {file_id!r}", "file_id")
-    return row
+    missing = NotFound("file_not_found", f"no file {file_id!r}", "file_id")
+    return owned_row(session, File, file_id, team_id, missing)
 
 
 async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
@@ -123,7 +121,10 @@ async def upload_file(
         raise Unprocessable("invalid_purpose", "purpose must be 'fine-tune'", "purpose")
     file_id = new_id("file")
     key = file_key(file_id)
-    size, sha256 = await store.save_stream(key, _chunks(file), settings.max_upload_bytes)
+    try:
+        size, sha256 = await store.save_stream(key, _chunks(file), settings.max_upload_bytes)
+    except FileTooLarge as error:
+        raise TooLarge("file_too_large", str(error), "file") from None
     try:
         checked = await run_in_threadpool(_check, store.path(key))
         row = File(

@@ -11,8 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.db.migrate import schema_status
 from api.metrics import REGISTRY, WORKER_GAUGES, refresh_job_gauges
+from service.db.migrate import schema_status
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("asft.api")

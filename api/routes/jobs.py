@@ -26,16 +26,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.conditional import NOT_MODIFIED, conditional_json
-from api.db.models import (
-    Checkpoint,
-    EvaluationReport,
-    FineTunedModel,
-    Job,
-    JobEvent,
-    ModelPair,
-    Team,
-    new_id,
-)
 from api.deps import (
     CurrentTeam,
     CurrentTeamId,
@@ -46,76 +36,45 @@ from api.deps import (
     read_in_session,
 )
 from api.errors import Conflict, NotFound, TooMany, Unprocessable
-from api.jobs.events import append_event
-from api.jobs.state import ACTIVE, TERMINAL, fine_tuned_name, transition
+from api.lookup import owned_row
 from api.pagination import descending_by, newest_first, team_rows
-from api.queue import enqueue_job
 from api.routes.files import get_team_file
 from api.schemas.common import Page, errors, json_page, page_of
 from api.schemas.jobs import (
     METADATA_MAX_KEYS,
-    FineTuningJob,
     JobCheckpoint,
     JobCreate,
-    JobError,
-    JobHyperparameters,
     JobReport,
     check_metadata_pair,
     resolve_method,
 )
 from api.schemas.jobs import JobEvent as JobEventObject
-from api.storage import ID_PATTERN, adapter_archive, is_id
 from asft_core.formats import iter_examples
+from service.db.models import (
+    Checkpoint,
+    EvaluationReport,
+    FineTunedModel,
+    Job,
+    JobEvent,
+    ModelPair,
+    Team,
+    new_id,
+)
+from service.jobs.events import append_event
+from service.jobs.objects import FineTuningJob, job_object
+from service.jobs.state import ACTIVE, TERMINAL, Status, fine_tuned_name, transition
+from service.queue import enqueue_job
+from service.storage import ID_PATTERN, adapter_archive
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
 logger = logging.getLogger("asft.api")
 MAX_OVERLAP_REPORTED = 20
 
 
-def job_object(job: Job) -> FineTuningJob:
-    """The API shape of a job row."""
-    hyper = job.method[job.method["type"]]["hyperparameters"]
-    error = (
-        JobError(code=job.error_code, message=job.error_message or "", param=job.error_param)
-        if job.error_code
-        else None
-    )
-    return FineTuningJob(
-        id=job.id,
-        model=job.model,
-        created_at=job.created_at,
-        finished_at=job.finished_at,
-        fine_tuned_model=job.fine_tuned_model,
-        organization_id=job.team_id,
-        result_files=job.result_files or [],
-        status=job.status,
-        validation_file=job.validation_file,
-        training_file=job.training_file,
-        hyperparameters=JobHyperparameters(
-            n_epochs=hyper["n_epochs"],
-            batch_size=hyper["batch_size"],
-            learning_rate_multiplier=hyper["learning_rate_multiplier"],
-        ),
-        trained_tokens=job.trained_tokens,
-        error=error,
-        user_provided_suffix=job.suffix,
-        seed=job.seed,
-        estimated_finish=job.estimated_finish,
-        metadata=job.metadata_,
-        method=job.method,
-        evaluation=job.evaluation,
-        safety=job.safety,
-        validation=job.validation,
-    )
-
-
 def get_team_job(session: SessionDep, team_id: str, job_id: str) -> Job:
     """The team's job ``job_id``; another team's answers 404 like a missing one."""
-    # A string that is not an id names no job (and a NUL in it would make PostgreSQL fail).
-    job = session.get(Job, job_id) if is_id(job_id) else None
-    if job is None or job.team_id != team_id:
-        raise NotFound("job_not_found", f"no fine-tuning job {job_id!r}", "fine_tuning_job_id")
-    return job
+    missing = NotFound("job_not_found", f"no fine-tuning job {job_id!r}", "fine_tuning_job_id")
+    return owned_row(session, Job, job_id, team_id, missing)
 
 
 def _usable_file(
@@ -323,10 +282,7 @@ def list_jobs(
     session: SessionDep,
     after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    status: Annotated[
-        str | None,
-        Query(pattern="^(validating_files|validated|queued|running|succeeded|failed|cancelled)$"),
-    ] = None,
+    status: Status | None = None,
 ) -> Response:
     """The team's jobs, newest first; filter by ``status`` and by ``metadata[key]=value``."""
     statement = team_rows(Job, team_id)

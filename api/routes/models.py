@@ -8,12 +8,12 @@ from pathlib import Path
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from api.db.models import Checkpoint, FineTunedModel, ModelPair
 from api.deps import AdminDep, CurrentTeam, SessionDep, StoreDep
 from api.errors import Conflict, NotFound, Unprocessable
 from api.schemas.common import PLAIN_TEXT, Page, errors
 from api.schemas.models import ModelDeleted, ModelObject, ModelPairCreate
-from api.storage import job_key
+from service.db.models import Checkpoint, FineTunedModel, ModelPair
+from service.storage import job_key
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 # A model id with control characters names no model (and a NUL would make PostgreSQL fail).

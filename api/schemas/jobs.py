@@ -333,56 +333,6 @@ def resolve_method(request: JobCreate) -> dict[str, Any]:
     return {"type": method.type, method.type: {"hyperparameters": resolved}}
 
 
-class JobError(BaseModel):
-    """Why a job failed."""
-
-    code: str
-    message: str
-    param: str | None = None
-
-
-class JobHyperparameters(BaseModel):
-    """OpenAI's top-level hyperparameters echo."""
-
-    n_epochs: int
-    batch_size: int
-    learning_rate_multiplier: float
-
-
-class FineTuningJob(BaseModel):
-    """The ``fine_tuning.job`` object, plus ``evaluation``, ``safety`` and ``validation``."""
-
-    object: Literal["fine_tuning.job"] = "fine_tuning.job"
-    id: str = Field(examples=["ftjob-Gq3kLx0sTfR1kq5mC3pZyA7d"])
-    model: str
-    created_at: int
-    finished_at: int | None = None
-    fine_tuned_model: str | None = None
-    organization_id: str
-    result_files: list[str] = Field(default_factory=list)
-    status: Literal[
-        "validating_files", "validated", "queued", "running", "succeeded", "failed", "cancelled"
-    ]
-    validation_file: str | None = None
-    training_file: str
-    hyperparameters: JobHyperparameters
-    trained_tokens: int | None = None
-    error: JobError | None = None
-    user_provided_suffix: str | None = None
-    seed: int
-    estimated_finish: int | None = None
-    integrations: list[Any] = Field(default_factory=list)
-    metadata: dict[str, str] | None = None
-    method: dict[str, Any]
-    evaluation: dict[str, Any] | None = None
-    safety: dict[str, Any] | None = Field(
-        None, description="Harmful score before/after and the gate verdict, once evaluated."
-    )
-    validation: dict[str, Any] | None = Field(
-        None, description="Dataset checks: example counts, token counts, warnings."
-    )
-
-
 class JobEvent(BaseModel):
     """A ``fine_tuning.job.event``; ``metrics`` events carry step, loss, penalty, lr, tokens/s."""
 

@@ -20,9 +20,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from api.db.migrate import upgrade_head
 from api.main import create_app
-from api.settings import Settings
+from service.db.migrate import upgrade_head
+from service.settings import Settings
 from tests.api.conftest import ADMIN, ADMIN_KEY, auth
 from tests.conftest import postgres_database
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.db.models import Checkpoint, EvaluationReport, FineTunedModel, Job, Team, new_id
-from api.jobs.state import transition
 from api.routes.jobs import fine_tuned_name
-from api.storage import job_key
+from service.db.models import Checkpoint, EvaluationReport, FineTunedModel, Job, Team, new_id
+from service.jobs.state import transition
+from service.storage import job_key
 from tests.api.conftest import auth
 
 

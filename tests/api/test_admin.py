@@ -13,12 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
-from api.bootstrap import DEFAULT_TEAM, bootstrap_embedded
-from api.db.migrate import upgrade_head
-from api.db.models import ApiKey, Team
-from api.db.session import engine_for
 from api.main import create_app
-from api.settings import Settings
+from service.bootstrap import DEFAULT_TEAM, bootstrap_embedded
+from service.db.migrate import upgrade_head
+from service.db.models import ApiKey, Team
+from service.db.session import engine_for
+from service.settings import Settings
 from tests.api.conftest import ADMIN, auth
 
 MakeTeam = Callable[[str], tuple[str, str]]

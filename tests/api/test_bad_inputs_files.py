@@ -20,8 +20,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.db.models import File, Job
-from api.settings import Settings
+from service.db.models import File, Job
+from service.settings import Settings
 from tests.api import corpus
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 

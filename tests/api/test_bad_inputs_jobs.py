@@ -21,7 +21,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.db.models import Job
+from service.db.models import Job
 from tests.api import corpus
 from tests.api.conftest import auth, jsonl, sentiment_rows
 

@@ -17,7 +17,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.db.models import ApiKey, File, Job, ModelPair, Team
+from service.db.models import ApiKey, File, Job, ModelPair, Team
 from tests.api import corpus
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 from tests.api.finished_jobs import create_job, finish_job

@@ -28,9 +28,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from schemathesis.engine import events, from_schema
 
-from api.jobs.state import transition
 from api.main import create_app
-from api.settings import Settings
+from service.jobs.state import transition
+from service.settings import Settings
 from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
 from tests.api.finished_jobs import create_job, finish_job
 

@@ -10,10 +10,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from api.db.migrate import head_revision
-from api.db.session import engine_for
 from api.main import create_app
-from api.settings import Settings
+from service.db.migrate import head_revision
+from service.db.session import engine_for
+from service.settings import Settings
 from tests.api.conftest import auth
 from tests.api.finished_jobs import create_job
 

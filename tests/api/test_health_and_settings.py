@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from api.settings import Settings
+from service.settings import Settings
 
 
 def test_healthz_answers() -> None:

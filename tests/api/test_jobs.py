@@ -3,7 +3,7 @@ idempotency, listing, cancel and start, the per-team limit, events, dataset warn
 evaluation settings, checkpoints, reports and adapter downloads.
 
 There is no worker here: a job stays ``validating_files`` unless a test moves it through
-``api.jobs.state.transition``, and checkpoints, reports and adapters are written directly.
+``service.jobs.state.transition``, and checkpoints, reports and adapters are written directly.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save_file
 from sqlalchemy import select
 
-from api.db.models import (
+from asft_core.methods import DEFAULT_LAMBDA, DEFAULT_METHOD, DEFAULT_SUBSPACE_ENERGY
+from service.db.models import (
     Checkpoint,
     EvaluationReport,
     FineTunedModel,
@@ -33,9 +34,8 @@ from api.db.models import (
     JobEvent,
     new_id,
 )
-from api.jobs.state import fine_tuned_name, transition
-from api.storage import job_key
-from asft_core.methods import DEFAULT_LAMBDA, DEFAULT_METHOD, DEFAULT_SUBSPACE_ENERGY
+from service.jobs.state import fine_tuned_name, transition
+from service.storage import job_key
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 
 JOBS = "/v1/fine_tuning/jobs"

@@ -7,8 +7,8 @@ import logging
 
 from fastapi.testclient import TestClient
 
-from api import logs
-from api.logs import JsonFormatter
+from service import logs
+from service.logs import JsonFormatter
 from tests.api.conftest import auth
 
 

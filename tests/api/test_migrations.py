@@ -19,11 +19,11 @@ from alembic.runtime.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 
-from api.db.migrate import current_revision, head_revision, upgrade_head
-from api.db.models import Base
-from api.db.session import SQLITE_BUSY_TIMEOUT_MS, engine_for, make_engine
 from api.main import create_app
-from api.settings import Settings
+from service.db.migrate import current_revision, head_revision, upgrade_head
+from service.db.models import Base
+from service.db.session import SQLITE_BUSY_TIMEOUT_MS, engine_for, make_engine
+from service.settings import Settings
 from tests.api.conftest import auth
 from tests.conftest import postgres_database
 
@@ -49,7 +49,7 @@ def test_upgrade_head_creates_every_table(fresh_url: str, tmp_path: Path) -> Non
 
 
 def test_migrations_match_the_models(fresh_url: str, tmp_path: Path) -> None:
-    # A column added to api/db/models.py without a migration shows up here, not in production.
+    # A column added to service/db/models.py without a migration shows up here, not in production.
     upgrade_head(fresh_url, tmp_path)
     with engine_for(fresh_url).connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from api.db.models import Checkpoint, EvaluationReport, FineTunedModel, Job, ModelPair
+from service.db.models import Checkpoint, EvaluationReport, FineTunedModel, Job, ModelPair
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 from tests.api.finished_jobs import FinishedJob, create_job, finish_job
 

@@ -18,9 +18,9 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.db.models import Checkpoint, new_id
-from api.jobs.state import transition
-from api.storage import job_key
+from service.db.models import Checkpoint, new_id
+from service.jobs.state import transition
+from service.storage import job_key
 from tests.api.conftest import jsonl, sentiment_rows
 
 STARTUP_TIMEOUT_S = 15.0

@@ -16,7 +16,7 @@ from api.schemas.admin import TeamCreate
 from api.schemas.common import ErrorResponse
 from api.schemas.jobs import JobCreate
 from api.schemas.models import ModelPairCreate
-from api.settings import Settings
+from service.settings import Settings
 from tests.api.conftest import ADMIN, ADMIN_KEY, auth
 
 ERROR_REF = "#/components/schemas/ErrorResponse"

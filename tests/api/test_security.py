@@ -31,8 +31,6 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.db.migrate import upgrade_head
-from api.db.models import ApiKey, File
 from api.deps import current_team_id, require_admin
 from api.main import create_app
 from api.middleware import MAX_HEADER_COUNT
@@ -44,8 +42,10 @@ from api.ratelimit import (
     make_rate_limiter,
     refill,
 )
-from api.settings import Settings
-from api.storage import ArtifactStore, file_key, job_key
+from service.db.migrate import upgrade_head
+from service.db.models import ApiKey, File
+from service.settings import Settings
+from service.storage import ArtifactStore, file_key, job_key
 from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
 from tests.conftest import REPO_ROOT, free_port
 

@@ -7,8 +7,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.db.models import Job
-from api.jobs.state import (
+from service.db.models import Job
+from service.jobs.state import (
     ACTIVE,
     STATUSES,
     TERMINAL,

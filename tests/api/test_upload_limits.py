@@ -25,10 +25,10 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from api.db.migrate import upgrade_head
-from api.db.models import File, Job
 from api.main import MAX_JSON_BODY_BYTES
-from api.settings import Settings
+from service.db.migrate import upgrade_head
+from service.db.models import File, Job
+from service.settings import Settings
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 from tests.conftest import free_port
 
@@ -317,7 +317,7 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
         "TMPDIR": str(tmp_dir),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "api", "--port", str(port)],
+        [sys.executable, "-m", "asft.cli", "api", "--port", str(port)],
         cwd=tmp_path,  # no .env of the checkout
         env=environment,
         stdout=subprocess.DEVNULL,

@@ -48,7 +48,7 @@ def asft(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``asft ARGS`` as its own process, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
+        [sys.executable, "-m", "asft.cli", *args],
         cwd=REPO_ROOT,
         env=env or service.env(),
         capture_output=True,
@@ -79,7 +79,7 @@ def service(
     }
     log = (folder / "serve.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "asft.cli", "serve", "--port", str(port)],
         cwd=REPO_ROOT,
         env=env,
         stdout=log,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import build_parser
+from asft.cli import build_parser
 from asft_client.cli import (
     CliError,
     ExitCode,

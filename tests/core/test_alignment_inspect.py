@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from api.db.models import ModelPair
-from api.db.session import engine_for, transaction
 from asft_core.alignment import (
     DEFAULT_SUBSPACE_ENERGY,
     AlignmentArtifact,
@@ -25,6 +23,8 @@ from asft_core.alignment import (
 )
 from asft_core.alignment_inspect import main
 from asft_core.penalty import energy_rank
+from service.db.models import ModelPair
+from service.db.session import engine_for, transaction
 from tests.core.test_alignment import aligned_from, weights, write_checkpoint
 
 ASFT = Path(sys.executable).parent / "asft"

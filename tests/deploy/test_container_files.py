@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from api.settings import Settings
+from service.settings import Settings
 from tests.conftest import PrivateRedis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -388,7 +388,7 @@ def test_env_example_documents_every_compose_variable() -> None:
     # ASFT_* lines are service settings: each must be one, or it would silently do nothing.
     settings = {f"ASFT_{name.upper()}" for name in Settings.model_fields}
     unknown = {name for name in active | commented if name.startswith("ASFT_")} - settings
-    assert unknown == set(), "not fields of api.settings.Settings"
+    assert unknown == set(), "not fields of service.settings.Settings"
     values = dict(
         line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if "=" in line
     )

@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import pytest
 from fastapi.testclient import TestClient
 
-from api.db.migrate import upgrade_head
 from api.main import create_app
-from api.settings import Settings
 from asft_core.zoo import ZooPaths
+from service.db.migrate import upgrade_head
+from service.settings import Settings
 
 ADMIN_KEY = "admin-worker-test"
 REPO_ROOT = Path(__file__).resolve().parents[2]

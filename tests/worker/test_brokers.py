@@ -11,8 +11,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from api.db.migrate import upgrade_head
 from asft_core.zoo import ZooPaths
+from service.db.migrate import upgrade_head
 from tests.conftest import postgres_database
 from tests.worker.conftest import create_job, upload_rows, wait_for_job
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api.queue import make_celery
-from api.settings import Settings
+from service.queue import make_celery
+from service.settings import Settings
 
 
 def test_embedded_default_uses_the_filesystem_broker(tmp_path: Path) -> None:
     app = make_celery(Settings(_env_file=None, data_dir=tmp_path))
     options = app.conf.broker_transport_options
     assert app.conf.broker_url == "filesystem://"
-    assert app.conf.broker_transport == "api.broker:Transport"  # messages appear whole
+    assert app.conf.broker_transport == "service.broker:Transport"  # messages appear whole
     assert Path(options["data_folder_in"]) == tmp_path / "broker" / "out"
     assert (tmp_path / "broker" / "out").is_dir()
     assert app.conf.task_acks_late is True

@@ -14,8 +14,8 @@ from queue import Empty
 from fastapi.testclient import TestClient
 from kombu import Connection
 
-from api.broker import Transport
 from asft_core.zoo import ZooPaths
+from service.broker import Transport
 from tests.worker.conftest import create_job, upload_rows, wait_for_job
 
 PRODUCERS, CONSUMERS, PER_PRODUCER = 3, 2, 60

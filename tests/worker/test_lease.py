@@ -9,10 +9,10 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.db.models import AlignmentArtifactRow
-from api.db.session import make_engine
-from api.queue import enqueue_job
 from asft_core.zoo import ZooPaths
+from service.db.models import AlignmentArtifactRow
+from service.db.session import make_engine
+from service.queue import enqueue_job
 from tests.worker.conftest import create_job, upload_rows, wait_for_job
 from worker.runner import _format_error
 
@@ -59,7 +59,7 @@ def test_running_out_of_memory_fails_with_a_hint_not_a_retry() -> None:
 def test_jobs_over_the_limits_are_refused_before_training() -> None:
     import pytest
 
-    from api.settings import Settings
+    from service.settings import Settings
     from worker.runner import JobLimitExceeded, check_limits
 
     settings = Settings(_env_file=None, max_job_steps=100, max_job_tokens=10_000)

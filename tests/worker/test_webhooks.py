@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api.webhooks import SIGNATURE_HEADER, WebhookRefused, check_url, verify
 from asft_core.zoo import ZooPaths
+from service.webhooks import SIGNATURE_HEADER, WebhookRefused, check_url, verify
 from tests.worker.conftest import ADMIN_KEY, create_job, upload_rows, wait_for_job
 
 

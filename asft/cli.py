@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from api.settings import Settings, get_settings
 from asft_client.cli import add_client_commands, run_client_command
+from service.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -31,7 +31,7 @@ CLIENT_COMMANDS = frozenset({"files", "jobs", "models"})
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
-    from api.db.migrate import upgrade_head
+    from service.db.migrate import upgrade_head
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -44,8 +44,8 @@ def _open_database(settings: Settings) -> tuple[Engine, str | None]:
     """The database's engine, and why it cannot be used as it is (None when it can)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from api.db.migrate import schema_status
-    from api.db.session import engine_for
+    from service.db.migrate import schema_status
+    from service.db.session import engine_for
 
     if settings.database_url is None:
         # A first start of the embedded default has no folder yet: without it SQLite answers
@@ -62,8 +62,8 @@ def _open_database(settings: Settings) -> tuple[Engine, str | None]:
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.bootstrap import bootstrap_embedded
-    from api.logs import configure_logging
+    from service.bootstrap import bootstrap_embedded
+    from service.logs import configure_logging
 
     settings = get_settings()
     engine, problem = _open_database(settings)
@@ -131,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
     processes = [
         subprocess.Popen(_worker_command("gpu", 1)),
         subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "api", "--host", args.host, "--port", str(args.port)]
+            [sys.executable, "-m", "asft.cli", "api", "--host", args.host, "--port", str(args.port)]
         ),
     ]
     stopping = False
@@ -167,10 +167,10 @@ def _create_team(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from sqlalchemy import select
 
-    from api.db.models import Team
-    from api.db.session import transaction
-    from api.routes.admin import create_team_with_key
     from api.schemas.admin import TeamCreate
+    from service.db.models import Team
+    from service.db.session import transaction
+    from service.teams import create_team_with_key
 
     try:
         # The API's rule: team names appear in fine-tuned model names (ft:model:team:...).
@@ -203,8 +203,8 @@ def _alignment_inspect(args: argparse.Namespace) -> int:
         return 2
     settings = get_settings()
     if args.model is not None:
-        from api.db.models import ModelPair
-        from api.db.session import transaction
+        from service.db.models import ModelPair
+        from service.db.session import transaction
 
         engine, problem = _open_database(settings)
         if problem is not None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.db.models import JobEvent
+from service.db.models import JobEvent
 
 
 def append_event(

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
-from api.db.models import Team
-from api.db.session import transaction
-from api.routes.admin import create_team_with_key
-from api.settings import Settings
+from service.db.models import Team
+from service.db.session import transaction
+from service.settings import Settings
+from service.teams import create_team_with_key
 
 DEFAULT_TEAM = "default"
 

@@ -8,22 +8,17 @@ job twice; an illegal change raises instead of silently overwriting.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from api.db.models import Job, now
+from service.db.models import Job, now
 
-STATUSES = (
-    "validating_files",
-    "validated",
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
+Status = Literal[
+    "validating_files", "validated", "queued", "running", "succeeded", "failed", "cancelled"
+]
+STATUSES: tuple[Status, ...] = get_args(Status)
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 # Jobs that count against a team's limit: they hold or wait for a GPU.
 ACTIVE = frozenset({"validating_files", "queued", "running"})

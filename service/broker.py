@@ -22,11 +22,11 @@ from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
-from api.storage import write_atomically
+from service.storage import write_atomically
 
 logger = logging.getLogger("asft.broker")
 # The transport as Celery's ``broker_transport`` setting names it.
-TRANSPORT = "api.broker:Transport"
+TRANSPORT = "service.broker:Transport"
 # A message file this recent that cannot be decoded may still be being written by a program
 # that does not write atomically; it is only rejected once older.
 STILL_WRITTEN_S = 5.0

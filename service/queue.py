@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from api.broker import TRANSPORT
-from api.settings import Settings
+from service.broker import TRANSPORT
+from service.settings import Settings
 
 RUN_JOB_TASK = "asft.run_job"
 GPU_QUEUE = "gpu"
@@ -22,7 +22,7 @@ def make_celery(settings: Settings) -> Celery:
         folders = {name: settings.broker_dir / name for name in ("out", "processed", "control")}
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-        # Kombu's filesystem transport, with messages that appear whole (see api.broker).
+        # Kombu's filesystem transport, with messages that appear whole (see service.broker).
         app.conf.broker_transport = TRANSPORT
         app.conf.broker_transport_options = {
             "data_folder_in": str(folders["out"]),

@@ -111,7 +111,7 @@ class ModelPair(Base):
 
 
 class Job(Base):
-    """A fine-tuning job. Status changes go through ``api.jobs.state`` only."""
+    """A fine-tuning job. Status changes go through ``service.jobs.state`` only."""
 
     __tablename__ = "jobs"
 

@@ -18,14 +18,20 @@ from typing import Any, BinaryIO
 
 from anyio import to_thread
 
-from api.errors import TooLarge
-
 # The shape of every id (``file-abc``): what storage keys and lookups are built from.
 ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"
 _ID = re.compile(ID_PATTERN)
 CHUNK_BYTES = 1 << 20
 # What an adapter archive holds: the PEFT folder's files and the evaluation report.
 ARCHIVE_MEMBERS = ("adapter_config.json", "adapter_model.safetensors", "report.json")
+
+
+class FileTooLarge(ValueError):
+    """An upload past its size limit (nothing of it is kept)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"the file is larger than the limit of {max_bytes} bytes")
+        self.max_bytes = max_bytes
 
 
 def is_id(identifier: str) -> bool:
@@ -70,7 +76,7 @@ class ArtifactStore:
     ) -> tuple[int, str]:
         """Write ``chunks`` atomically at ``key``; returns (bytes, sha256).
 
-        Raises :class:`TooLarge` (and leaves nothing behind) past ``max_bytes``.
+        Raises :class:`FileTooLarge` (and leaves nothing behind) past ``max_bytes``.
         """
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -81,11 +87,7 @@ class ArtifactStore:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > max_bytes:
-                        raise TooLarge(
-                            "file_too_large",
-                            f"the file is larger than the limit of {max_bytes} bytes",
-                            "file",
-                        )
+                        raise FileTooLarge(max_bytes)
                     # Disk writes, hashing and the fsync run in a thread: on the event loop a
                     # large upload to a slow disk would stall every request of this process.
                     await to_thread.run_sync(_append, out, digest, chunk)

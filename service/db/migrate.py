@@ -18,14 +18,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 
-from api.db.session import make_engine
+from service.db.session import make_engine
 
 # Advisory lock id for PostgreSQL migrations (any constant shared by all processes).
 _PG_LOCK_ID = 0x41534654
 
 
 def migrations_dir() -> Path:
-    """The Alembic folder: ``migrations/`` beside the ``api`` package (or in the cwd)."""
+    """The Alembic folder: ``migrations/`` beside the ``service`` package (or in the cwd)."""
     beside = Path(__file__).resolve().parents[2] / "migrations"
     return beside if beside.is_dir() else Path.cwd() / "migrations"
 

@@ -1,0 +1,1 @@
+"""The `asft` command: the service (serve, api, worker, migrate, teams) and the client."""

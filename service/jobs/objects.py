@@ -1,0 +1,95 @@
+"""A job as clients see it, in API answers and in webhook events alike."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from service.db.models import Job
+from service.jobs.state import Status
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobHyperparameters(BaseModel):
+    """OpenAI's top-level hyperparameters echo."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class FineTuningJob(BaseModel):
+    """The ``fine_tuning.job`` object, plus ``evaluation``, ``safety`` and ``validation``."""
+
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str = Field(examples=["ftjob-Gq3kLx0sTfR1kq5mC3pZyA7d"])
+    model: str
+    created_at: int
+    finished_at: int | None = None
+    fine_tuned_model: str | None = None
+    organization_id: str
+    result_files: list[str] = Field(default_factory=list)
+    status: Status
+    validation_file: str | None = None
+    training_file: str
+    hyperparameters: JobHyperparameters
+    trained_tokens: int | None = None
+    error: JobError | None = None
+    user_provided_suffix: str | None = None
+    seed: int
+    estimated_finish: int | None = None
+    integrations: list[Any] = Field(default_factory=list)
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
+    safety: dict[str, Any] | None = Field(
+        None, description="Harmful score before/after and the gate verdict, once evaluated."
+    )
+    validation: dict[str, Any] | None = Field(
+        None, description="Dataset checks: example counts, token counts, warnings."
+    )
+
+
+def job_object(job: Job) -> FineTuningJob:
+    """The API shape of a job row."""
+    hyper = job.method[job.method["type"]]["hyperparameters"]
+    error = (
+        JobError(code=job.error_code, message=job.error_message or "", param=job.error_param)
+        if job.error_code
+        else None
+    )
+    return FineTuningJob(
+        id=job.id,
+        model=job.model,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=job.team_id,
+        result_files=job.result_files or [],
+        status=job.status,
+        validation_file=job.validation_file,
+        training_file=job.training_file,
+        hyperparameters=JobHyperparameters(
+            n_epochs=hyper["n_epochs"],
+            batch_size=hyper["batch_size"],
+            learning_rate_multiplier=hyper["learning_rate_multiplier"],
+        ),
+        trained_tokens=job.trained_tokens,
+        error=error,
+        user_provided_suffix=job.suffix,
+        seed=job.seed,
+        estimated_finish=job.estimated_finish,
+        metadata=job.metadata_,
+        method=job.method,
+        evaluation=job.evaluation,
+        safety=job.safety,
+        validation=job.validation,
+    )
