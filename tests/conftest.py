@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import shutil
@@ -11,6 +12,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +48,11 @@ def require_service(problem: str) -> None:
     pytest.skip(problem)
 
 
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database on the shared server, dropped afterwards (a generator)."""
+def postgres_database(template: str | None = None) -> Iterator[str]:
+    """A fresh PostgreSQL database on the shared server, dropped afterwards (a generator).
+
+    With ``template`` (a database name) it starts as a copy of that database.
+    """
     import psycopg
 
     name = f"asft_test_{uuid.uuid4().hex[:12]}"
@@ -57,15 +62,41 @@ def postgres_database() -> Iterator[str]:
     except psycopg.OperationalError as error:
         require_service(f"PostgreSQL not reachable: {error}")
     with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        copy_of = f' TEMPLATE "{template}"' if template else ""
+        admin.execute(f'CREATE DATABASE "{name}"{copy_of}')
     try:
         yield f"{PG_SERVER}/{name}"
     finally:
-        from api.db.session import engine_for
+        from service.db.session import engine_for
 
         engine_for(f"{PG_SERVER}/{name}").dispose()
-        with psycopg.connect(f"{plain}/test", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        # Dropping takes about a second (PostgreSQL checkpoints): the next test need not wait.
+        _DROPPER.submit(_drop_database, plain, name)
+
+
+def _drop_database(plain_server: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{plain_server}/test", autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# One thread drops the test databases in the background; the run waits for it at its end.
+_DROPPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drop-test-db")
+atexit.register(_DROPPER.shutdown, wait=True)
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The name of a PostgreSQL database migrated once per run, which test databases copy
+    (a copy takes milliseconds; running the migrations takes about a second)."""
+    from service.db.migrate import upgrade_head
+    from service.db.session import engine_for
+
+    for url in postgres_database():
+        upgrade_head(url, tmp_path_factory.mktemp("pg-template"))
+        engine_for(url).dispose()  # a template must have no open connection to be copied
+        yield url.rsplit("/", 1)[1]
 
 
 def free_port() -> int:
@@ -255,7 +286,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
             admin.execute("CREATE DATABASE asft")
         yield cluster
     finally:
-        from api.db.session import engine_for
+        from service.db.session import engine_for
 
         engine_for(cluster.url).dispose()
         # "immediate": the test is over, nothing needs a clean shutdown.
