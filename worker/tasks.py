@@ -21,13 +21,14 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from api.db.session import engine_for
-from api.logs import configure_logging
-from api.queue import RUN_JOB_TASK, enqueue_job
-from api.settings import get_settings
-from api.storage import ArtifactStore
+from service.db.session import engine_for
+from service.logs import configure_logging
+from service.queue import RUN_JOB_TASK, enqueue_job
+from service.settings import get_settings
+from service.storage import ArtifactStore
 from worker.celery_app import app
-from worker.runner import JobContext, execute_job, reconcile
+from worker.persistence import JobContext, reconcile
+from worker.runner import execute_job
 
 logger = logging.getLogger("asft.worker")
 RECONCILE_TASK = "asft.reconcile"

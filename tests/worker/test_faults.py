@@ -23,15 +23,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from api.db.migrate import upgrade_head
-from api.db.models import FineTunedModel, Job
-from api.db.session import make_engine
-from api.settings import Settings
-from api.storage import ArtifactStore
 from asft_core.zoo import ZooPaths
+from service.db.migrate import upgrade_head
+from service.db.models import FineTunedModel, Job
+from service.db.session import make_engine
+from service.settings import Settings
+from service.storage import ArtifactStore
 from tests.conftest import PrivatePostgres, PrivateRedis
 from tests.worker.conftest import StartWorker, create_job, upload_rows
-from worker.runner import JobContext, _format_error, retry_database, storage_full
+from worker.persistence import JobContext, retry_database
+from worker.runner import _format_error, storage_full
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 SEED = 1234  # the same adapter every run, so the safety gate's verdict does not vary

@@ -1,0 +1,509 @@
+"""The worker's database side: each function is one short transaction, retried while the
+database is unreachable (``retry_database``), so a PostgreSQL restart pauses a running job
+instead of failing it.
+
+The database row, not the queue message, is the truth: statuses move with conditional
+updates (``service.jobs.state``), so a message delivered twice never runs a job twice, and
+checkpoints and metric events are keyed by (job, step), so a replay after a crash updates
+rows in place instead of adding duplicates.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from service.db.models import (
+    Checkpoint,
+    EvaluationReport,
+    FineTunedModel,
+    Job,
+    JobEvent,
+    ModelPair,
+    Team,
+    new_id,
+    now,
+)
+from service.db.session import transaction
+from service.jobs.events import append_event
+from service.jobs.state import TERMINAL, fine_tuned_name, transition
+from service.settings import Settings
+from service.storage import ArtifactStore, job_key
+
+logger = logging.getLogger("asft.worker")
+
+
+def worker_identity() -> str:
+    """Who holds a lease: host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class JobContext:
+    """What a run needs besides the job row."""
+
+    settings: Settings
+    engine: Engine
+    store: ArtifactStore
+    # Puts a job id back on the queue (the Celery app's send); None: nothing to requeue with.
+    requeue: Callable[[str], None] | None = None
+    # Set when the worker is asked to stop (SIGTERM): checkpoint, requeue, return.
+    preempt: threading.Event = field(default_factory=threading.Event)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+# The longest wait between two tries of a database operation (the waits double up to it).
+DATABASE_RETRY_MAX_DELAY_S = 5.0
+
+
+def database_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the database could not be reached (worth trying again)."""
+    # OperationalError: refused, dropped or timed out (also SQLite's "database is locked"); a
+    # statement on a connection the server closed during a restart is reported as a
+    # DBAPIError whose connection was invalidated.
+    return isinstance(error, OperationalError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    )
+
+
+def retry_database(
+    function: Callable[Concatenate[JobContext, P], R],
+) -> Callable[Concatenate[JobContext, P], R]:
+    """Call ``function(context, ...)`` again, after doubling waits, while the database is
+    unreachable, for up to ``context.settings.database_retry_s`` seconds.
+
+    Every decorated function is one transaction that is safe to repeat (upserts keyed by
+    step, conditional status changes), so a try whose commit was lost does no harm.
+    """
+
+    @functools.wraps(function)
+    def retried(context: JobContext, *args: P.args, **kwargs: P.kwargs) -> R:
+        deadline = time.monotonic() + context.settings.database_retry_s
+        delay_s = 0.25
+        while True:
+            try:
+                return function(context, *args, **kwargs)
+            except DBAPIError as error:
+                if not database_unreachable(error) or time.monotonic() + delay_s > deadline:
+                    raise
+                logger.warning(
+                    "database unreachable in %s; trying again in %.2fs: %s",
+                    function.__name__,
+                    delay_s,
+                    error.orig,
+                )
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, DATABASE_RETRY_MAX_DELAY_S)
+
+    return retried
+
+
+@retry_database
+def add_event(
+    context: JobContext, job_id: str, level: str, message: str, data: dict[str, Any] | None = None
+) -> None:
+    """Append a message event."""
+    with transaction(context.engine) as session:
+        append_event(session, job_id, level, message, data)
+
+
+@retry_database
+def record_metrics(context: JobContext, job_id: str, metrics: Any) -> None:
+    """Upsert the metrics event of a step and keep the job's progress fields current."""
+    data = {
+        "step": metrics.step,
+        "total_steps": metrics.total_steps,
+        "train_loss": metrics.task_loss,
+        "penalty": metrics.penalty,
+        "loss": metrics.loss,
+        "learning_rate": metrics.learning_rate,
+        "tokens_per_s": metrics.tokens_per_s,
+        "trained_tokens": metrics.trained_tokens,
+    }
+    message = f"Step {metrics.step}/{metrics.total_steps}: loss={metrics.task_loss:.4f}"
+    if metrics.penalty:
+        message += f", penalty={metrics.penalty:.3e}"
+    with transaction(context.engine) as session:
+        existing = session.scalar(
+            select(JobEvent).where(
+                JobEvent.job_id == job_id, JobEvent.type == "metrics", JobEvent.step == metrics.step
+            )
+        )
+        if existing is None:
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    level="info",
+                    type="metrics",
+                    message=message,
+                    data=data,
+                    step=metrics.step,
+                )
+            )
+        else:
+            existing.message, existing.data, existing.created_at = message, data, now()
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                trained_tokens=metrics.trained_tokens,
+                estimated_finish=now() + math.ceil(metrics.eta_s),
+                heartbeat_at=now(),
+            )
+        )
+
+
+@retry_database
+def record_checkpoint(context: JobContext, job_id: str, info: Any, metrics: dict[str, Any]) -> None:
+    """Upsert the checkpoint row of a step (its files are already in place)."""
+    key = job_key(job_id, "checkpoints", info.path.name)
+    with transaction(context.engine) as session:
+        existing = session.scalar(
+            select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == info.step)
+        )
+        if existing is None:
+            session.add(
+                Checkpoint(
+                    id=new_id("ftckpt"),
+                    job_id=job_id,
+                    step=info.step,
+                    metrics=metrics,
+                    storage_key=key,
+                )
+            )
+        else:
+            existing.metrics, existing.storage_key = metrics, key
+
+
+@retry_database
+def cancel_requested(context: JobContext, job_id: str) -> bool:
+    """Whether the job's owner asked to cancel it (checked before every step)."""
+    with transaction(context.engine) as session:
+        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+@retry_database
+def fail(
+    context: JobContext, job_id: str, code: str, message: str, param: str | None = None
+) -> None:
+    """Move a job to ``failed`` from whatever live status it is in, with an error event."""
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status in TERMINAL:
+            return
+        transition(
+            session,
+            job_id,
+            job.status,
+            "failed",
+            error_code=code,
+            error_message=message,
+            error_param=param,
+            lease_owner=None,
+        )
+    add_event(context, job_id, "error", f"{code}: {message}")
+
+
+@retry_database
+def latest_checkpoint(context: JobContext, job_id: str) -> Path | None:
+    """The folder of the job's newest checkpoint whose files exist."""
+    with transaction(context.engine) as session:
+        rows = session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+        ).all()
+    for row in rows:
+        folder = context.store.path(row.storage_key)
+        if (folder / "trainer_state.json").exists():
+            return folder
+    return None
+
+
+@retry_database
+def clear_job_outputs(context: JobContext, job_id: str) -> None:
+    """Remove rows a previous attempt left after its last checkpoint (nothing is duplicated)."""
+    with transaction(context.engine) as session:
+        session.execute(delete(EvaluationReport).where(EvaluationReport.job_id == job_id))
+        session.execute(delete(FineTunedModel).where(FineTunedModel.job_id == job_id))
+
+
+@retry_database
+def load_job(context: JobContext, job_id: str) -> tuple[Job, ModelPair | None, Team | None] | None:
+    """A job with its model pair and team (None when the job does not exist)."""
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None
+        return job, session.get(ModelPair, job.model), session.get(Team, job.team_id)
+
+
+@retry_database
+def end_validation(
+    context: JobContext, job_id: str, target: str, validation: dict[str, Any]
+) -> bool:
+    """Move a validated job on to ``target``; False when it was no longer validating."""
+    with transaction(context.engine) as session:
+        return transition(session, job_id, "validating_files", target, validation=validation)
+
+
+@retry_database
+def claim(context: JobContext, job_id: str) -> tuple[bool, str]:
+    """Take a queued job under this worker's lease: (taken, the job's status)."""
+    with transaction(context.engine) as session:
+        current = session.get(Job, job_id)
+        assert current is not None
+        if current.status != "queued" or not transition(
+            session,
+            job_id,
+            "queued",
+            "running",
+            started_at=current.started_at or now(),
+            attempt=current.attempt + 1,
+            lease_owner=worker_identity(),
+            heartbeat_at=now(),
+        ):
+            return False, current.status
+        return True, "running"
+
+
+@retry_database
+def notify(context: JobContext, job_id: str) -> threading.Thread | None:
+    """Send the team's webhook for a finished job, with retries, from a thread of its own.
+
+    The outcome is recorded as a job event. Returns the thread (None without a webhook).
+    """
+    from service.jobs.objects import job_object
+    from service.webhooks import deliver, payload
+
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        team = session.get(Team, job.team_id) if job else None
+        if job is None or team is None or not team.webhook_url or not team.webhook_secret:
+            return None
+        url, secret = team.webhook_url, team.webhook_secret
+        body = payload(job_object(job).model_dump(mode="json"), new_id("evt"))
+    settings = context.settings
+
+    def send() -> None:
+        delivered, attempts, outcome = deliver(
+            url,
+            secret,
+            body,
+            settings.webhook_allowlist,
+            attempts=settings.webhook_attempts,
+            backoff_s=settings.webhook_backoff_s,
+        )
+        verdict = "delivered" if delivered else "not delivered"
+        add_event(
+            context,
+            job_id,
+            "info" if delivered else "warn",
+            f"Webhook {body['type']} {verdict} ({outcome}, {attempts} attempt(s))",
+        )
+
+    # Not a daemon: a worker shutting down finishes its deliveries first.
+    thread = threading.Thread(target=send, name=f"webhook-{job_id}")
+    thread.start()
+    return thread
+
+
+@retry_database
+def record_alignment(
+    context: JobContext, pair_id: str, path: Path, summary: dict[str, Any]
+) -> None:
+    """Remember a pair's cached alignment artifact (once per cache key)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from service.db.models import AlignmentArtifactRow
+
+    with suppress(IntegrityError), transaction(context.engine) as session:
+        # Two workers may finish the same pair at once: the second insert is refused, fine.
+        known = session.scalar(
+            select(AlignmentArtifactRow).where(AlignmentArtifactRow.cache_key == path.stem)
+        )
+        if known is None:
+            session.add(
+                AlignmentArtifactRow(
+                    id=new_id("align"),
+                    model_pair=pair_id,
+                    cache_key=path.stem,
+                    path=str(path),
+                    summary=summary,
+                )
+            )
+
+
+@retry_database
+def requeue_preempted(context: JobContext, job_id: str) -> str:
+    """The worker is stopping: the job (checkpointed by the trainer) goes back to the queue."""
+    with transaction(context.engine) as session:
+        moved = transition(session, job_id, "running", "queued", lease_owner=None)
+    if moved:
+        add_event(
+            context, job_id, "warn", "The worker is shutting down; job checkpointed and requeued"
+        )
+        if context.requeue is not None:
+            context.requeue(job_id)
+    return "queued"
+
+
+@retry_database
+def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
+    """Record the outcome: cancelled, or the adapter, the report and the gate's verdict."""
+    with transaction(context.engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        if job.status != "running" or job.lease_owner != worker_identity():
+            # Recorded by an earlier try whose commit reply was lost, or the lease went to
+            # another worker (the reconciler judged this one dead): record nothing twice.
+            return job.status
+        if result.cancelled:
+            transition(session, job_id, "running", "cancelled", lease_owner=None)
+            append_event(session, job_id, "info", "Job cancelled")
+            return "cancelled"
+        name = fine_tuned_name(job, team.name)
+        evaluation = result.report["evaluation"]
+        before = (evaluation["reference"].get("safety") or {}).get("overall")
+        after = (evaluation["fine_tuned"].get("safety") or {}).get("overall")
+        safety = {
+            "harmful_score_before": before["value"] if before else None,
+            "harmful_score_after": after["value"] if after else None,
+            "approved": result.approved,
+            "failures": result.gate_failures,
+        }
+        session.add(EvaluationReport(job_id=job_id, approved=result.approved, report=result.report))
+        session.add(
+            FineTunedModel(
+                id=name,
+                team_id=job.team_id,
+                job_id=job_id,
+                model=job.model,
+                storage_key=job_key(job_id, "adapter"),
+                approved=result.approved,
+            )
+        )
+        values: dict[str, Any] = {
+            "fine_tuned_model": name,
+            "trained_tokens": result.train.trained_tokens,
+            "safety": safety,
+            "estimated_finish": None,
+            "lease_owner": None,
+        }
+        if result.approved:
+            transition(session, job_id, "running", "succeeded", **values)
+            message = f"The job has successfully completed: {name}"
+        else:
+            transition(
+                session,
+                job_id,
+                "running",
+                "failed",
+                error_code="safety_gate_failed",
+                error_message="the adapter failed the safety gate: "
+                + "; ".join(result.gate_failures),
+                **values,
+            )
+            message = "Safety gate failed: " + "; ".join(result.gate_failures)
+        append_event(session, job_id, "info" if result.approved else "error", message)
+    return "succeeded" if result.approved else "failed"
+
+
+class Heartbeat:
+    """Renews a running job's lease every ``interval_s`` from a thread of its own.
+
+    Independent of training steps, since loading a model, computing the alignment direction
+    and evaluating take minutes without a step.
+    """
+
+    def __init__(self, context: JobContext, job_id: str, interval_s: float = 10.0) -> None:
+        """Prepare (``start`` begins beating)."""
+        import threading
+
+        self.context, self.job_id, self.interval_s = context, job_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with transaction(self.context.engine) as session:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id, Job.status == "running")
+                        .values(heartbeat_at=now())
+                    )
+            except Exception:  # a database blip must not kill the job; the next beat retries
+                logger.exception("heartbeat of %s failed", self.job_id)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def reconcile(
+    context: JobContext, queue: Any, stale_after_s: int = 60, requeue_running: bool = True
+) -> list[str]:
+    """Re-enqueue what the broker may have lost; returns the job ids re-enqueued.
+
+    Running jobs whose heartbeat is older than ``stale_after_s`` (their worker died) go back
+    to ``queued`` and resume from their last checkpoint; jobs waiting in ``queued`` or
+    ``validating_files`` for longer than that get a fresh message (the filesystem broker
+    deletes a message when it is taken, and a flushed Redis loses them all). A duplicate
+    message is harmless: the conditional status changes let one worker run the job.
+
+    ``requeue_running=False`` skips the stale leases: right after a database outage every
+    heartbeat looks old, although the workers holding them are alive.
+    """
+    from service.queue import enqueue_job
+
+    cutoff = now() - stale_after_s
+    requeued: list[str] = []
+    with transaction(context.engine) as session:
+        stale = (
+            session.scalars(
+                select(Job.id).where(
+                    Job.status == "running",
+                    (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff),
+                )
+            ).all()
+            if requeue_running
+            else []
+        )
+        for job_id in stale:
+            if transition(session, job_id, "running", "queued", lease_owner=None):
+                append_event(
+                    session,
+                    job_id,
+                    "warn",
+                    "The worker running this job stopped answering; requeued",
+                )
+                requeued.append(job_id)
+        waiting = session.scalars(
+            select(Job.id).where(
+                Job.status.in_(("queued", "validating_files")), Job.updated_at < cutoff
+            )
+        ).all()
+        requeued += [job_id for job_id in waiting if job_id not in requeued]
+        # Touch them so the next pass waits a full period before sending again.
+        if waiting:
+            session.execute(update(Job).where(Job.id.in_(waiting)).values(updated_at=now()))
+    for job_id in requeued:
+        enqueue_job(queue, job_id)
+    return requeued
