@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo miniature frontier api serve clean
+.PHONY: setup test test-fast lint bench demo miniature frontier api serve clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ TEST_CACHE ?= $(or $(ASFT_TEST_CACHE),var/test-cache)
 test: setup
 	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: what is not marked slow, on SQLite only (the full suite is `make test`).
+test-fast: setup
+	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
+	$(PY) -m pytest -m "not slow and not postgresql" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -22,6 +22,20 @@ import pytest
 from asft_core.zoo import ZooPaths, build_zoo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Whole folders of the slow lane: real worker processes, load benches.
+SLOW_FOLDERS = ("worker", "bench")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the PostgreSQL variants and the slow folders, so ``make test-fast`` can skip them."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if any(isinstance(value, str) and value == "postgresql" for value in params):
+            item.add_marker(pytest.mark.postgresql)
+        parts = item.path.relative_to(REPO_ROOT).parts
+        if len(parts) > 2 and parts[0] == "tests" and parts[1] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
