@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -38,6 +37,7 @@ from service.db.models import (
     now,
 )
 from service.db.session import transaction
+from service.db.upsert import upsert
 from service.jobs.events import append_event
 from service.jobs.state import TERMINAL, fine_tuned_name, transition
 from service.settings import Settings
@@ -138,24 +138,22 @@ def record_metrics(context: JobContext, job_id: str, metrics: Any) -> None:
     if metrics.penalty:
         message += f", penalty={metrics.penalty:.3e}"
     with transaction(context.engine) as session:
-        existing = session.scalar(
-            select(JobEvent).where(
-                JobEvent.job_id == job_id, JobEvent.type == "metrics", JobEvent.step == metrics.step
-            )
+        upsert(
+            session,
+            JobEvent,
+            {
+                "id": new_id("ftevent"),
+                "job_id": job_id,
+                "level": "info",
+                "type": "metrics",
+                "message": message,
+                "data": data,
+                "step": metrics.step,
+                "created_at": now(),
+            },
+            conflict=("job_id", "type", "step"),
+            update=("message", "data", "created_at"),
         )
-        if existing is None:
-            session.add(
-                JobEvent(
-                    job_id=job_id,
-                    level="info",
-                    type="metrics",
-                    message=message,
-                    data=data,
-                    step=metrics.step,
-                )
-            )
-        else:
-            existing.message, existing.data, existing.created_at = message, data, now()
         session.execute(
             update(Job)
             .where(Job.id == job_id)
@@ -172,21 +170,20 @@ def record_checkpoint(context: JobContext, job_id: str, info: Any, metrics: dict
     """Upsert the checkpoint row of a step (its files are already in place)."""
     key = job_key(job_id, "checkpoints", info.path.name)
     with transaction(context.engine) as session:
-        existing = session.scalar(
-            select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == info.step)
+        upsert(
+            session,
+            Checkpoint,
+            {
+                "id": new_id("ftckpt"),
+                "job_id": job_id,
+                "step": info.step,
+                "metrics": metrics,
+                "storage_key": key,
+                "created_at": now(),
+            },
+            conflict=("job_id", "step"),
+            update=("metrics", "storage_key"),
         )
-        if existing is None:
-            session.add(
-                Checkpoint(
-                    id=new_id("ftckpt"),
-                    job_id=job_id,
-                    step=info.step,
-                    metrics=metrics,
-                    storage_key=key,
-                )
-            )
-        else:
-            existing.metrics, existing.storage_key = metrics, key
 
 
 @retry_database
@@ -325,25 +322,23 @@ def record_alignment(
     context: JobContext, pair_id: str, path: Path, summary: dict[str, Any]
 ) -> None:
     """Remember a pair's cached alignment artifact (once per cache key)."""
-    from sqlalchemy.exc import IntegrityError
-
     from service.db.models import AlignmentArtifactRow
 
-    with suppress(IntegrityError), transaction(context.engine) as session:
-        # Two workers may finish the same pair at once: the second insert is refused, fine.
-        known = session.scalar(
-            select(AlignmentArtifactRow).where(AlignmentArtifactRow.cache_key == path.stem)
+    # Two workers may finish the same pair at once: the second insert does nothing.
+    with transaction(context.engine) as session:
+        upsert(
+            session,
+            AlignmentArtifactRow,
+            {
+                "id": new_id("align"),
+                "model_pair": pair_id,
+                "cache_key": path.stem,
+                "path": str(path),
+                "summary": summary,
+                "created_at": now(),
+            },
+            conflict=("cache_key",),
         )
-        if known is None:
-            session.add(
-                AlignmentArtifactRow(
-                    id=new_id("align"),
-                    model_pair=pair_id,
-                    cache_key=path.stem,
-                    path=str(path),
-                    summary=summary,
-                )
-            )
 
 
 @retry_database
