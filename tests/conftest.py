@@ -113,6 +113,19 @@ def migrated_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         yield url.rsplit("/", 1)[1]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database of each kind (PostgreSQL's copied from a migrated one)."""
+    from service.db.migrate import upgrade_head
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'asft.db'}"
+        upgrade_head(url, tmp_path)
+        yield url
+        return
+    yield from postgres_database(template=request.getfixturevalue("migrated_postgres"))
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as probe:

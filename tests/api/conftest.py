@@ -18,23 +18,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from service.db.migrate import upgrade_head
 from service.settings import Settings
-from tests.conftest import postgres_database
 
 ADMIN_KEY = "admin-test-key"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database of each kind (PostgreSQL's copied from a migrated one)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'asft.db'}"
-        upgrade_head(url, tmp_path)
-        yield url
-        return
-    for url in postgres_database(template=request.getfixturevalue("migrated_postgres")):
-        yield url
 
 
 @pytest.fixture

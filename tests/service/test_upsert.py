@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from sqlalchemy import select
 
-from service.db.migrate import upgrade_head
 from service.db.models import Checkpoint, Job, ModelPair, Team, new_id, now
 from service.db.session import engine_for, transaction
 from service.db.upsert import upsert
-from tests.conftest import postgres_database
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'asft.db'}"
-        upgrade_head(url, tmp_path)
-        yield url
-        return
-    yield from postgres_database(template=request.getfixturevalue("migrated_postgres"))
 
 
 def _job(url: str) -> str:
