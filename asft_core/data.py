@@ -165,12 +165,12 @@ def epoch_batches(
     order is cut into windows of ``LENGTH_GROUP_BATCHES`` batches, each window sorted by
     length, and the batches shuffled again, so a batch pads little but stays random.
     """
-    if not shuffle:
-        order = list(range(num_examples))
-        return [order[start : start + batch_size] for start in range(0, num_examples, batch_size)]
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_examples, generator=generator).tolist()
-    if lengths is None:
+    if shuffle:
+        order = torch.randperm(num_examples, generator=generator).tolist()
+    else:
+        order = list(range(num_examples))
+    if not shuffle or lengths is None:
         return [order[start : start + batch_size] for start in range(0, num_examples, batch_size)]
     window = batch_size * LENGTH_GROUP_BATCHES
     batches = []

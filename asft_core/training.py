@@ -19,6 +19,7 @@ Methods (the same names the API uses):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -484,6 +485,14 @@ def train(
         checkpoints.append(info)
         hooks.on_checkpoint(info)
 
+    lengths = train_data.lengths if spec.group_by_length else None
+
+    @functools.lru_cache(maxsize=1)
+    def batches_of(epoch: int) -> list[list[int]]:
+        # Once per epoch, not per step: shuffling and sorting by length walk every row.
+        rows = len(train_data.examples)
+        return epoch_batches(rows, spec.batch_size, spec.seed, epoch, spec.shuffle, lengths)
+
     while position.step < total_steps:
         if hooks.should_cancel():
             status = "cancelled"
@@ -492,14 +501,7 @@ def train(
                 checkpoint()
             break
         step_started = time.monotonic()
-        batches = epoch_batches(
-            len(train_data.examples),
-            spec.batch_size,
-            spec.seed,
-            position.epoch,
-            spec.shuffle,
-            lengths=train_data.lengths if spec.group_by_length else None,
-        )
+        batches = batches_of(position.epoch)
         group = batches[
             position.batch_in_epoch : position.batch_in_epoch + spec.gradient_accumulation_steps
         ]
