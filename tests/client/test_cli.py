@@ -366,7 +366,7 @@ def test_gate_failure_exits_with_its_own_code(
         registered,
         training,
         "--epochs",
-        "4",
+        "8",
         "--batch-size",
         "8",
         "--learning-rate",
