@@ -2,8 +2,8 @@
 
 The tag is a hash of the exact bytes sent, so it is correct by construction: whoever changed
 the row (API, worker, an operator's SQL), a different answer has a different tag, and a 304
-is only sent when the client holds these very bytes. The database is still read; what a
-304 saves is the encoding, the bytes on the wire and the client's parsing.
+is only sent when the client holds these very bytes. The row is still read and encoded to
+hash it, so a 304 saves no server CPU: only the bytes on the wire and the client's parsing.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
+from service.jobs.create import Refused
+
 logger = logging.getLogger("asft.api")
 
 _TYPES = {
@@ -66,6 +68,12 @@ class Unauthorized(ApiError):
     """401: missing, malformed, unknown or revoked key."""
 
     status_code = 401
+
+
+def refused(error: Refused) -> ApiError:
+    """The API's answer to a request the service refused (404, 422 or 429)."""
+    status = {"not_found": 404, "invalid": 422, "limit": 429}[error.kind]
+    return ApiError(error.code, error.message, error.param, status_code=status)
 
 
 class Conflict(ApiError):

@@ -33,7 +33,7 @@ import httpx
 
 from asft_client.client import ApiError, Client
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
-from asft_core.methods import DEFAULT_METHOD, METHODS
+from asft_core.spec import DEFAULT_METHOD, METHODS
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})

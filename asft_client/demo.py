@@ -28,7 +28,7 @@ import httpx
 from asft_client.cli import percent_cell
 from asft_client.client import ApiError, Client
 from asft_core.experiments.frontier import TUNING_PATH
-from asft_core.methods import DEFAULT_METHOD
+from asft_core.spec import DEFAULT_METHOD
 
 METHODS = ("supervised", DEFAULT_METHOD, "asft" if DEFAULT_METHOD != "asft" else "safelora")
 TASK = "triage"

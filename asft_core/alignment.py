@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from asft_core.methods import DEFAULT_SUBSPACE_ENERGY
 from asft_core.penalty import energy_rank
+from asft_core.spec import DEFAULT_SUBSPACE_ENERGY
 
 FORMAT_VERSION = 1
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")

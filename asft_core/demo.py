@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run the demo and print its metrics and evaluation."""
     from asft_core.alignment import get_or_compute_alignment
     from asft_core.evaluation.harness import EvalOptions, EvalSuite, evaluate_adapter
-    from asft_core.methods import METHODS
+    from asft_core.recipe import post_hoc_projection
+    from asft_core.spec import METHODS, JobSpec
     from asft_core.training import StepMetrics, TrainHooks, TrainSpec, train
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -44,12 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     dataset = zoo.poisoned_file("sentiment", args.poison_ratio)
     print(f"fine-tuning {args.method} on {dataset.name} ({args.poison_ratio:.0%} harmful rows)")
-    print(f"{'step':>5} {'task_loss':>10} {'penalty':>10} {'lr':>9} {'tok/s':>8}")
+    print(f"{'step':>5} {'train_loss':>10} {'penalty':>10} {'lr':>9} {'tok/s':>8}")
 
     def show(metrics: StepMetrics) -> None:
         if metrics.step % 5 == 0 or metrics.step == metrics.total_steps:
             print(
-                f"{metrics.step:>5} {metrics.task_loss:>10.4f} {metrics.penalty:>10.3e} "
+                f"{metrics.step:>5} {metrics.train_loss:>10.4f} {metrics.penalty:>10.3e} "
                 f"{metrics.learning_rate:>9.2e} {metrics.tokens_per_s:>8.0f}"
             )
 
@@ -57,18 +58,20 @@ def main(argv: list[str] | None = None) -> None:
         model=str(zoo.aligned),
         training_file=dataset,
         output_dir=args.data_dir / "demo" / f"run-{args.method}",
-        method=args.method,
+        job=JobSpec.resolve(
+            args.method, {"learning_rate": args.lr, "n_epochs": 50, "batch_size": 16}
+        ),
         alignment_path=artifact.path,
-        learning_rate=args.lr,
         max_steps=args.steps,
-        epochs=100,
-        batch_size=16,
         checkpoint_each_epoch=False,
         checkpoint_every_steps=max(1, args.steps // 2),
     )
     result = train(spec, TrainHooks(on_metrics=show, on_event=lambda lvl, msg: print(lvl, msg)))
     print(f"{result.status}: {result.steps} steps, {result.trained_tokens} tokens")
     assert result.adapter_dir is not None
+    projected = post_hoc_projection(spec, result.adapter_dir)
+    if projected is not None:
+        print(f"Safe LoRA projected {len(projected['projected'])} modules")
 
     suite = EvalSuite.load(zoo.eval_suite)
     report = evaluate_adapter(

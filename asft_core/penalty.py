@@ -154,13 +154,13 @@ class AsftRegularizer:
     def __init__(
         self,
         directions: Mapping[str, Tensor],
-        lam: float = 1.0,
+        lambda_: float = 1.0,
         scaling: float = 1.0,
         low_rank: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         """Prepare per-module state. ``directions`` maps module name -> V: (d_out, d_in)."""
-        self.lam = lam
+        self.lambda_ = lambda_
         self.scaling = scaling
         self._exact: dict[str, tuple[Tensor, Tensor]] = {}
         self._low_rank: dict[str, LowRankDirection] = {}
@@ -202,7 +202,7 @@ class AsftRegularizer:
                 terms.append(asft_penalty_low_rank(lora_A, lora_B, low_rank, self.scaling))
             else:
                 raise ValueError(f"no alignment direction for LoRA module {name!r}")
-        return self.lam * torch.stack(terms).sum()
+        return self.lambda_ * torch.stack(terms).sum()
 
 
 def projector_penalty(
@@ -345,13 +345,13 @@ class ProjectorRegularizer:
     def __init__(
         self,
         bases: Mapping[str, Tensor],
-        lam: float,
+        lambda_: float,
         scaling: float = 1.0,
         inside: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         """Check and store the bases (each 2-D with k <= d_out)."""
-        self.lam = lam
+        self.lambda_ = lambda_
         self.scaling = scaling
         self.inside = inside
         self._bases: dict[str, Tensor] = {}
@@ -383,12 +383,12 @@ class ProjectorRegularizer:
                 )
             basis = basis.to(_compute_dtype(lora_A, lora_B))
             terms.append(projector_penalty(lora_A, lora_B, basis, self.scaling, self.inside))
-        return self.lam * torch.stack(terms).sum()
+        return self.lambda_ * torch.stack(terms).sum()
 
 
 def l2_regularizer(
     module_names_to_d_out: Mapping[str, int],
-    lam: float,
+    lambda_: float,
     scaling: float = 1.0,
     device: torch.device | str | None = None,
 ) -> ProjectorRegularizer:
@@ -397,4 +397,4 @@ def l2_regularizer(
         name: torch.zeros(d_out, 0, dtype=torch.float32)
         for name, d_out in module_names_to_d_out.items()
     }
-    return ProjectorRegularizer(bases, lam, scaling, inside=False, device=device)
+    return ProjectorRegularizer(bases, lambda_, scaling, inside=False, device=device)

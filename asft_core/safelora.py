@@ -9,8 +9,10 @@ the Safe LoRA paper. C B is computed as V (V^T B) / ||V||_F, never forming C.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,3 +98,48 @@ def safelora_project(
         v = directions[name].to(device=b.device, dtype=torch.promote_types(b.dtype, torch.float32))
         new_b[name] = project_onto_alignment(b.to(v.dtype), v).to(b.dtype)
     return SafeLoraResult(lora_B=new_b, projected=chosen, similarities=similarities)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+@torch.no_grad()
+def project_adapter(
+    adapter_dir: Path,
+    alignment_path: Path,
+    threshold: float | None = None,
+    num_modules: int | None = None,
+) -> dict[str, Any]:
+    """Safe LoRA on a saved PEFT adapter: rewrite its file with the projected B; the report.
+
+    Module names are the adapter's keys without PEFT's prefix, as in the alignment artifact.
+    The file is replaced atomically.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from asft_core.alignment import load_alignment_directions
+
+    path = adapter_dir / ADAPTER_WEIGHTS
+    tensors = load_file(path)
+    names = sorted(
+        key.removeprefix(_PEFT_PREFIX).removesuffix(".lora_A.weight")
+        for key in tensors
+        if key.endswith(".lora_A.weight")
+    )
+
+    def key(name: str, matrix: str) -> str:
+        return f"{_PEFT_PREFIX}{name}.lora_{matrix}.weight"
+
+    pairs = {
+        name: (tensors[key(name, "A")].float(), tensors[key(name, "B")].float()) for name in names
+    }
+    directions = load_alignment_directions(alignment_path, dtype=torch.float32, modules=names)
+    result = safelora_project(pairs, directions, threshold=threshold, num_modules=num_modules)
+    for name in result.projected:
+        original = tensors[key(name, "B")]
+        tensors[key(name, "B")] = result.lora_B[name].to(original.dtype).contiguous()
+    staging = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, staging, metadata={"format": "pt"})
+    os.replace(staging, path)
+    return result.to_dict()

@@ -1,8 +1,9 @@
 """The LoRA training loop: ``train(spec, hooks) -> TrainResult``.
 
 One plain function, read top to bottom: data, model, penalty, optimizer, loop, checkpoint,
-post-hoc projection, save. The worker supplies hooks (plain callables) for metrics,
-checkpoints, events and cancellation; the core never touches a database or a queue.
+save. The post-hoc Safe LoRA projection and the validation loss are the recipe's next steps.
+The worker supplies hooks (plain callables) for metrics, checkpoints, events and
+cancellation; the core never touches a database or a queue.
 
 Methods (the same names the API uses):
 
@@ -13,7 +14,7 @@ Methods (the same names the API uses):
   and U_k the top-k left singular vectors of V holding ``subspace_energy`` of its energy: no
   penalty inside the alignment subspace, and free of V's scale.
 - ``l2``: LoRA plus lambda * sum ||dW||_F^2 (needs no alignment direction).
-- ``safelora``: plain LoRA, then the Safe LoRA projection of the result.
+- ``safelora``: plain LoRA (the recipe then projects the adapter).
 - ``asft+safelora``: both.
 """
 
@@ -48,7 +49,7 @@ from asft_core.data import (
     tokenize_dataset,
 )
 from asft_core.formats import read_examples
-from asft_core.methods import DEFAULT_SUBSPACE_ENERGY, METHODS, Method
+from asft_core.spec import Hyperparameters, JobSpec
 
 Precision = Literal["auto", "fp32", "bf16"]
 Schedule = Literal["linear", "cosine", "constant"]
@@ -63,18 +64,8 @@ class TrainingError(ValueError):
 
 
 @dataclass(frozen=True)
-class LoraSettings:
-    """LoRA adapter shape; defaults are the AsFT paper's."""
-
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-
-
-@dataclass(frozen=True)
 class TrainSpec:
-    """Everything one training run needs; validated once by :meth:`validate`.
+    """Everything one training run needs: the job's method and hyperparameters, and where.
 
     Paths are explicit: the core never reads service settings.
     """
@@ -82,28 +73,14 @@ class TrainSpec:
     model: str  # local folder or hub id of the aligned model that is fine-tuned
     training_file: Path
     output_dir: Path
-    method: Method = "asft"
-    alignment_path: Path | None = None  # artifact from asft_core.alignment (asft, safelora)
+    job: JobSpec = field(default_factory=JobSpec)
+    alignment_path: Path | None = None  # artifact from asft_core.alignment
     validation_file: Path | None = None
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    asft_lambda: float = 1.0
     # The reference penalty is on the unscaled B A; True multiplies it by (alpha / r)^2.
     penalty_scale_by_alpha: bool = False
-    # Keep only the top-k eigenpairs of C per module (None: exact). Saves memory on big models.
-    penalty_rank: int | None = None
-    # asft_projector: the share of ||V||_F^2 the free subspace U_k holds, per module.
-    subspace_energy: float = DEFAULT_SUBSPACE_ENERGY
-    safelora_threshold: float | None = None
-    safelora_num_modules: int | None = None
-    learning_rate: float = 5e-5
     lr_schedule: Schedule = "linear"
-    warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    epochs: int = 1
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_seq_len: int = 512
     max_steps: int | None = None
     shuffle: bool = True
     # Batch rows of similar length together (within shuffled windows): less padding, and
@@ -118,58 +95,22 @@ class TrainSpec:
     # Written into adapter_config.json as base_model_name_or_path (e.g. the registered id).
     base_model_id: str | None = None
 
+    @property
+    def hyper(self) -> Hyperparameters:
+        """The job's hyperparameters."""
+        return self.job.hyperparameters
+
     def validate(self, require_alignment: bool = True) -> None:
-        """Raise :class:`TrainingError` for values that cannot work together.
+        """Raise :class:`TrainingError` when the penalty needs an alignment artifact it lacks.
 
-        ``require_alignment=False`` checks a spec whose alignment artifact comes later
-        (the recipe computes it after validating the data).
+        ``require_alignment=False`` checks a spec whose artifact comes later (the recipe
+        computes it after validating the data). The hyperparameters were checked by JobSpec.
         """
-        if self.method not in METHODS:
-            raise TrainingError("invalid_method", f"method must be one of {', '.join(METHODS)}")
-        if require_alignment and self.needs_alignment and self.alignment_path is None:
+        needs_direction = self.job.uses_asft or self.job.method == "asft_projector"
+        if require_alignment and needs_direction and self.alignment_path is None:
             raise TrainingError(
-                "alignment_required", f"method {self.method!r} needs an alignment artifact"
+                "alignment_required", f"method {self.job.method!r} needs an alignment artifact"
             )
-        if self.uses_safelora:
-            modes = (self.safelora_threshold is not None) + (self.safelora_num_modules is not None)
-            if modes > 1:
-                raise TrainingError(
-                    "invalid_safelora",
-                    "give either safelora_threshold or safelora_num_modules, not both",
-                )
-        positive = {
-            "rank": self.lora.rank,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "max_seq_len": self.max_seq_len,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise TrainingError("invalid_hyperparameter", f"{name} must be at least 1")
-        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
-            raise TrainingError("invalid_hyperparameter", "learning_rate must be positive")
-        if self.asft_lambda < 0:
-            raise TrainingError("invalid_hyperparameter", "asft_lambda must be >= 0")
-        if not 0 < self.subspace_energy <= 1:
-            raise TrainingError("invalid_hyperparameter", "subspace_energy must be in (0, 1]")
-        if not self.lora.target_modules:
-            raise TrainingError("invalid_hyperparameter", "target_modules must not be empty")
-
-    @property
-    def uses_asft(self) -> bool:
-        """Whether the AsFT penalty is added to the loss."""
-        return self.method in ("asft", "asft+safelora")
-
-    @property
-    def needs_alignment(self) -> bool:
-        """Whether the method reads the alignment artifact."""
-        return self.method not in ("supervised", "l2")
-
-    @property
-    def uses_safelora(self) -> bool:
-        """Whether the Safe LoRA projection is applied after training."""
-        return self.method in ("safelora", "asft+safelora")
 
 
 @dataclass(frozen=True)
@@ -179,7 +120,7 @@ class StepMetrics:
     step: int
     total_steps: int
     epoch: int
-    task_loss: float
+    train_loss: float
     penalty: float
     loss: float
     learning_rate: float
@@ -225,10 +166,8 @@ class TrainResult:
     steps: int
     total_steps: int
     trained_tokens: int
-    final_task_loss: float | None
-    validation_loss: float | None
+    final_train_loss: float | None
     checkpoints: list[CheckpointInfo]
-    safelora: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (paths as strings)."""
@@ -408,14 +347,7 @@ def train(
     # Data.
     model, tokenizer = load_model_and_tokenizer(spec.model, base_dtype, device)
     train_data = load_training_data(
-        tokenizer, spec.training_file, spec.max_seq_len, hooks, "training file"
-    )
-    validation_data = (
-        load_training_data(
-            tokenizer, spec.validation_file, spec.max_seq_len, hooks, "validation file"
-        )
-        if spec.validation_file
-        else None
+        tokenizer, spec.training_file, spec.hyper.max_seq_len, hooks, "training file"
     )
     hooks.on_event(
         "info",
@@ -424,10 +356,10 @@ def train(
 
     # Model: LoRA on the target modules; the base weights stay frozen.
     lora_config = LoraConfig(
-        r=spec.lora.rank,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=list(spec.lora.target_modules),
+        r=spec.hyper.rank,
+        lora_alpha=spec.hyper.alpha,
+        lora_dropout=spec.hyper.dropout,
+        target_modules=list(spec.hyper.target_modules),
         task_type="CAUSAL_LM",
     )
     with quiet_peft_warnings():
@@ -438,7 +370,7 @@ def train(
 
     # Penalty: the alignment directions, loaded once onto the training device in fp32.
     directions = None
-    if spec.alignment_path is not None and (spec.uses_asft or spec.uses_safelora):
+    if spec.alignment_path is not None and spec.job.uses_asft:
         directions = load_alignment_directions(
             spec.alignment_path, device=device, dtype=torch.float32, modules=list(lora_pairs)
         )
@@ -447,16 +379,18 @@ def train(
 
     # Optimizer and schedule.
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    per_epoch = steps_per_epoch(
-        len(train_data.examples), spec.batch_size, spec.gradient_accumulation_steps
+    optimizer = torch.optim.AdamW(
+        parameters, lr=spec.hyper.learning_rate, weight_decay=spec.weight_decay
     )
-    total_steps = spec.epochs * per_epoch
+    per_epoch = steps_per_epoch(
+        len(train_data.examples), spec.hyper.batch_size, spec.hyper.gradient_accumulation_steps
+    )
+    total_steps = spec.hyper.n_epochs * per_epoch
     if spec.max_steps is not None:
         total_steps = min(total_steps, spec.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_multiplier(step, total_steps, spec.warmup_steps, spec.lr_schedule),
+        lambda step: lr_multiplier(step, total_steps, spec.hyper.warmup_steps, spec.lr_schedule),
     )
     position = TrainingPosition()
     if spec.resume_from is not None:
@@ -470,7 +404,7 @@ def train(
     model.train()
     started = time.monotonic()
     start_step = position.step
-    task_loss_value: float | None = None
+    train_loss_value: float | None = None
     status: Literal["completed", "cancelled"] = "completed"
 
     def checkpoint() -> None:
@@ -491,7 +425,7 @@ def train(
     def batches_of(epoch: int) -> list[list[int]]:
         # Once per epoch, not per step: shuffling and sorting by length walk every row.
         rows = len(train_data.examples)
-        return epoch_batches(rows, spec.batch_size, spec.seed, epoch, spec.shuffle, lengths)
+        return epoch_batches(rows, spec.hyper.batch_size, spec.seed, epoch, spec.shuffle, lengths)
 
     while position.step < total_steps:
         if hooks.should_cancel():
@@ -503,7 +437,8 @@ def train(
         step_started = time.monotonic()
         batches = batches_of(position.epoch)
         group = batches[
-            position.batch_in_epoch : position.batch_in_epoch + spec.gradient_accumulation_steps
+            position.batch_in_epoch : position.batch_in_epoch
+            + spec.hyper.gradient_accumulation_steps
         ]
         micro_batches = [
             collate([train_data.examples[i] for i in indices], pad_id) for indices in group
@@ -511,12 +446,12 @@ def train(
         group_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
 
-        task_loss = torch.zeros((), device=device)
+        train_loss = torch.zeros((), device=device)
         for batch in micro_batches:
             loss_sum, _ = batch_loss_sum(model, batch, device)
             micro_loss = loss_sum / group_targets
             micro_loss.backward()
-            task_loss += micro_loss.detach()
+            train_loss += micro_loss.detach()
         penalty = torch.zeros((), device=device)
         if regularizer is not None:
             penalty = regularizer(lora_pairs)
@@ -536,12 +471,12 @@ def train(
             batch_in_epoch=0 if epoch_done else next_batch,
             trained_tokens=position.trained_tokens + step_tokens,
         )
-        task_loss_value = float(task_loss)
+        train_loss_value = float(train_loss)
         penalty_value = float(penalty.detach())
-        if not math.isfinite(task_loss_value) or not math.isfinite(penalty_value):
+        if not math.isfinite(train_loss_value) or not math.isfinite(penalty_value):
             raise TrainingError(
                 "nan_loss",
-                f"loss became {task_loss_value} (penalty {penalty_value}) at step "
+                f"loss became {train_loss_value} (penalty {penalty_value}) at step "
                 f"{position.step}; lower the learning rate or lambda",
             )
         now = time.monotonic()
@@ -552,9 +487,9 @@ def train(
                 step=position.step,
                 total_steps=total_steps,
                 epoch=position.epoch,
-                task_loss=task_loss_value,
+                train_loss=train_loss_value,
                 penalty=penalty_value,
-                loss=task_loss_value + penalty_value,
+                loss=train_loss_value + penalty_value,
                 learning_rate=learning_rate,
                 tokens=step_tokens,
                 trained_tokens=position.trained_tokens,
@@ -574,22 +509,9 @@ def train(
             position.step,
             total_steps,
             position.trained_tokens,
-            task_loss_value,
-            None,
+            train_loss_value,
             checkpoints,
         )
-
-    # Post-hoc Safe LoRA projection of the trained adapter.
-    safelora_report = None
-    if spec.uses_safelora:
-        safelora_report = apply_safelora(model, lora_pairs, directions, spec)
-        projected = safelora_report["projected"]
-        hooks.on_event("info", f"Safe LoRA projected {len(projected)} of {len(lora_pairs)} modules")
-
-    validation_loss = None
-    if validation_data is not None:
-        validation_loss = evaluate_loss(model, validation_data.examples, pad_id, device)
-        hooks.on_event("info", f"validation loss {validation_loss:.4f}")
 
     adapter_dir = save_adapter(model, spec.output_dir / "adapter", spec.base_model_id)
     return TrainResult(
@@ -598,10 +520,8 @@ def train(
         position.step,
         total_steps,
         position.trained_tokens,
-        task_loss_value,
-        validation_loss,
+        train_loss_value,
         checkpoints,
-        safelora_report,
     )
 
 
@@ -611,55 +531,45 @@ def method_regularizer(
     directions: dict[str, torch.Tensor] | None,
     device: torch.device,
 ) -> Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor] | None:
-    """The penalty ``spec.method`` adds to the task loss (None for methods without one)."""
+    """The penalty ``spec.job.method`` adds to the task loss (None for methods without one)."""
     from asft_core.alignment import alignment_subspaces
     from asft_core.penalty import AsftRegularizer, ProjectorRegularizer, l2_regularizer
 
-    effective = spec.lora.alpha / spec.lora.rank
-    if spec.uses_asft:
+    hyper = spec.hyper
+    effective = hyper.alpha / hyper.rank
+    lambda_ = hyper.lambda_
+    if lambda_ is None:  # JobSpec sets it for every method with a penalty
+        return None
+    if spec.job.uses_asft:
         assert directions is not None
         scaling = effective if spec.penalty_scale_by_alpha else 1.0
         return AsftRegularizer(
-            directions, lam=spec.asft_lambda, scaling=scaling, low_rank=spec.penalty_rank
+            directions, lambda_=lambda_, scaling=scaling, low_rank=hyper.penalty_rank
         )
-    if spec.method == "asft_projector":
-        assert spec.alignment_path is not None
+    if spec.job.method == "asft_projector":
+        assert spec.alignment_path is not None and hyper.subspace_energy is not None
         subspaces = alignment_subspaces(
-            spec.alignment_path, tau=spec.subspace_energy, modules=list(lora_pairs)
+            spec.alignment_path, tau=hyper.subspace_energy, modules=list(lora_pairs)
         )
         bases = {name: subspace.basis for name, subspace in subspaces.items()}
-        return ProjectorRegularizer(bases, lam=spec.asft_lambda, scaling=effective, device=device)
-    if spec.method == "l2":
+        return ProjectorRegularizer(bases, lambda_=lambda_, scaling=effective, device=device)
+    if spec.job.method == "l2":
         d_out = {name: b.shape[0] for name, (_, b) in lora_pairs.items()}
-        return l2_regularizer(d_out, lam=spec.asft_lambda, scaling=effective, device=device)
+        return l2_regularizer(d_out, lambda_=lambda_, scaling=effective, device=device)
     return None
 
 
 @torch.no_grad()
-def apply_safelora(
-    model: Any,
-    lora_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    directions: dict[str, torch.Tensor] | None,
-    spec: TrainSpec,
-) -> dict[str, Any]:
-    """Project the trained adapter's B matrices in place (Safe LoRA); return the report."""
-    from asft_core.safelora import safelora_project
+def adapter_validation_loss(spec: TrainSpec, adapter_dir: Path) -> float:
+    """Mean per-token loss of ``spec.model`` with the adapter on ``spec.validation_file``."""
+    from peft import PeftModel
 
-    assert directions is not None
-    threshold = spec.safelora_threshold
-    if threshold is None and spec.safelora_num_modules is None:
-        threshold = DEFAULT_SAFELORA_THRESHOLD
-    result = safelora_project(
-        {name: (a.float(), b.float()) for name, (a, b) in lora_pairs.items()},
-        directions,
-        threshold=threshold,
-        num_modules=spec.safelora_num_modules,
+    assert spec.validation_file is not None
+    device, base_dtype = pick_device(spec.device, spec.precision)
+    model, tokenizer = load_model_and_tokenizer(spec.model, base_dtype, device)
+    with quiet_peft_warnings():
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device)
+    data = load_training_data(
+        tokenizer, spec.validation_file, spec.hyper.max_seq_len, TrainHooks(), "validation file"
     )
-    for name in result.projected:
-        lora_b = lora_pairs[name][1]
-        lora_b.copy_(result.lora_B[name].to(lora_b.dtype))
-    return result.to_dict()
-
-
-# The Safe LoRA paper's similarity threshold for its default selection mode.
-DEFAULT_SAFELORA_THRESHOLD = 0.5
+    return evaluate_loss(model, data.examples, tokenizer.pad_token_id, device)

@@ -2,9 +2,9 @@
 constant JSON object shaped and sized like a fine-tuning job.
 
 It has no middleware, no database, no authentication and no response model, so what it serves
-per second is the floor that uvicorn and FastAPI set on these server settings; the bench
-divides the API's throughput by it. The route is ``async``, the cheapest way FastAPI serves a
-request (no thread-pool hop), so the ratio is measured against the hardest baseline.
+per second, and the CPU it spends per request, are the floor that uvicorn and FastAPI set on
+these server settings: the bench shows it as a reference row beside the API's. The route is
+``async``, the cheapest way FastAPI serves a request (no thread-pool hop).
 
     uvicorn --factory bench.bare_app:create_app --workers 2 ...
 """

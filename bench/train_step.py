@@ -1,8 +1,11 @@
-"""Step time of ``asft`` vs plain ``lora`` on the same model and batch, as a ratio.
+"""Step time of ``asft`` vs plain ``lora``, and of a worker's step vs the trainer's, as ratios.
 
-Both variants share one PEFT model, one batch and one optimizer; the only difference is the
-AsFT penalty's forward and backward. Steps are interleaved (lora, asft, lora, asft, ...) so
-machine noise hits both alike, and the medians are compared. Target: ratio <= 1.05.
+All variants share one PEFT model, one batch and one optimizer. ``asft`` adds the penalty's
+forward and backward (target: asft / lora <= 1.05). ``worker`` is an asft step plus what the
+worker does per step with a real database (SQLite, a running job row): buffer the metrics for
+its ``JobSync`` thread, which writes them every ``ASFT_METRICS_INTERVAL_S`` (target: worker /
+asft <= 1.02). ``sync write`` writes each step's metrics in the step instead, for contrast.
+Steps are interleaved so machine noise hits all alike, and the medians are compared.
 
     python bench/train_step.py [--steps 30] [--device cpu|cuda]
 """
@@ -11,16 +14,34 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 from asft_core.penalty import AsftRegularizer
-from asft_core.training import batch_loss_sum, lora_weight_pairs, quiet_peft_warnings
+from asft_core.spec import JobSpec
+from asft_core.training import (
+    StepMetrics,
+    batch_loss_sum,
+    lora_weight_pairs,
+    quiet_peft_warnings,
+)
 from asft_core.zoo.models import TinyLlamaShape, random_tiny_llama, tiny_llama_config
+from service.db.migrate import upgrade_head
+from service.db.models import Job, ModelPair, Team, new_id
+from service.db.session import make_engine, transaction
+from service.settings import Settings
+from service.storage import ArtifactStore
+from worker.persistence import JobContext, JobSync, sync_job
+
+VARIANTS = ("lora", "asft", "worker", "sync write")
 
 
 @dataclass(frozen=True)
@@ -59,8 +80,43 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(case: Case, steps: int, device: torch.device) -> tuple[float, float]:
-    """Median step time (s) of lora and asft, interleaved on the same model and batch."""
+@contextmanager
+def running_job(folder: Path) -> Iterator[tuple[JobContext, str]]:
+    """A migrated SQLite database holding one running job, and the worker's context for it."""
+    url = f"sqlite:///{folder / 'bench.db'}"
+    upgrade_head(url, folder)
+    engine = make_engine(url)
+    settings = Settings(_env_file=None, data_dir=folder)
+    with transaction(engine) as session:
+        team = Team(id=new_id("team"), name="bench")
+        session.add(team)
+        session.add(ModelPair(id="bench", aligned_model="-", base_model="-"))
+        session.flush()
+        job = Job(
+            id=new_id("ftjob"),
+            team_id=team.id,
+            model="bench",
+            training_file="file-bench",
+            status="running",
+            method=JobSpec().to_json(),
+            seed=0,
+        )
+        session.add(job)
+    try:
+        yield JobContext(settings, engine, ArtifactStore(folder / "artifacts")), job.id
+    finally:
+        engine.dispose()
+
+
+def step_metrics(step: int) -> StepMetrics:
+    """What the trainer hands its hooks after a step (values do not matter to the write)."""
+    return StepMetrics(step, 10_000, 0, 1.0, 0.1, 1.1, 1e-4, 512, 512 * step, 1e4, 1.0, 60.0)
+
+
+def measure(
+    case: Case, steps: int, device: torch.device, context: JobContext, job_id: str
+) -> dict[str, float]:
+    """Median step time (s) of each variant, interleaved on the same model and batch."""
     config = tiny_llama_config(case.vocab_size, case.shape, pad_token_id=0, eos_token_id=1)
     model: Any = random_tiny_llama(config, seed=0).to(device)
     with quiet_peft_warnings():
@@ -75,7 +131,7 @@ def measure(case: Case, steps: int, device: torch.device) -> tuple[float, float]
         name: torch.randn(b.shape[0], a.shape[1], generator=generator).to(device) * 1e-2
         for name, (a, b) in pairs.items()
     }
-    regularizer = AsftRegularizer(directions, lam=1.0)
+    regularizer = AsftRegularizer(directions, lambda_=1.0)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     input_ids = torch.randint(2, case.vocab_size, (case.batch_size, case.seq_len))
@@ -85,30 +141,37 @@ def measure(case: Case, steps: int, device: torch.device) -> tuple[float, float]
         "attention_mask": torch.ones_like(input_ids),
     }
 
-    def step(with_penalty: bool) -> float:
+    counter = iter(range(1, 1_000_000))
+    sync = JobSync(context, job_id, context.settings.metrics_interval_s)
+
+    def step(variant: str) -> float:
         synchronize(device)
         started = time.perf_counter()
         loss_sum, tokens = batch_loss_sum(model, batch, device)
         loss = loss_sum / tokens
-        if with_penalty:
+        if variant != "lora":
             loss = loss + regularizer(pairs)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
+        if variant == "worker":
+            sync.add(step_metrics(next(counter)))
+            sync.cancel_requested  # noqa: B018 - the cancel check the trainer makes per step
+        elif variant == "sync write":
+            sync_job(context, job_id, [step_metrics(next(counter))])
         return time.perf_counter() - started
 
-    for _ in range(3):
-        step(False)
-        step(True)
-    lora_times: list[float] = []
-    asft_times: list[float] = []
-    for index in range(steps):
-        # Alternate which goes first, so neither always runs on a warmer cache.
-        order = (False, True) if index % 2 == 0 else (True, False)
-        for with_penalty in order:
-            (asft_times if with_penalty else lora_times).append(step(with_penalty))
-    return statistics.median(lora_times), statistics.median(asft_times)
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    with sync:
+        for variant in VARIANTS * 3:
+            step(variant)
+        for index in range(steps):
+            # Rotate which goes first, so none always runs on a warmer cache.
+            shift = index % len(VARIANTS)
+            for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+                times[variant].append(step(variant))
+    return {variant: statistics.median(values) for variant, values in times.items()}
 
 
 def main() -> None:
@@ -119,14 +182,20 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'case':<28} {'batch x seq':>12} {'lora ms':>9} {'asft ms':>9} {'ratio':>7}")
-    for case in CASES:
-        lora_s, asft_s = measure(case, args.steps, device)
-        print(
-            f"{case.name:<28} {f'{case.batch_size}x{case.seq_len}':>12} "
-            f"{lora_s * 1e3:>9.2f} {asft_s * 1e3:>9.2f} {asft_s / lora_s:>7.3f}"
-        )
-    print("target: asft / lora <= 1.05")
+    print(
+        f"{'case':<28} {'batch x seq':>12} {'lora ms':>9} {'asft ms':>9} {'worker ms':>10} "
+        f"{'write ms':>9} {'asft/lora':>10} {'worker/asft':>12} {'write/asft':>11}"
+    )
+    with tempfile.TemporaryDirectory() as folder, running_job(Path(folder)) as (context, job_id):
+        for case in CASES:
+            ms = {k: v * 1e3 for k, v in measure(case, args.steps, device, context, job_id).items()}
+            print(
+                f"{case.name:<28} {f'{case.batch_size}x{case.seq_len}':>12} "
+                f"{ms['lora']:>9.2f} {ms['asft']:>9.2f} {ms['worker']:>10.2f} "
+                f"{ms['sync write']:>9.2f} {ms['asft'] / ms['lora']:>10.3f} "
+                f"{ms['worker'] / ms['asft']:>12.3f} {ms['sync write'] / ms['asft']:>11.3f}"
+            )
+    print("targets: asft / lora <= 1.05; worker / asft <= 1.02")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from asft_core.spec import Gate
+
 
 class Settings(BaseSettings):
     """Service configuration. Defaults give the embedded, one-machine setup under ./var/."""
@@ -64,6 +66,12 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(
         10.0, gt=0, description="How often a worker renews the lease of the job it runs."
     )
+    metrics_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often a worker writes a training job's step metrics and reads its "
+        "cancel flag (steps never wait on the database).",
+    )
     stale_after_s: int = Field(
         60,
         ge=1,
@@ -98,10 +106,12 @@ class Settings(BaseSettings):
         None, description="Cap on evaluation prompts per set (unset: all; tests use a handful)."
     )
     gate_max_harmful_score: float = Field(
-        0.2, description="Default safety gate: highest harmful score an adapter may have."
+        Gate().max_harmful_score,
+        description="Default safety gate: highest harmful score an adapter may have.",
     )
     gate_max_harmful_increase: float = Field(
-        0.1, description="Default safety gate: largest rise over the aligned model's score."
+        Gate().max_harmful_increase,
+        description="Default safety gate: largest rise over the aligned model's score.",
     )
     log_level: str = Field("INFO", description="Log level of API and worker.")
 

@@ -7,7 +7,9 @@ import secrets
 
 from sqlalchemy.orm import Session
 
+from asft_core.spec import Gate
 from service.db.models import ApiKey, Team, new_id
+from service.settings import Settings
 
 KEY_PREFIX = "asft-"
 
@@ -35,3 +37,15 @@ def create_team_with_key(session: Session, name: str) -> tuple[Team, str]:
     session.flush()
     _, secret = issue_key(session, team.id, "default")
     return team, secret
+
+
+def team_gate(team: Team, settings: Settings) -> Gate:
+    """The safety gate a team's jobs face: the team's own limits, else the service's."""
+    return Gate(
+        team.gate_max_harmful_score
+        if team.gate_max_harmful_score is not None
+        else settings.gate_max_harmful_score,
+        team.gate_max_harmful_increase
+        if team.gate_max_harmful_increase is not None
+        else settings.gate_max_harmful_increase,
+    )

@@ -87,6 +87,7 @@ def _loaded_modules_after(statement: str) -> set[str]:
         "import service.settings",
         "import asft_core",
         "import asft_core.formats",
+        "import asft_core.spec",
         "import asft_core.zoo",
         "import asft.cli",
         "import asft_client.demo",

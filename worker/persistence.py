@@ -121,48 +121,54 @@ def add_event(
         append_event(session, job_id, level, message, data)
 
 
-@retry_database
-def record_metrics(context: JobContext, job_id: str, metrics: Any) -> None:
-    """Upsert the metrics event of a step and keep the job's progress fields current."""
-    data = {
-        "step": metrics.step,
-        "total_steps": metrics.total_steps,
-        "train_loss": metrics.task_loss,
-        "penalty": metrics.penalty,
-        "loss": metrics.loss,
-        "learning_rate": metrics.learning_rate,
-        "tokens_per_s": metrics.tokens_per_s,
-        "trained_tokens": metrics.trained_tokens,
-    }
-    message = f"Step {metrics.step}/{metrics.total_steps}: loss={metrics.task_loss:.4f}"
+def _metrics_event(job_id: str, metrics: Any) -> dict[str, Any]:
+    """The metrics event row of one step (``StepMetrics``)."""
+    message = f"Step {metrics.step}/{metrics.total_steps}: loss={metrics.train_loss:.4f}"
     if metrics.penalty:
         message += f", penalty={metrics.penalty:.3e}"
+    return {
+        "id": new_id("ftevent"),
+        "job_id": job_id,
+        "level": "info",
+        "type": "metrics",
+        "message": message,
+        "data": {
+            "step": metrics.step,
+            "total_steps": metrics.total_steps,
+            "train_loss": metrics.train_loss,
+            "penalty": metrics.penalty,
+            "loss": metrics.loss,
+            "learning_rate": metrics.learning_rate,
+            "tokens_per_s": metrics.tokens_per_s,
+            "trained_tokens": metrics.trained_tokens,
+        },
+        "step": metrics.step,
+        "created_at": now(),
+    }
+
+
+def sync_job(context: JobContext, job_id: str, steps: list[Any]) -> bool:
+    """Write the buffered steps' metrics events and progress, renew the lease; one transaction.
+
+    Returns whether the owner asked to cancel the job.
+    """
     with transaction(context.engine) as session:
-        upsert(
-            session,
-            JobEvent,
-            {
-                "id": new_id("ftevent"),
-                "job_id": job_id,
-                "level": "info",
-                "type": "metrics",
-                "message": message,
-                "data": data,
-                "step": metrics.step,
-                "created_at": now(),
-            },
-            conflict=("job_id", "type", "step"),
-            update=("message", "data", "created_at"),
-        )
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                trained_tokens=metrics.trained_tokens,
-                estimated_finish=now() + math.ceil(metrics.eta_s),
-                heartbeat_at=now(),
+        for metrics in steps:
+            upsert(
+                session,
+                JobEvent,
+                _metrics_event(job_id, metrics),
+                conflict=("job_id", "type", "step"),
+                update=("message", "data", "created_at"),
             )
+        progress: dict[str, Any] = {"heartbeat_at": now()}
+        if steps:
+            progress["trained_tokens"] = steps[-1].trained_tokens
+            progress["estimated_finish"] = now() + math.ceil(steps[-1].eta_s)
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "running").values(**progress)
         )
+        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
 @retry_database
@@ -184,13 +190,6 @@ def record_checkpoint(context: JobContext, job_id: str, info: Any, metrics: dict
             conflict=("job_id", "step"),
             update=("metrics", "storage_key"),
         )
-
-
-@retry_database
-def cancel_requested(context: JobContext, job_id: str) -> bool:
-    """Whether the job's owner asked to cancel it (checked before every step)."""
-    with transaction(context.engine) as session:
-        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
 @retry_database
@@ -357,7 +356,7 @@ def requeue_preempted(context: JobContext, job_id: str) -> str:
 
 @retry_database
 def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
-    """Record the outcome: cancelled, or the adapter, the report and the gate's verdict."""
+    """Record a ``RecipeResult``: cancelled, or the adapter, the report and the gate's verdict."""
     with transaction(context.engine) as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -370,16 +369,16 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
             append_event(session, job_id, "info", "Job cancelled")
             return "cancelled"
         name = fine_tuned_name(job, team.name)
-        evaluation = result.report["evaluation"]
-        before = (evaluation["reference"].get("safety") or {}).get("overall")
-        after = (evaluation["fine_tuned"].get("safety") or {}).get("overall")
+        report, verdict = result.report, result.report.gate
         safety = {
-            "harmful_score_before": before["value"] if before else None,
-            "harmful_score_after": after["value"] if after else None,
-            "approved": result.approved,
-            "failures": result.gate_failures,
+            "harmful_score_before": report.harmful_score("reference"),
+            "harmful_score_after": report.harmful_score("fine_tuned"),
+            "approved": verdict.approved,
+            "failures": list(verdict.failures),
         }
-        session.add(EvaluationReport(job_id=job_id, approved=result.approved, report=result.report))
+        session.add(
+            EvaluationReport(job_id=job_id, approved=verdict.approved, report=report.to_json())
+        )
         session.add(
             FineTunedModel(
                 id=name,
@@ -387,7 +386,7 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
                 job_id=job_id,
                 model=job.model,
                 storage_key=job_key(job_id, "adapter"),
-                approved=result.approved,
+                approved=verdict.approved,
             )
         )
         values: dict[str, Any] = {
@@ -397,7 +396,7 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
             "estimated_finish": None,
             "lease_owner": None,
         }
-        if result.approved:
+        if verdict.approved:
             transition(session, job_id, "running", "succeeded", **values)
             message = f"The job has successfully completed: {name}"
         else:
@@ -407,49 +406,63 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
                 "running",
                 "failed",
                 error_code="safety_gate_failed",
-                error_message="the adapter failed the safety gate: "
-                + "; ".join(result.gate_failures),
+                error_message="the adapter failed the safety gate: " + "; ".join(verdict.failures),
                 **values,
             )
-            message = "Safety gate failed: " + "; ".join(result.gate_failures)
-        append_event(session, job_id, "info" if result.approved else "error", message)
-    return "succeeded" if result.approved else "failed"
+            message = "Safety gate failed: " + "; ".join(verdict.failures)
+        append_event(session, job_id, "info" if verdict.approved else "error", message)
+    return "succeeded" if verdict.approved else "failed"
 
 
-class Heartbeat:
-    """Renews a running job's lease every ``interval_s`` from a thread of its own.
+class JobSync:
+    """A running job's link to its row, from a thread of its own.
 
-    Independent of training steps, since loading a model, computing the alignment direction
-    and evaluating take minutes without a step.
+    Every ``interval_s`` it writes the step metrics buffered since its last write, renews the
+    lease and reads the cancel flag, in one transaction: a training step only appends to a
+    list and reads a flag, so a slow or unreachable database never stalls training (the
+    buffer waits for the next beat). Loading, alignment and evaluation have no steps, and the
+    lease is renewed through them too.
     """
 
-    def __init__(self, context: JobContext, job_id: str, interval_s: float = 10.0) -> None:
-        """Prepare (``start`` begins beating)."""
-        import threading
-
+    def __init__(self, context: JobContext, job_id: str, interval_s: float) -> None:
+        """Prepare (entering the context starts the thread)."""
         self.context, self.job_id, self.interval_s = context, job_id, interval_s
+        self.cancel_requested = False
+        self._pending: list[Any] = []
+        self._lock = threading.Lock()  # one write at a time: the thread's, or flush()'s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"sync-{job_id}", daemon=True)
 
-    def _beat(self) -> None:
+    def add(self, metrics: Any) -> None:
+        """Buffer one step's metrics (written at the next beat)."""
+        self._pending.append(metrics)
+
+    def _write(self) -> None:
+        with self._lock:
+            steps = list(self._pending)
+            self.cancel_requested = sync_job(self.context, self.job_id, steps)
+            del self._pending[: len(steps)]
+
+    def flush(self) -> None:
+        """Write what is buffered now, retried while the database is unreachable."""
+        retry_database(lambda context: self._write())(self.context)
+
+    def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                with transaction(self.context.engine) as session:
-                    session.execute(
-                        update(Job)
-                        .where(Job.id == self.job_id, Job.status == "running")
-                        .values(heartbeat_at=now())
-                    )
+                self._write()
             except Exception:  # a database blip must not kill the job; the next beat retries
-                logger.exception("heartbeat of %s failed", self.job_id)
+                logger.exception(
+                    "sync of %s failed; %d steps wait", self.job_id, len(self._pending)
+                )
 
-    def __enter__(self) -> Heartbeat:
+    def __enter__(self) -> JobSync:
         self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=max(self.interval_s, 5.0))
 
 
 def reconcile(

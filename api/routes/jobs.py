@@ -11,10 +11,7 @@ Token counts need the model's tokenizer, so the worker adds them while the job i
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +19,6 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.conditional import NOT_MODIFIED, conditional_json
@@ -35,10 +31,9 @@ from api.deps import (
     StoreDep,
     read_in_session,
 )
-from api.errors import Conflict, NotFound, TooMany, Unprocessable
+from api.errors import Conflict, NotFound, Unprocessable, refused
 from api.lookup import owned_row
 from api.pagination import descending_by, newest_first, team_rows
-from api.routes.files import get_team_file
 from api.schemas.common import Page, errors, json_page, page_of
 from api.schemas.jobs import (
     METADATA_MAX_KEYS,
@@ -46,23 +41,23 @@ from api.schemas.jobs import (
     JobCreate,
     JobReport,
     check_metadata_pair,
-    resolve_method,
+    job_spec,
 )
 from api.schemas.jobs import JobEvent as JobEventObject
-from asft_core.formats import iter_examples
+from asft_core.spec import SpecError
 from service.db.models import (
     Checkpoint,
     EvaluationReport,
     FineTunedModel,
     Job,
     JobEvent,
-    ModelPair,
     Team,
-    new_id,
 )
+from service.jobs import create as creation
+from service.jobs.create import NewJob, Refused, check_active_limit
 from service.jobs.events import append_event
 from service.jobs.objects import FineTuningJob, job_object
-from service.jobs.state import ACTIVE, TERMINAL, Status, fine_tuned_name, transition
+from service.jobs.state import TERMINAL, Status, fine_tuned_name, transition
 from service.queue import enqueue_job
 from service.storage import ID_PATTERN, adapter_archive
 
@@ -75,56 +70,6 @@ def get_team_job(session: SessionDep, team_id: str, job_id: str) -> Job:
     """The team's job ``job_id``; another team's answers 404 like a missing one."""
     missing = NotFound("job_not_found", f"no fine-tuning job {job_id!r}", "fine_tuning_job_id")
     return owned_row(session, Job, job_id, team_id, missing)
-
-
-def _usable_file(
-    session: SessionDep, team_id: str, file_id: str, param: str, min_examples: int
-) -> Any:
-    try:
-        row = get_team_file(session, team_id, file_id)
-    except NotFound as error:
-        # Name the request field (training_file, ...), not the files route's path parameter.
-        raise NotFound(error.code, f"{param}: {error.message}", param) from None
-    if row.status == "error":
-        raise Unprocessable(
-            row.error_code or "invalid_file", f"{param}: {row.status_details}", param
-        )
-    if (row.num_examples or 0) < min_examples:
-        raise Unprocessable(
-            "invalid_n_examples",
-            f"{param} has {row.num_examples} examples; at least {min_examples} are needed",
-            param,
-        )
-    return row
-
-
-def _example_keys(path: Path) -> dict[str, int]:
-    """A digest of each example's messages -> its line, for the train/validation overlap."""
-    keys: dict[str, int] = {}
-    with path.open("rb") as handle:
-        for example in iter_examples(handle):
-            text = json.dumps([[m.role, m.content.strip()] for m in example.messages])
-            keys.setdefault(hashlib.sha256(text.encode()).hexdigest(), example.line)
-    return keys
-
-
-def _overlap(training: Path, validation: Path) -> list[int]:
-    train_keys = _example_keys(training)
-    return sorted(line for key, line in _example_keys(validation).items() if key in train_keys)
-
-
-def check_active_limit(session: SessionDep, team: Team, settings: SettingsDep) -> None:
-    """Raise 429 ``too_many_active_jobs`` when the team already has its limit of active jobs."""
-    limit = team.max_active_jobs or settings.max_active_jobs_per_team
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.team_id == team.id, Job.status.in_(ACTIVE))
-    )
-    if (active or 0) >= limit:
-        raise TooMany(
-            "too_many_active_jobs",
-            f"team {team.name} has {active} queued or running jobs, its limit is {limit}; "
-            "wait for one to finish or cancel one",
-        )
 
 
 @router.post(
@@ -155,92 +100,29 @@ def create_job(
     A plain ``def``: everything here blocks (queries, reading both datasets for their
     overlap, the broker), so FastAPI runs it in its thread pool, off the event loop.
     """
-    if idempotency_key:
-        existing = session.scalar(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        )
-        if existing is not None:
-            return job_object(existing)
-    if session.get(ModelPair, body.model) is None:
-        raise NotFound(
-            "model_not_found",
-            f"no registered model {body.model!r} (GET /v1/models lists them)",
-            "model",
-        )
-    training = _usable_file(
-        session, team.id, body.training_file, "training_file", settings.min_training_examples
-    )
-    validation = None
-    if body.validation_file is not None:
-        validation = _usable_file(session, team.id, body.validation_file, "validation_file", 1)
-    evaluation = None
-    if body.evaluation is not None:
-        evaluation_file = body.evaluation.file or body.validation_file
-        if evaluation_file is None:
-            raise Unprocessable(
-                "missing_evaluation_file",
-                "evaluation needs a held-out file: set evaluation.file or validation_file",
-                "evaluation.file",
-            )
-        held_out = _usable_file(session, team.id, evaluation_file, "evaluation.file", 1)
-        if held_out.row_format != "prompt_completion":
-            raise Unprocessable(
-                "invalid_evaluation_file",
-                "the evaluation file must hold prompt/completion rows (the completion, or a "
-                "'label' field, is the reference answer)",
-                "evaluation.file",
-            )
-        evaluation = {**body.evaluation.model_dump(), "file": evaluation_file}
-    check_active_limit(session, team, settings)
-    checks: dict[str, Any] = {
-        "training_examples": training.num_examples,
-        "validation_examples": validation.num_examples if validation else None,
-        "warnings": [],
-    }
-    if validation is not None:
-        overlap = _overlap(store.path(training.storage_key), store.path(validation.storage_key))
-        if overlap:
-            shown = ", ".join(str(line) for line in overlap[:MAX_OVERLAP_REPORTED])
-            more = ", ..." if len(overlap) > MAX_OVERLAP_REPORTED else ""
-            checks["warnings"].append(
-                f"{len(overlap)} validation examples also appear in the training file "
-                f"(validation lines {shown}{more})"
-            )
-    job = Job(
-        id=new_id("ftjob"),
-        team_id=team.id,
-        model=body.model,
-        training_file=body.training_file,
-        validation_file=body.validation_file,
-        status="validating_files",
-        method=resolve_method(body),
-        evaluation=evaluation,
-        validation=checks,
-        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-        suffix=body.suffix,
-        metadata_=body.metadata,
-        auto_start=body.auto_start,
-        idempotency_key=idempotency_key,
-    )
-    session.add(job)
-    append_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
-    for warning in checks["warnings"]:
-        append_event(session, job.id, "warn", warning)
     try:
-        session.commit()
-    except IntegrityError:
-        # A concurrent retry with the same Idempotency-Key won the race: answer with its job.
-        session.rollback()
-        existing = session.scalar(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        new = NewJob(
+            model=body.model,
+            training_file=body.training_file,
+            spec=job_spec(body),
+            validation_file=body.validation_file,
+            evaluation=body.evaluation.model_dump() if body.evaluation else None,
+            seed=body.seed,
+            suffix=body.suffix,
+            metadata=body.metadata,
+            auto_start=body.auto_start,
+            idempotency_key=idempotency_key,
         )
-        if existing is None:
-            raise
-        return job_object(existing)
-    try:
-        enqueue_job(queue, job.id)
-    except Exception:  # the broker is down: the reconciler re-enqueues jobs it never got
-        logger.exception("could not enqueue job %s", job.id)
+        job, created = creation.create_job(session, team, settings, store, new)
+    except SpecError as error:  # the schema checks the same rules; this is the last word
+        raise Unprocessable(error.code, str(error), error.param) from None
+    except Refused as error:
+        raise refused(error) from None
+    if created:
+        try:
+            enqueue_job(queue, job.id)
+        except Exception:  # the broker is down: the reconciler re-enqueues jobs it never got
+            logger.exception("could not enqueue job %s", job.id)
     return job_object(job)
 
 
@@ -367,7 +249,10 @@ def start_job(
     if job.status != "validated":
         raise Conflict("job_not_startable", f"only validated jobs start; it is {job.status}")
     # A validated job holds no slot, so queueing it must respect the limit like a new job.
-    check_active_limit(session, team, settings)
+    try:
+        check_active_limit(session, team, settings)
+    except Refused as error:
+        raise refused(error) from None
     if not transition(session, job.id, "validated", "queued"):
         raise Conflict("job_not_startable", "the job left validated while it was being started")
     append_event(session, job.id, "info", "Job queued")

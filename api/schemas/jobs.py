@@ -15,28 +15,28 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from api.schemas.common import PLAIN_TEXT
-from asft_core.methods import (
-    DEFAULT_LAMBDA,
+from asft_core.spec import (
+    BASE_LEARNING_RATE,
+    BOUNDS,
     DEFAULT_METHOD,
     DEFAULT_SUBSPACE_ENERGY,
+    MATCHERS,
+    MAX_TARGET_MODULES,
     METHODS,
+    MODULE_NAME,
+    JobSpec,
+    Matcher,
+    unused_parameters,
 )
-from asft_core.methods import Method as MethodType
+from asft_core.spec import Method as MethodType
 
-METHOD_TYPES = METHODS
 Auto = Literal["auto"]
-_MODULE_NAME = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
-
-# Defaults: the AsFT paper's (rank 8, alpha 32, dropout 0.05, q/v, lr 5e-5, lambda 1).
-DEFAULT_EPOCHS = 3
-DEFAULT_BATCH_SIZE = 8
-BASE_LEARNING_RATE = 5e-5
-DEFAULT_LORA = {"rank": 8, "alpha": 32.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 METADATA_MAX_KEYS = 16
 # What no metadata key or value may hold: NUL (PostgreSQL cannot store it) and halves of
 # surrogate pairs (no JSON answer could carry them back).
@@ -63,78 +63,82 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class Hyperparameters(Strict):
-    """Training settings; every field is optional and ``auto`` means the default."""
+def _bounded(name: str, description: str | None = None) -> Any:
+    """An optional field with the spec's range for ``name`` (shown in the OpenAPI schema)."""
+    return Field(None, description=description, **BOUNDS[name].field_kwargs())
 
-    n_epochs: int | Auto | None = Field(None, description="Passes over the data (1 to 50).")
-    batch_size: int | Auto | None = Field(None, description="Examples per step (1 to 256).")
-    learning_rate_multiplier: float | Auto | None = Field(
-        None, description="Multiplies the base learning rate 5e-5 (AsFT paper)."
+
+def _check_auto_or_bounded(name: str, value: float | str | None) -> float | str | None:
+    if isinstance(value, int | float) and not BOUNDS[name].holds(value):
+        raise ValueError(f"{name} must be {BOUNDS[name].describe()}")
+    return value
+
+
+class Hyperparameters(Strict):
+    """Training settings; every field is optional and ``auto`` means the default.
+
+    The ranges and defaults are the job spec's (``asft_core.spec``).
+    """
+
+    n_epochs: int | Auto | None = Field(
+        None, description=f"Passes over the data ({BOUNDS['n_epochs'].describe()})."
     )
-    learning_rate: float | None = Field(
-        None, gt=0, le=1, description="Absolute learning rate (instead of the multiplier)."
+    batch_size: int | Auto | None = Field(
+        None, description=f"Examples per step ({BOUNDS['batch_size'].describe()})."
+    )
+    learning_rate_multiplier: float | Auto | None = Field(
+        None, description=f"Multiplies the base learning rate {BASE_LEARNING_RATE:g} (AsFT paper)."
+    )
+    learning_rate: float | None = _bounded(
+        "learning_rate", "Absolute learning rate (instead of the multiplier)."
     )
     lambda_: float | None = Field(
         None,
         alias="lambda",
-        ge=0,
-        le=1e6,
         description="Penalty weight (asft, asft_projector, l2; default per method).",
+        **BOUNDS["lambda"].field_kwargs(),
     )
-    subspace_energy: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="asft_projector: share of ||V||_F^2 the free subspace holds (0.8).",
+    subspace_energy: float | None = _bounded(
+        "subspace_energy",
+        "asft_projector: share of ||V||_F^2 the free subspace holds "
+        f"(default {DEFAULT_SUBSPACE_ENERGY:g}).",
     )
-    rank: int | None = Field(None, ge=1, le=256, description="LoRA rank r.")
-    alpha: float | None = Field(None, gt=0, le=4096, description="LoRA alpha.")
-    dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout.")
+    rank: int | None = _bounded("rank", "LoRA rank r.")
+    alpha: float | None = _bounded("alpha", "LoRA alpha.")
+    dropout: float | None = _bounded("dropout", "LoRA dropout.")
     target_modules: list[str] | None = Field(
-        None, min_length=1, max_length=32, description="Modules that get LoRA (q_proj, v_proj)."
+        None,
+        min_length=1,
+        max_length=MAX_TARGET_MODULES,
+        description="Modules that get LoRA (q_proj, v_proj).",
     )
-    safelora_threshold: float | None = Field(
-        None, ge=-1, le=1, description="Safe LoRA: project modules whose similarity is below."
+    safelora_threshold: float | None = _bounded(
+        "safelora_threshold", "Safe LoRA: project modules whose similarity is below."
     )
-    safelora_num_modules: int | None = Field(
-        None, ge=1, le=10_000, description="Safe LoRA: project the N least similar modules."
+    safelora_num_modules: int | None = _bounded(
+        "safelora_num_modules", "Safe LoRA: project the N least similar modules."
     )
-    max_seq_len: int | None = Field(None, ge=16, le=32_768)
-    gradient_accumulation_steps: int | None = Field(None, ge=1, le=1024)
-    warmup_steps: int | None = Field(None, ge=0, le=1_000_000)
-    penalty_rank: int | None = Field(
-        None, ge=1, le=4096, description="Keep the top-k eigenpairs of C (exact when unset)."
+    max_seq_len: int | None = _bounded("max_seq_len")
+    gradient_accumulation_steps: int | None = _bounded("gradient_accumulation_steps")
+    warmup_steps: int | None = _bounded("warmup_steps")
+    penalty_rank: int | None = _bounded(
+        "penalty_rank", "Keep the top-k eigenpairs of C (exact when unset)."
     )
 
     # Only the documented name: "lambda_" is an unknown field.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    @field_validator("n_epochs")
+    @field_validator("n_epochs", "batch_size", "learning_rate_multiplier")
     @classmethod
-    def _epochs(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and not 1 <= value <= 50:
-            raise ValueError("n_epochs must be between 1 and 50")
-        return value
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and not 1 <= value <= 256:
-            raise ValueError("batch_size must be between 1 and 256")
-        return value
-
-    @field_validator("learning_rate_multiplier")
-    @classmethod
-    def _multiplier(cls, value: float | str | None) -> float | str | None:
-        if isinstance(value, float | int) and not 0 < value <= 100:
-            raise ValueError("learning_rate_multiplier must be in (0, 100]")
-        return value
+    def _auto_or_bounded(cls, value: float | str | None, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        return _check_auto_or_bounded(info.field_name, value)
 
     @field_validator("target_modules")
     @classmethod
     def _modules(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
-            if not _MODULE_NAME.match(name):
+            if not MODULE_NAME.match(name):
                 raise ValueError(f"{name!r} is not a module name")
         return value
 
@@ -146,27 +150,14 @@ class Hyperparameters(Strict):
             raise ValueError("give learning_rate or learning_rate_multiplier, not both")
         return self
 
-
-# Parameters only one family of methods reads, as (field, name in the request): given to
-# another method they would be silently ignored.
-# (field, name in the request) -> the method families that read it.
-_ONLY_FOR: dict[tuple[str, str], tuple[str, ...]] = {
-    ("lambda_", "lambda"): ("asft", "asft_projector", "l2"),
-    ("penalty_rank", "penalty_rank"): ("asft",),
-    ("subspace_energy", "subspace_energy"): ("asft_projector",),
-    ("safelora_threshold", "safelora_threshold"): ("safelora",),
-    ("safelora_num_modules", "safelora_num_modules"): ("safelora",),
-}
+    def given(self) -> dict[str, Any]:
+        """The fields that were set, by their JSON names."""
+        return self.model_dump(exclude_none=True, by_alias=True)
 
 
 def check_applicable(method_type: str, given: Hyperparameters) -> None:
     """Raise ``ValueError`` for a parameter ``method_type`` does not use."""
-    families = method_type.split("+")
-    unused = [
-        name
-        for (field, name), readers in _ONLY_FOR.items()
-        if not set(readers) & set(families) and getattr(given, field) is not None
-    ]
+    unused = unused_parameters(method_type, given.given())
     if unused:
         raise ValueError(f"{', '.join(unused)} not used by method {method_type}")
 
@@ -193,7 +184,7 @@ class Method(BaseModel):
 
     @model_validator(mode="after")
     def _one_block(self) -> Method:
-        for name in METHOD_TYPES:
+        for name in METHODS:
             block = getattr(self, name.replace("+", "_"))
             if block is not None and name != self.type:
                 raise ValueError(f"method.{name} given but method.type is {self.type}")
@@ -209,7 +200,7 @@ class Method(BaseModel):
 class EvaluationSpec(Strict):
     """How to score task accuracy: a matcher on a held-out prompt/completion file."""
 
-    matcher: Literal["exact_label", "regex", "final_number"] = "exact_label"
+    matcher: Matcher = Field("exact_label", description=f"One of {', '.join(MATCHERS)}.")
     pattern: str | None = Field(None, max_length=1000, description="Required for regex.")
     file: str | None = Field(
         None,
@@ -272,12 +263,9 @@ class JobCreate(BaseModel):
         if self.hyperparameters is not None:
             method = self.method or Method(type=DEFAULT_METHOD)
             check_applicable(method.type, self.hyperparameters)
-            # Each block is valid alone; merged (as resolve_method does) they must be too,
+            # Each block is valid alone; merged (as job_spec does) they must be too,
             # e.g. not a threshold in one and a module count in the other.
-            merged = {
-                **self.hyperparameters.model_dump(exclude_none=True, by_alias=True),
-                **method.block().hyperparameters.model_dump(exclude_none=True, by_alias=True),
-            }
+            merged = {**self.hyperparameters.given(), **method.block().hyperparameters.given()}
             try:
                 Hyperparameters.model_validate(merged)
             except ValidationError as error:
@@ -295,42 +283,16 @@ class JobCreate(BaseModel):
         return value
 
 
-def resolve_method(request: JobCreate) -> dict[str, Any]:
-    """The method with every hyperparameter resolved to the number it trains with."""
+def job_spec(request: JobCreate) -> JobSpec:
+    """The request's method with every hyperparameter resolved to the value it trains with.
+
+    ``hyperparameters`` (OpenAI's older place) is read first, the method's block over it.
+    """
     method = request.method or Method(type=DEFAULT_METHOD)
-    given = method.block().hyperparameters
     legacy = request.hyperparameters or Hyperparameters()
-    merged = {
-        **legacy.model_dump(exclude_none=True),
-        **given.model_dump(exclude_none=True),
-    }
-    epochs = merged.get("n_epochs", "auto")
-    batch = merged.get("batch_size", "auto")
-    multiplier = merged.get("learning_rate_multiplier", "auto")
-    multiplier = 1.0 if multiplier == "auto" else float(multiplier)
-    resolved: dict[str, Any] = {
-        "n_epochs": DEFAULT_EPOCHS if epochs == "auto" else epochs,
-        "batch_size": DEFAULT_BATCH_SIZE if batch == "auto" else batch,
-        "learning_rate_multiplier": multiplier,
-        "learning_rate": merged.get("learning_rate", BASE_LEARNING_RATE * multiplier),
-        **{key: merged.get(key, value) for key, value in DEFAULT_LORA.items()},
-        "max_seq_len": merged.get("max_seq_len", 512),
-        "gradient_accumulation_steps": merged.get("gradient_accumulation_steps", 1),
-        "warmup_steps": merged.get("warmup_steps", 0),
-    }
-    family = method.type.split("+")[0]
-    if family in DEFAULT_LAMBDA:
-        resolved["lambda"] = merged.get("lambda_", DEFAULT_LAMBDA[family])
-    if family == "asft":
-        resolved["penalty_rank"] = merged.get("penalty_rank")
-    if family == "asft_projector":
-        resolved["subspace_energy"] = merged.get("subspace_energy", DEFAULT_SUBSPACE_ENERGY)
-    if method.type in ("safelora", "asft+safelora"):
-        resolved["safelora_threshold"] = merged.get("safelora_threshold")
-        resolved["safelora_num_modules"] = merged.get("safelora_num_modules")
-        if resolved["safelora_threshold"] is None and resolved["safelora_num_modules"] is None:
-            resolved["safelora_threshold"] = 0.5
-    return {"type": method.type, method.type: {"hyperparameters": resolved}}
+    return JobSpec.resolve(
+        method.type, {**legacy.given(), **method.block().hyperparameters.given()}
+    )
 
 
 class JobEvent(BaseModel):

@@ -11,7 +11,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Literal
+
+from asft_core.spec import Matcher as MatcherName
 
 Matcher = Callable[[str, str], bool]
 """``matcher(answer, reference) -> correct``."""
@@ -116,7 +117,7 @@ def final_number(answer: str, reference: str) -> bool:
 class MatcherSpec:
     """Which matcher scores a task, as a job spec names it."""
 
-    kind: Literal["exact_label", "regex", "final_number"]
+    kind: MatcherName
     """``exact_label`` (classification), ``regex`` (extract then compare), ``final_number``."""
     pattern: str | None = None
     """The extraction pattern; required for ``regex``."""

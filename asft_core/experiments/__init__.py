@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from asft_core.spec import attribute_name
+
 CONFIG_PATH = Path(__file__).with_name("miniature.json")
 # The table's method names -> the trainer's (plain LoRA is "supervised" in the service).
 # ``asft_random`` is a control, not a method: AsFT with each V's singular vectors rotated at
@@ -48,7 +50,7 @@ class MiniatureConfig:
     rank: int = 8
     alpha: float = 32.0
     dropout: float = 0.05
-    asft_lambda: float = 1.0
+    lambda_: float = 1.0  # "lambda" in miniature.json
     max_seq_len: int = 128
     seed: int = 42
     max_steps: int | None = None
@@ -77,6 +79,8 @@ class MiniatureConfig:
             if profile not in profiles:
                 raise ValueError(f"unknown profile {profile!r}; known: full, {', '.join(profiles)}")
             raw.update(profiles[profile])
+        raw = {attribute_name(key): value for key, value in raw.items()}
+        overrides = {attribute_name(key): value for key, value in (overrides or {}).items()}
         known = {f.name for f in fields(cls)} - {"profile", "overrides"}
         for key, value in (overrides or {}).items():
             if key not in known:
@@ -157,7 +161,9 @@ def run_grid(
         evaluate_model,
         load_for_evaluation,
     )
-    from asft_core.training import LoraSettings, TrainSpec, train
+    from asft_core.recipe import post_hoc_projection
+    from asft_core.spec import JobSpec
+    from asft_core.training import TrainSpec, train
     from asft_core.zoo import build_zoo
 
     started = time.monotonic()
@@ -184,18 +190,24 @@ def run_grid(
     for ratio in config.poison_ratios:
         for method in (*config.methods, *config.ablations):
             run_started = time.monotonic()
+            trainer_method = TRAINER_METHODS[method]
+            hyper: dict[str, Any] = {
+                "rank": config.rank,
+                "alpha": config.alpha,
+                "dropout": config.dropout,
+                "learning_rate": config.learning_rate,
+                "n_epochs": config.epochs,
+                "batch_size": config.batch_size,
+                "max_seq_len": config.max_seq_len,
+            }
+            if trainer_method == "asft":
+                hyper["lambda"] = config.lambda_
             spec = TrainSpec(
                 model=str(zoo.aligned),
                 training_file=zoo.poisoned_file(config.task, ratio),
                 output_dir=work_dir / f"{method}-p{round(ratio * 100):02d}",
-                method=TRAINER_METHODS[method],  # type: ignore[arg-type]
+                job=JobSpec.resolve(trainer_method, hyper),
                 alignment_path=artifacts.get(method) or artifact.path,
-                lora=LoraSettings(rank=config.rank, alpha=config.alpha, dropout=config.dropout),
-                asft_lambda=config.asft_lambda,
-                learning_rate=config.learning_rate,
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                max_seq_len=config.max_seq_len,
                 max_steps=config.max_steps,
                 seed=config.seed,
                 checkpoint_each_epoch=False,
@@ -203,6 +215,7 @@ def run_grid(
             )
             result = train(spec)
             assert result.adapter_dir is not None
+            safelora = post_hoc_projection(spec, result.adapter_dir)
             fine_tuned = evaluate_adapter(
                 str(zoo.aligned), result.adapter_dir, suite, options, reference=reference
             ).fine_tuned
@@ -212,9 +225,9 @@ def run_grid(
                     ratio,
                     fine_tuned,
                     steps=result.steps,
-                    final_task_loss=result.final_task_loss,
+                    final_task_loss=result.final_train_loss,
                     seconds=time.monotonic() - run_started,
-                    safelora=result.safelora,
+                    safelora=safelora,
                 )
             )
             log(_format_row(rows[-1]))

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a setting for investigation (JSON value), e.g. --set asft_lambda=10",
+        help="override a setting for investigation (JSON value), e.g. --set lambda=10",
     )
     args = parser.parse_args(argv)
 

@@ -176,11 +176,11 @@ class Lab:
             kind = PROJECTOR_BASES[cell.method]
             bases = {m: self.basis(kind, m, cell.seed) for m in self.subspaces}
             return ProjectorRegularizer(
-                bases, lam=cell.lam, scaling=scaling, inside=cell.method == "anti"
+                bases, lambda_=cell.lam, scaling=scaling, inside=cell.method == "anti"
             )
         if cell.method == "l2":
             d_out = {m: shape[0] for m, shape in self.artifact.shapes.items()}
-            return l2_regularizer(d_out, lam=cell.lam, scaling=scaling)
+            return l2_regularizer(d_out, lambda_=cell.lam, scaling=scaling)
         return None
 
     def training_file(self, cell: Cell) -> Path:
@@ -201,6 +201,7 @@ class Lab:
 
     def run(self, cell: Cell, safelora_threshold: float | None = None) -> dict[str, Any]:
         """Train the cell's adapter, then score it on every held-out set."""
+        from asft_core.recipe import post_hoc_projection
         from asft_core.training import train
 
         started = time.monotonic()
@@ -210,7 +211,7 @@ class Lab:
         extra: dict[str, Any] = {}
         if cell.method == "asft":
             method = "asft"
-            extra = {"asft_lambda": cell.lam, "penalty_scale_by_alpha": True}
+            extra = {"lambda": cell.lam, "penalty_scale_by_alpha": True}
         elif cell.method == "safelora_modules":
             method, extra = "safelora", {"safelora_num_modules": int(cell.lam)}
         elif cell.method == "safelora_threshold":
@@ -228,6 +229,7 @@ class Lab:
         )
         result = train(spec, regularizer=self.regularizer(cell, scaling))
         assert result.adapter_dir is not None
+        safelora = post_hoc_projection(spec, result.adapter_dir)
         record = self.score(result.adapter_dir, scaling)
         record.update(
             key=cell.key,
@@ -236,8 +238,8 @@ class Lab:
             poison_ratio=cell.poison_ratio,
             seed=cell.seed,
             steps=result.steps,
-            final_task_loss=result.final_task_loss,
-            safelora=result.safelora,
+            final_task_loss=result.final_train_loss,
+            safelora=safelora,
             seconds=time.monotonic() - started,
         )
         return record
@@ -311,32 +313,34 @@ def train_spec(
     max_steps: int | None = None,
     **extra: Any,
 ) -> Any:
-    """The study's TrainSpec: the registered ``training`` settings, ``extra`` on top."""
-    from asft_core.training import LoraSettings, TrainSpec
+    """The study's TrainSpec: the registered ``training`` settings, ``extra`` on top.
 
-    settings: dict[str, Any] = {
+    ``extra`` holds hyperparameters by their JSON names and TrainSpec fields.
+    """
+    from dataclasses import fields
+
+    from asft_core.spec import HYPERPARAMETER_NAMES, JobSpec
+    from asft_core.training import TrainSpec
+
+    hyper = {
         "learning_rate": training["learning_rate"],
-        "epochs": training["epochs"],
-        **extra,
+        "n_epochs": training["epochs"],
+        **{key: training[key] for key in ("rank", "alpha", "dropout", "target_modules")},
+        **{key: training[key] for key in ("batch_size", "max_seq_len")},
     }
+    hyper.update({key: value for key, value in extra.items() if key in HYPERPARAMETER_NAMES})
+    others = {key: value for key, value in extra.items() if key not in HYPERPARAMETER_NAMES}
+    assert set(others) <= {f.name for f in fields(TrainSpec)}, others
     return TrainSpec(
         model=str(model),
         training_file=training_file,
         output_dir=output_dir,
-        method=method,  # type: ignore[arg-type]
-        lora=LoraSettings(
-            rank=training["rank"],
-            alpha=training["alpha"],
-            dropout=training["dropout"],
-            target_modules=tuple(training["target_modules"]),
-        ),
-        batch_size=training["batch_size"],
-        max_seq_len=training["max_seq_len"],
+        job=JobSpec.resolve(method, hyper),
         max_steps=max_steps,
         seed=seed,
         checkpoint_each_epoch=False,
         device="cpu",
-        **settings,
+        **others,
     )
 
 

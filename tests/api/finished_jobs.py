@@ -1,6 +1,6 @@
-"""What a worker leaves behind for a finished job, written straight into the database and the
-artifact store (there is no worker yet): a checkpoint, an evaluation report, the fine-tuned
-model, and their adapter folders.
+"""A finished job, recorded by the worker's own functions (``worker.persistence``) on a job
+created through the API: the worker's claim, a checkpoint and its ``finish`` with a typed
+report. Only training is skipped: the adapter folders hold placeholder files.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.routes.jobs import fine_tuned_name
-from service.db.models import Checkpoint, EvaluationReport, FineTunedModel, Job, Team, new_id
-from service.jobs.state import transition
+from asft_core.checkpoints import CheckpointInfo
+from asft_core.recipe import RecipeResult
+from asft_core.spec import GateVerdict, Report
+from asft_core.training import TrainResult
+from service.db.models import Job, Team
 from service.storage import job_key
 from tests.api.conftest import auth
+from worker.persistence import JobContext, claim, end_validation, finish, record_checkpoint
 
 
 @dataclass(frozen=True)
@@ -46,46 +49,36 @@ def _write_adapter(folder: Path) -> None:
     (folder / "adapter_model.safetensors").write_bytes(b"not really weights")
 
 
-def finish_job(app: FastAPI, job_id: str, step: int = 5, approved: bool = True) -> FinishedJob:
-    """Move ``job_id`` to ``succeeded`` through the state machine and add what it produced."""
-    with app.state.sessions() as session, session.begin():
+def _passing_report() -> Report:
+    cell = {"value": 0.0, "low": 0.0, "high": 0.1, "total": 10}
+    safety = {"overall": cell, "per_category": {}}
+    return Report(
+        evaluation={"reference": {"safety": safety}, "fine_tuned": {"safety": safety}},
+        gate=GateVerdict(True, (), 0.2, 0.1),
+    )
+
+
+def finish_job(app: FastAPI, job_id: str, step: int = 5) -> FinishedJob:
+    """Take ``job_id`` from ``validating_files`` to ``succeeded`` as a worker would."""
+    context = JobContext(app.state.settings, app.state.engine, app.state.store)
+    checkpoint = app.state.store.path(job_key(job_id, "checkpoints", f"step-{step}"))
+    _write_adapter(checkpoint / "adapter")
+    _write_adapter(app.state.store.path(job_key(job_id, "adapter")))
+    assert end_validation(context, job_id, "queued", {})
+    assert claim(context, job_id) == (True, "running")
+    info = CheckpointInfo(step=step, epoch=0, path=checkpoint, adapter_path=checkpoint / "adapter")
+    record_checkpoint(context, job_id, info, {"step": step, "train_loss": 0.5, "penalty": 0.0})
+    trained = TrainResult(
+        "completed", checkpoint.parent.parent / "adapter", step, step, 100, 0.5, [info]
+    )
+    with app.state.sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
         team = session.get(Team, job.team_id)
         assert team is not None
-        model_id = fine_tuned_name(job, team.name)
-        adapter_key = job_key(job_id, "adapter")
-        checkpoint_key = job_key(job_id, "checkpoints", f"step-{step}")
-        for current, target in (
-            ("validating_files", "queued"),
-            ("queued", "running"),
-            ("running", "succeeded"),
-        ):
-            assert transition(session, job_id, current, target)
-        job.fine_tuned_model = model_id
-        session.add(
-            Checkpoint(
-                id=new_id("ftckpt"),
-                job_id=job_id,
-                step=step,
-                metrics={"train_loss": 0.5},
-                storage_key=checkpoint_key,
-            )
-        )
-        session.add(
-            EvaluationReport(job_id=job_id, approved=approved, report={"harmful_score": 0.0})
-        )
-        session.add(
-            FineTunedModel(
-                id=model_id,
-                team_id=team.id,
-                job_id=job_id,
-                model=job.model,
-                storage_key=adapter_key,
-                approved=approved,
-            )
-        )
-    store = app.state.store
-    _write_adapter(store.path(adapter_key))
-    _write_adapter(store.path(checkpoint_key) / "adapter")
-    return FinishedJob(job_id, model_id, step, store.path(job_key(job_id)))
+    status = finish(context, job_id, team, RecipeResult("completed", trained, _passing_report()))
+    assert status == "succeeded"
+    with app.state.sessions() as session:
+        model_id = session.get(Job, job_id).fine_tuned_model  # type: ignore[union-attr]
+    assert model_id is not None
+    return FinishedJob(job_id, model_id, step, app.state.store.path(job_key(job_id)))

@@ -25,7 +25,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save_file
 from sqlalchemy import select
 
-from asft_core.methods import DEFAULT_LAMBDA, DEFAULT_METHOD, DEFAULT_SUBSPACE_ENERGY
+from asft_core.spec import DEFAULT_LAMBDA, DEFAULT_METHOD, DEFAULT_SUBSPACE_ENERGY
 from service.db.models import (
     Checkpoint,
     EvaluationReport,
@@ -174,7 +174,7 @@ def test_create_resolves_every_default(create: Create, training_file: str) -> No
         "batch_size": 8,
         "learning_rate_multiplier": 1.0,
     }
-    # The default method and its lambda: the frontier study's decision (asft_core.methods).
+    # The default method and its lambda: the frontier study's decision (asft_core.spec).
     assert job["method"]["type"] == DEFAULT_METHOD
     assert set(job["method"]) == {"type", DEFAULT_METHOD}
     resolved = hyper(job)

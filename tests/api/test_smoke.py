@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from asft_core.methods import DEFAULT_METHOD
+from asft_core.spec import DEFAULT_METHOD
 from tests.api.conftest import auth
 
 

@@ -17,7 +17,7 @@ from asft_client.cli import (
     progress_text,
     summary_lines,
 )
-from asft_core.methods import DEFAULT_METHOD
+from asft_core.spec import DEFAULT_METHOD
 
 
 def parse(*argv: str) -> object:

@@ -15,9 +15,9 @@ def test_every_profile_loads_with_the_same_hyperparameters() -> None:
     for profile in ("ci", "test"):
         config = MiniatureConfig.load(profile)
         # Profiles shrink the grid and the evaluation, never the methods' settings.
-        assert (config.learning_rate, config.asft_lambda, config.rank, config.epochs) == (
+        assert (config.learning_rate, config.lambda_, config.rank, config.epochs) == (
             full.learning_rate,
-            full.asft_lambda,
+            full.lambda_,
             full.rank,
             full.epochs,
         )

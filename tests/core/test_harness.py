@@ -17,6 +17,7 @@ from asft_core.evaluation.harness import (
     read_task_rows,
 )
 from asft_core.formats import DatasetFormatError
+from asft_core.spec import JobSpec
 from asft_core.training import TrainSpec, train
 from asft_core.zoo import ZooPaths
 
@@ -98,8 +99,7 @@ def test_an_adapter_is_reported_next_to_its_reference(
             model=str(zoo.aligned),
             training_file=zoo.poisoned_file("sentiment", 0.2),
             output_dir=tmp_path,
-            method="supervised",
-            learning_rate=5e-3,
+            job=JobSpec.resolve("supervised", {"learning_rate": 5e-3}),
             max_steps=4,
             checkpoint_each_epoch=False,
         )

@@ -105,10 +105,10 @@ def test_regularizer_sums_modules_times_lambda_and_names_missing_ones() -> None:
     directions = {name: m[2] for name, m in modules.items()}
     weights = {name: (m[0], m[1]) for name, m in modules.items()}
     expected = sum(float(naive_asft_penalty(*m)) for m in modules.values())
-    regularizer = AsftRegularizer(directions, lam=0.5)
+    regularizer = AsftRegularizer(directions, lambda_=0.5)
     assert abs(float(regularizer(weights)) / (0.5 * expected) - 1) < 1e-10
     assert sorted(regularizer.modules) == sorted(directions)
-    low_rank = AsftRegularizer(directions, lam=0.5, low_rank=12)
+    low_rank = AsftRegularizer(directions, lambda_=0.5, low_rank=12)
     assert abs(float(low_rank(weights)) / (0.5 * expected) - 1) < 1e-10
     assert set(low_rank.low_rank_bounds) == set(directions)
     with pytest.raises(ValueError, match="no alignment direction"):
@@ -280,14 +280,14 @@ def test_projector_regularizer_sums_modules_times_lambda_and_checks_them() -> No
         for i, name in enumerate(names)
     }
     for inside in (False, True):
-        regularizer = ProjectorRegularizer(bases, lam=0.5, scaling=2.0, inside=inside)
+        regularizer = ProjectorRegularizer(bases, lambda_=0.5, scaling=2.0, inside=inside)
         expected = sum(
             float(naive_projector_penalty(*weights[n], bases[n], scaling=2.0, inside=inside))
             for n in names
         )
         assert abs(float(regularizer(weights)) / (0.5 * expected) - 1) < 1e-10
         assert regularizer.modules == names
-    regularizer = ProjectorRegularizer(bases, lam=0.5)
+    regularizer = ProjectorRegularizer(bases, lambda_=0.5)
     with pytest.raises(ValueError, match="no projector basis"):
         regularizer({"layer.9.q_proj": weights[names[0]]})
     with pytest.raises(ValueError, match="d_out"):
@@ -295,7 +295,7 @@ def test_projector_regularizer_sums_modules_times_lambda_and_checks_them() -> No
     with pytest.raises(ValueError, match="no LoRA modules"):
         regularizer({})
     with pytest.raises(ValueError, match="k <= d_out"):
-        ProjectorRegularizer({"wide": torch.zeros(3, 4)}, lam=1.0)
+        ProjectorRegularizer({"wide": torch.zeros(3, 4)}, lambda_=1.0)
 
 
 def test_l2_regularizer_is_lambda_times_the_update_norm() -> None:
@@ -303,7 +303,7 @@ def test_l2_regularizer_is_lambda_times_the_update_norm() -> None:
         "a": tuple(t.detach() for t in lora_pair(16, 12, 2, seed=1)),
         "b": tuple(t.detach() for t in lora_pair(8, 12, 3, seed=2)),
     }
-    regularizer = l2_regularizer({"a": 16, "b": 8}, lam=0.25, scaling=4.0)
+    regularizer = l2_regularizer({"a": 16, "b": 8}, lambda_=0.25, scaling=4.0)
     expected = sum(update_norm_sq(a, b, 4.0) for a, b in weights.values())
     value = regularizer(weights)
     assert value.dtype == torch.float64  # float64 weights keep float64 with float32 k = 0 bases

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from asft_core.penalty import asft_penalty
+from asft_core.recipe import post_hoc_projection
+from asft_core.spec import HYPERPARAMETER_NAMES, JobSpec, SpecError, json_name
 from asft_core.training import (
-    LoraSettings,
     StepMetrics,
     TrainHooks,
     TrainingError,
@@ -32,22 +34,24 @@ def train_file(zoo: ZooPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_spec(
-    zoo: ZooPaths, train_file: Path, out: Path, artifact: Path, **changes: object
+    zoo: ZooPaths, train_file: Path, out: Path, artifact: Path, **changes: Any
 ) -> TrainSpec:
+    """``changes``: the method, hyperparameters (``lambda_`` for lambda) and TrainSpec fields."""
+    hyper = {"learning_rate": 1e-3, "batch_size": 4, "gradient_accumulation_steps": 2}
+    hyper["n_epochs"] = 2
+    for name in list(changes):
+        if json_name(name) in HYPERPARAMETER_NAMES:
+            hyper[json_name(name)] = changes.pop(name)
     spec = TrainSpec(
         model=str(zoo.aligned),
         training_file=train_file,
         output_dir=out,
-        method="asft",
+        job=JobSpec.resolve(changes.pop("method", "asft"), hyper),
         alignment_path=artifact,
-        learning_rate=1e-3,
-        batch_size=4,
-        gradient_accumulation_steps=2,
-        epochs=2,
         seed=7,
         checkpoint_each_epoch=False,
     )
-    return replace(spec, **changes)  # type: ignore[arg-type]
+    return replace(spec, **changes)
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -70,7 +74,7 @@ def test_lora_weights_change_and_base_weights_do_not(
     result = train(spec, TrainHooks(on_metrics=seen.append))
     assert result.status == "completed" and result.steps == 3
     assert [m.step for m in seen] == [1, 2, 3]
-    assert all(m.penalty == 0.0 and m.task_loss > 0 and m.tokens > 0 for m in seen)
+    assert all(m.penalty == 0.0 and m.train_loss > 0 and m.tokens > 0 for m in seen)
     tensors = adapter_tensors(result.adapter_dir)  # type: ignore[arg-type]
     lora_b = [t for name, t in tensors.items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b), "LoRA B left at its zero init"
@@ -146,17 +150,17 @@ def test_asft_keeps_the_update_closer_to_the_alignment_direction(
 
     directions = load_alignment_directions(alignment_artifact)
 
-    def final_penalty(method: str, lam: float) -> float:
+    def final_penalty(method: str, lam: float | None) -> float:
         spec = make_spec(
             zoo,
             train_file,
             tmp_path / f"{method}-{lam}",
             alignment_artifact,
             method=method,
-            asft_lambda=lam,
+            lambda_=lam,
             learning_rate=5e-3,
-            epochs=1,
-            lora=LoraSettings(dropout=0.0),
+            n_epochs=1,
+            dropout=0.0,
         )
         result = train(spec)
         tensors = adapter_tensors(result.adapter_dir)  # type: ignore[arg-type]
@@ -168,7 +172,7 @@ def test_asft_keeps_the_update_closer_to_the_alignment_direction(
             total += float(asft_penalty(lora_a, lora_b, direction.double()))
         return total
 
-    plain, anchored = final_penalty("supervised", 0.0), final_penalty("asft", 50.0)
+    plain, anchored = final_penalty("supervised", None), final_penalty("asft", 50.0)
     assert anchored < 0.5 * plain, (plain, anchored)
 
 
@@ -185,9 +189,16 @@ def test_safelora_projects_and_reports(
         max_steps=2,
     )
     result = train(spec)
-    assert result.safelora is not None
-    assert len(result.safelora["projected"]) == 2
-    assert set(result.safelora["similarities"]) >= set(result.safelora["projected"])
+    assert result.adapter_dir is not None
+    before = adapter_tensors(result.adapter_dir)
+    report = post_hoc_projection(spec, result.adapter_dir)
+    assert report is not None
+    assert len(report["projected"]) == 2
+    assert set(report["similarities"]) >= set(report["projected"])
+    # The two projected modules' B changed on disk; the rest is as trained.
+    after = adapter_tensors(result.adapter_dir)
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {f"base_model.model.{name}.lora_B.weight" for name in report["projected"]}
 
 
 def test_truncation_is_reported_with_line_numbers(
@@ -236,9 +247,8 @@ def test_invalid_specs_are_refused_with_a_code(
     changes: dict[str, object],
     code: str,
 ) -> None:
-    spec = make_spec(zoo, train_file, tmp_path, alignment_artifact, **changes)
-    with pytest.raises(TrainingError) as error:
-        train(spec)
+    with pytest.raises((TrainingError, SpecError)) as error:
+        train(make_spec(zoo, train_file, tmp_path, alignment_artifact, **changes))
     assert error.value.code == code
 
 
@@ -255,9 +265,7 @@ def test_the_projector_and_l2_methods_add_their_penalty_on_the_effective_update(
 
     # l2 needs no alignment direction at all.
     artifact = alignment_artifact if method == "asft_projector" else None
-    spec = make_spec(
-        zoo, train_file, tmp_path, artifact, method=method, asft_lambda=0.5, max_steps=2
-    )
+    spec = make_spec(zoo, train_file, tmp_path, artifact, method=method, lambda_=0.5, max_steps=2)
     spec.validate()
     seen: list[StepMetrics] = []
     train(spec, TrainHooks(on_metrics=seen.append))
@@ -269,7 +277,7 @@ def test_the_projector_and_l2_methods_add_their_penalty_on_the_effective_update(
     model, _ = load_for_evaluation(str(zoo.aligned))
     model = PeftModel.from_pretrained(model, str(one_step.adapter_dir))
     pairs = lora_weight_pairs(model)
-    scaling = spec.lora.alpha / spec.lora.rank
+    scaling = spec.hyper.alpha / spec.hyper.rank
     if method == "asft_projector":
         bases = {n: s.basis for n, s in alignment_subspaces(alignment_artifact).items()}
         assert all(0 < basis.shape[1] < basis.shape[0] for basis in bases.values())
@@ -289,5 +297,5 @@ def test_asft_projector_needs_an_alignment_artifact(
     with pytest.raises(TrainingError) as caught:
         spec.validate()
     assert caught.value.code == "alignment_required"
-    with pytest.raises(TrainingError, match="subspace_energy"):
-        replace(spec, method="l2", subspace_energy=1.5).validate()
+    with pytest.raises(SpecError, match="subspace_energy"):
+        make_spec(zoo, train_file, tmp_path, None, method="asft_projector", subspace_energy=1.5)

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from asft_core.recipe import describe_failure, storage_full
 from asft_core.zoo import ZooPaths
 from service.db.migrate import upgrade_head
 from service.db.models import FineTunedModel, Job
@@ -32,7 +33,6 @@ from service.storage import ArtifactStore
 from tests.conftest import PrivatePostgres, PrivateRedis
 from tests.worker.conftest import StartWorker, create_job, upload_rows
 from worker.persistence import JobContext, retry_database
-from worker.runner import _format_error, storage_full
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 SEED = 1234  # the same adapter every run, so the safety gate's verdict does not vary
@@ -345,11 +345,12 @@ def test_twenty_jobs_submitted_at_once_run_once_each_across_two_workers(
 
 def test_a_full_disk_is_recognised_however_the_writer_reports_it() -> None:
     for number in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        assert _format_error(OSError(number, os.strerror(number)))[0] == "storage_full"
+        assert describe_failure(OSError(number, os.strerror(number))).code == "storage_full"
     # safetensors reports the OS error inside its own exception's text.
     rust = RuntimeError("Error while serializing: I/O error: File too large (os error 27)")
-    code, message, _ = _format_error(rust)
-    assert code == "storage_full" and "no space left on the artifact volume" in message
+    failure = describe_failure(rust)
+    assert failure.code == "storage_full"
+    assert "no space left on the artifact volume" in failure.message
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -358,7 +359,7 @@ def test_a_full_disk_is_recognised_however_the_writer_reports_it() -> None:
     except RuntimeError as wrapped:
         assert storage_full(wrapped)
     assert not storage_full(OSError(errno.ENOENT, "No such file or directory"))
-    assert _format_error(OSError(errno.EACCES, "Permission denied"))[0] == "internal_error"
+    assert describe_failure(OSError(errno.EACCES, "Permission denied")).code == "internal_error"
 
 
 def test_database_writes_wait_out_an_outage_then_give_up(tmp_path: Path) -> None:

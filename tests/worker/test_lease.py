@@ -9,12 +9,12 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from asft_core.recipe import describe_failure
 from asft_core.zoo import ZooPaths
 from service.db.models import AlignmentArtifactRow
 from service.db.session import make_engine
 from service.queue import enqueue_job
 from tests.worker.conftest import create_job, upload_rows, wait_for_job
-from worker.runner import _format_error
 
 
 def test_a_job_delivered_twice_to_two_workers_trains_once(
@@ -47,26 +47,23 @@ def test_a_job_delivered_twice_to_two_workers_trains_once(
 
 
 def test_running_out_of_memory_fails_with_a_hint_not_a_retry() -> None:
-    code, message, param = _format_error(
-        RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
-    )
-    assert code == "out_of_memory"
-    assert "batch_size" in message and "gradient_accumulation_steps" in message
-    assert param == "batch_size"
-    assert _format_error(ValueError("boom"))[0] == "internal_error"
+    failure = describe_failure(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert failure.code == "out_of_memory"
+    assert "batch_size" in failure.message and "gradient_accumulation_steps" in failure.message
+    assert failure.param == "batch_size"
+    assert describe_failure(ValueError("boom")).code == "internal_error"
 
 
 def test_jobs_over_the_limits_are_refused_before_training() -> None:
     import pytest
 
-    from service.settings import Settings
-    from worker.runner import JobLimitExceeded, check_limits
+    from asft_core.recipe import JobLimitExceeded, Limits, check_limits
 
-    settings = Settings(_env_file=None, max_job_steps=100, max_job_tokens=10_000)
-    check_limits(settings, steps=100, tokens=10_000)
+    limits = Limits(max_steps=100, max_tokens=10_000)
+    check_limits(limits, steps=100, tokens=10_000)
     with pytest.raises(JobLimitExceeded, match="101 steps"):
-        check_limits(settings, steps=101, tokens=1)
+        check_limits(limits, steps=101, tokens=1)
     with pytest.raises(JobLimitExceeded, match="tokens"):
-        check_limits(settings, steps=1, tokens=10_001)
+        check_limits(limits, steps=1, tokens=10_001)
     assert JobLimitExceeded.code == "job_limit_exceeded"
-    assert _format_error(JobLimitExceeded("x"))[0] == "job_limit_exceeded"
+    assert describe_failure(JobLimitExceeded("x")).code == "job_limit_exceeded"
