@@ -68,9 +68,9 @@ class Settings(BaseSettings):
     )
     metrics_interval_s: float = Field(
         2.0,
-        gt=0,
+        ge=0,
         description="How often a worker writes a training job's step metrics and reads its "
-        "cancel flag (steps never wait on the database).",
+        "cancel flag, off the training thread; 0: in every step, before the next one.",
     )
     stale_after_s: int = Field(
         60,

@@ -9,6 +9,7 @@ checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
@@ -158,7 +159,8 @@ class JobHooks:
             "Fine-tuning started",
             {"worker": worker_identity(), "attempt": self.job.attempt + 1},
         )
-        interval = min(context.settings.metrics_interval_s, context.settings.heartbeat_interval_s)
+        settings = context.settings
+        interval = min(settings.metrics_interval_s or math.inf, settings.heartbeat_interval_s)
         self.sync = self.resources.enter_context(JobSync(context, job_id, interval))
         return Start(resume_from=resume)
 
@@ -171,6 +173,8 @@ class JobHooks:
             "penalty": metrics.penalty,
         }
         self.sync.add(metrics)
+        if self.context.settings.metrics_interval_s == 0:  # exact progress, at a write per step
+            self.sync.flush()
 
     def on_checkpoint(self, info: Any) -> None:
         """Record a checkpoint whose files are in place, after the steps before it."""
