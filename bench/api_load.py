@@ -1,10 +1,12 @@
 """HTTP load on the API while the polled jobs are being trained, with a bare app for reference.
 
-A writer thread (its own SQLAlchemy engine) trains ``--training-jobs`` running jobs the way the
-worker's ``record_metrics`` does: every ``--step-s`` seconds per job it upserts the step's
-metrics event (keyed job, type, step) and updates the job's ``trained_tokens``,
-``estimated_finish`` and ``heartbeat_at``. ``wrk`` (with ``bench/api_load.lua``) spreads its
-requests over those jobs, at each connection count, for these rows:
+A writer thread (its own SQLAlchemy engine) trains ``--training-jobs`` running jobs with the
+worker's own write, ``worker.persistence.sync_job``: every ``--step-s`` seconds per job it
+upserts the step's metrics event (keyed job, type, step) and updates the job's
+``trained_tokens``, ``estimated_finish`` and ``heartbeat_at`` (a worker batches a job's steps
+into one such write every ``ASFT_METRICS_INTERVAL_S``; one per step is the heavier case).
+``wrk`` (with ``bench/api_load.lua``) spreads its requests over those jobs, at each connection
+count, for these rows:
 
 - ``get_job`` and ``list_events`` (``GET /v1/fine_tuning/jobs/{id}`` and its events page),
   each ``plain`` and ``if-none-match``: the latter sends, per job, the ``ETag`` of the last
@@ -49,15 +51,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from api.schemas.jobs import JobCreate, job_spec
+from asft_core.training import StepMetrics
 from service.db.migrate import upgrade_head
 from service.db.models import ApiKey, File, Job, JobEvent, ModelPair, Team, new_id, now
 from service.db.session import make_engine, transaction
-from service.db.upsert import upsert
+from service.settings import Settings
+from service.storage import ArtifactStore
 from service.teams import create_team_with_key
+from worker.persistence import JobContext, sync_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LUA_SCRIPT = Path(__file__).resolve().with_name("api_load.lua")
@@ -207,7 +212,7 @@ def fresh_database(server_url: str) -> Iterator[str]:
 
 
 def metrics_data(step: int) -> dict[str, float | int]:
-    """A metrics event's data as the worker writes it (``record_metrics``), made-up values."""
+    """A metrics event's data as the worker writes it (``sync_job``), made-up values."""
     loss = 2.0 / (1 + step / 10)
     return {
         "step": step,
@@ -349,33 +354,22 @@ def _training_job(
     )
 
 
-def record_step(session: Session, job_id: str, step: int, step_s: float) -> None:
-    """Write one training step of ``job_id`` as the worker's ``record_metrics`` does: upsert
-    the step's metrics event, then update the job's progress fields."""
-    upsert(
-        session,
-        JobEvent,
-        {
-            "id": new_id("ftevent"),
-            "job_id": job_id,
-            "level": "info",
-            "type": "metrics",
-            "message": metrics_message(step),
-            "data": metrics_data(step),
-            "step": step,
-            "created_at": now(),
-        },
-        conflict=("job_id", "type", "step"),
-        update=("message", "data", "created_at"),
-    )
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(
-            trained_tokens=TOKENS_PER_STEP * step,
-            estimated_finish=now() + math.ceil((TOTAL_STEPS - step) * step_s),
-            heartbeat_at=now(),
-        )
+def step_metrics(step: int, step_s: float) -> StepMetrics:
+    """What a trainer reports after ``step`` (made-up losses, the bench's token count)."""
+    data = metrics_data(step)
+    return StepMetrics(
+        step=step,
+        total_steps=TOTAL_STEPS,
+        epoch=0,
+        train_loss=data["train_loss"],
+        penalty=data["penalty"],
+        loss=data["loss"],
+        learning_rate=data["learning_rate"],
+        tokens=TOKENS_PER_STEP,
+        trained_tokens=TOKENS_PER_STEP * step,
+        tokens_per_s=data["tokens_per_s"],
+        elapsed_s=step * step_s,
+        eta_s=(TOTAL_STEPS - step) * step_s,
     )
 
 
@@ -392,14 +386,16 @@ def write_steps(
     The jobs take turns at even intervals (``step_s / len(job_ids)``), as independent trainers
     would spread out, rather than all updating at once.
     """
+    store = ArtifactStore(Path(tempfile.gettempdir()))  # sync_job writes no artifact
+    context = JobContext(Settings(_env_file=None), engine, store)
     interval_s = step_s / len(job_ids)
     due_s = time.monotonic()
     turn = 0
     try:
         while not stop.wait(max(0.0, due_s - time.monotonic())):
             step = first_step + turn // len(job_ids)
-            with transaction(engine) as session:
-                record_step(session, job_ids[turn % len(job_ids)], step, step_s)
+            # The worker's own write (one job's steps, progress and lease in one transaction).
+            sync_job(context, job_ids[turn % len(job_ids)], [step_metrics(step, step_s)])
             progress.steps += 1
             turn += 1
             # Behind by more than a whole step (a starved CPU): resume the pace from now on,
