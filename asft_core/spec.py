@@ -187,7 +187,9 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise SpecError(f"method must be one of {', '.join(METHODS)}", "method", "invalid_method")
+            raise SpecError(
+                f"method must be one of {', '.join(METHODS)}", "method", "invalid_method"
+            )
         given = self.hyperparameters
         unused = unused_parameters(self.method, self.to_flat(given))
         if unused:
