@@ -33,7 +33,7 @@ import httpx
 
 from asft_client.client import ApiError, Client
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
-from asft_core.spec import DEFAULT_METHOD, METHODS
+from asft_core.spec import DATA_POLICY_MODES, DEFAULT_METHOD, METHODS
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -144,19 +144,85 @@ def _files_upload(args: argparse.Namespace) -> int:
         # The server's rules are the same; this is a file that changed, or a server limit.
         print(f"asft: error: the server rejected it: {uploaded['status_details']}", file=sys.stderr)
         return ExitCode.ERROR
+    if args.no_wait or args.json:
+        return ExitCode.OK
+    with _client(args) as client:
+        scan = wait_for_scan(client, uploaded["id"], args.poll_s)
+    print_scan(scan, sys.stdout, SCAN_LINES_SHOWN)
+    return ExitCode.OK
+
+
+SCAN_LINES_SHOWN = 10
+
+
+def wait_for_scan(client: Client, file_id: str, poll_s: float = 1.0) -> dict[str, Any]:
+    """The file's safety scan once it has ended (it waits while pending or running)."""
+    while True:
+        scan: dict[str, Any] = client.get_file(file_id)["safety_scan"]
+        if scan["status"] not in ("pending", "running"):
+            return scan
+        time.sleep(poll_s)
+
+
+def print_scan(scan: dict[str, Any], out: TextIO, lines_shown: int | None = None) -> None:
+    """The scan in words: its result, counts per category, and flagged lines."""
+    if scan["status"] != "succeeded":
+        details = f": {scan['details']}" if scan.get("details") else ""
+        print(f"safety scan {scan['status']}{details}", file=out)
+        return
+    flagged, rows = scan["rows_flagged"], scan["rows_scanned"]
+    categories = ", ".join(f"{k} {v}" for k, v in sorted(scan["per_category"].items()))
+    print(
+        f"safety scan: {flagged} of {rows} rows flagged ({flagged / max(rows, 1):.1%})"
+        + (f": {categories}" if categories else ""),
+        file=out,
+    )
+    shown = scan.get("data", scan["flagged"])
+    for row in shown[:lines_shown] if lines_shown is not None else shown:
+        print(f"  line {row['line']}: {row['category']} ({row['score']:.2f})", file=out)
+    if lines_shown is not None and flagged > lines_shown:
+        print(f"  ... all {flagged}: asft files scan {scan.get('file_id', 'FILE_ID')}", file=out)
+
+
+def _files_scan(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.safety_scan(args.file_id)
+        rows = list(page["data"])
+        while page["has_more"]:
+            page = client.safety_scan(args.file_id, after=rows[-1]["line"])
+            rows += page["data"]
+    scan = {**page, "data": rows}
+    if args.json:
+        _print_json(scan)
+    else:
+        print_scan(scan, sys.stdout)
     return ExitCode.OK
 
 
 def _file_row(f: dict[str, Any]) -> list[str]:
     examples = str(f.get("num_examples") or "-")
-    return [f["id"], f["filename"], str(f["bytes"]), examples, f["status"], _when(f["created_at"])]
+    scan = f.get("safety_scan") or {}
+    flagged = (
+        f"{scan['rows_flagged']} flagged"
+        if scan.get("status") == "succeeded"
+        else scan.get("status", "-")
+    )
+    return [
+        f["id"],
+        f["filename"],
+        str(f["bytes"]),
+        examples,
+        f["status"],
+        flagged,
+        _when(f["created_at"]),
+    ]
 
 
 def _files_list(args: argparse.Namespace) -> int:
     return _listing(
         args,
         lambda client: client.list_files(args.limit),
-        ["id", "filename", "bytes", "examples", "status", "created"],
+        ["id", "filename", "bytes", "examples", "status", "safety scan", "created"],
         _file_row,
     )
 
@@ -198,6 +264,10 @@ def job_request(
     }
     optional = {"validation_file": validation_file, "suffix": args.suffix, "seed": args.seed}
     body.update({key: value for key, value in optional.items() if value is not None})
+    if args.data_policy is not None:
+        body["data_policy"] = {"mode": args.data_policy}
+        if args.max_flagged_share is not None:
+            body["data_policy"]["max_flagged_share"] = args.max_flagged_share
     if args.matcher is not None:
         body["evaluation"] = {"matcher": args.matcher}
         if args.pattern is not None:
@@ -499,6 +569,12 @@ def add_client_commands(commands: Any) -> None:
     upload.add_argument(
         "--no-validate", action="store_true", help="skip the local check (the server checks)"
     )
+    upload.add_argument(
+        "--no-wait", action="store_true", help="do not wait for the safety scan's result"
+    )
+    upload.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
+    scan = _with_json(_command(files, "scan", _files_scan, "a file's safety scan, every line"))
+    scan.add_argument("file_id")
     listing = _with_json(_command(files, "list", _files_list, "the team's files"))
     listing.add_argument("--limit", type=int, default=100)
 
@@ -527,6 +603,14 @@ def add_client_commands(commands: Any) -> None:
     create.add_argument("--seed", type=int)
     create.add_argument("--matcher", choices=("exact_label", "regex", "final_number"))
     create.add_argument("--pattern", help="the regex matcher's pattern")
+    create.add_argument(
+        "--data-policy",
+        choices=DATA_POLICY_MODES,
+        help="rows the safety scan flagged: train on them (flag), drop them, or refuse the job",
+    )
+    create.add_argument(
+        "--max-flagged-share", type=float, help="refuse: the flagged share allowed (default 0)"
+    )
     create.add_argument("--watch", action="store_true", help="then watch it (see jobs watch)")
     create.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
     listing = _with_json(_command(jobs, "list", _jobs_list, "the team's jobs"))

@@ -65,6 +65,18 @@ class Client:
             )
         return result
 
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        """``GET /v1/files/{id}``."""
+        result: dict[str, Any] = self._call("GET", f"/v1/files/{file_id}")
+        return result
+
+    def safety_scan(self, file_id: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """One page of a file's safety scan: flagged rows after line ``after``."""
+        result: dict[str, Any] = self._call(
+            "GET", f"/v1/files/{file_id}/safety_scan", params={"after": after, "limit": limit}
+        )
+        return result
+
     def create_job(self, **body: Any) -> dict[str, Any]:
         """Create a fine-tuning job (see the README for the fields)."""
         result: dict[str, Any] = self._call("POST", "/v1/fine_tuning/jobs", json=body)

@@ -4,7 +4,8 @@ Builds the tiny model pair if needed, starts ``asft serve`` (SQLite, the filesys
 worker), registers the pair, uploads the triage set (a task the pair was never taught) poisoned
 with harmful rows through the API (5% by default; ``--poison-ratio``), submits ``supervised``
 (plain LoRA), the service's default method and one more (``asft`` or ``safelora``) with the
-frontier study's tuned settings and each method's default lambda, shows their progress, prints
+frontier study's tuned settings and each method's default lambda, and plain LoRA without the
+rows the safety scan flagged (``data_policy: drop_flagged``), shows their progress, prints
 the harmful score / accuracy / over-refusal table from the jobs' reports and where to download
 each adapter, then stops the service.
 """
@@ -25,13 +26,22 @@ from typing import Any
 
 import httpx
 
-from asft_client.cli import percent_cell
+from asft_client.cli import percent_cell, print_scan, wait_for_scan
 from asft_client.client import ApiError, Client
 from asft_core.experiments.frontier import TUNING_PATH
 from asft_core.spec import DEFAULT_METHOD
 
 METHODS = ("supervised", DEFAULT_METHOD, "asft" if DEFAULT_METHOD != "asft" else "safelora")
+# (method, data policy) per job: the methods on every row, then plain LoRA without the rows
+# the safety scan flagged (the data-side baseline).
+RUNS = [*((method, "flag") for method in METHODS), ("supervised", "drop_flagged")]
 TASK = "triage"
+
+
+def run_name(job: dict[str, Any]) -> str:
+    """A job's row in the table: its method, and ``+drop`` when it dropped flagged rows."""
+    dropped = (job.get("data_policy") or {}).get("mode") == "drop_flagged"
+    return job["method"]["type"] + ("+drop" if dropped else "")
 
 
 def hyperparameters() -> dict[str, Any]:
@@ -80,7 +90,7 @@ def _wait_ready(base_url: str, service: subprocess.Popen[bytes], timeout_s: floa
 
 def _progress_line(client: Client, job: dict[str, Any]) -> str:
     metrics = next((e for e in client.events(job["id"], 20) if e["type"] == "metrics"), None)
-    line = f"{job['method']['type']:>10}: {job['status']:<16}"
+    line = f"{run_name(job):>15}: {job['status']:<16}"
     if metrics is not None and job["status"] == "running":
         data = metrics["data"]
         line += f" step {data['step']}/{data['total_steps']} loss {data['train_loss']:.3f}"
@@ -102,18 +112,20 @@ def run_jobs(
         f"uploaded {training['id']} ({training['num_examples']} rows, "
         f"{poison_ratio:.0%} of them harmful requests with compliant answers)"
     )
+    print_scan(wait_for_scan(client, training["id"]), sys.stdout, lines_shown=5)
     jobs = [
         client.create_job(
             model=model,
             training_file=training["id"],
             validation_file=held_out["id"],
-            suffix=f"demo-{method}",
+            suffix=f"demo-{method}" + ("-drop" if policy == "drop_flagged" else ""),
             method={"type": method, method: {"hyperparameters": hyperparameters()}},
             evaluation={"matcher": "exact_label"},
+            data_policy={"mode": policy},
         )
-        for method in METHODS
+        for method, policy in RUNS
     ]
-    print("submitted " + ", ".join(f"{j['method']['type']} {j['id']}" for j in jobs))
+    print("submitted " + ", ".join(f"{run_name(j)} {j['id']}" for j in jobs))
     terminal = {"succeeded", "failed", "cancelled"}
     last_shown = ""
     while True:
@@ -131,7 +143,7 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
     """HS and FA per job from the reports, with the aligned model as the reference row."""
     print()
     print(
-        f"{'model':<14} {'status':<10} {'harmful score':<24} {'accuracy':<24} "
+        f"{'model':<16} {'status':<10} {'harmful score':<24} {'accuracy':<24} "
         f"{'over-refusal':<24} gate"
     )
     reference_shown = False
@@ -140,13 +152,13 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
         try:
             report = client.report(job["id"])["report"]
         except ApiError as error:
-            print(f"{job['method']['type']:<14} {job['status']:<10} no report ({error.code})")
+            print(f"{run_name(job):<16} {job['status']:<10} no report ({error.code})")
             continue
         evaluation = report["evaluation"]
         if not reference_shown:
             ref = evaluation["reference"]
             print(
-                f"{'aligned':<14} {'-':<10} {percent_cell(ref['safety']['overall']):<24} "
+                f"{'aligned':<16} {'-':<10} {percent_cell(ref['safety']['overall']):<24} "
                 f"{percent_cell((ref.get('task') or {}).get('accuracy')):<24} "
                 f"{percent_cell(ref.get('over_refusal')):<24} -"
             )
@@ -156,9 +168,9 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
         failures = report["gate"]["failures"]
         if failures:
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            refusals.append(f"  {job['method']['type']}: {failures[0]}{more}")
+            refusals.append(f"  {run_name(job)}: {failures[0]}{more}")
         print(
-            f"{job['method']['type']:<14} {job['status']:<10} "
+            f"{run_name(job):<16} {job['status']:<10} "
             f"{percent_cell(tuned['safety']['overall']):<24} "
             f"{percent_cell((tuned.get('task') or {}).get('accuracy')):<24} "
             f"{percent_cell(tuned.get('over_refusal')):<24} {verdict}"

@@ -1,8 +1,9 @@
 """The job recipe: ``run(spec, hooks)`` takes a job from its files to a gated adapter.
 
-validate -> limits -> (the caller takes the job) -> alignment -> train -> Safe LoRA projection
--> validation loss -> evaluate -> gate. The worker plugs in hooks and persists what comes
-back; it never re-implements the flow. ``describe_failure`` names any error as a job error.
+data policy -> validate -> limits -> (the caller takes the job) -> alignment -> train -> Safe
+LoRA projection -> validation loss -> evaluate -> gate. The worker plugs in hooks and persists
+what comes back; it never re-implements the flow. ``describe_failure`` names any error as a
+job error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from asft_core.spec import Gate, GateVerdict, Matcher, Report
+from asft_core.spec import DataPolicy, DataScan, Gate, GateVerdict, Matcher, Report
 from asft_core.training import TrainHooks, TrainResult, TrainSpec
 
 
@@ -69,6 +70,8 @@ class RecipeSpec:
     task: TaskEvaluation | None = None
     gate: Gate = field(default_factory=Gate)
     limits: Limits = field(default_factory=Limits)
+    data_policy: DataPolicy = field(default_factory=DataPolicy)
+    data_scan: DataScan | None = None  # the training file's safety scan (None: not scanned)
     eval_limit: int | None = None  # cap on evaluation prompts (the test-size profile)
     eval_batch_size: int = 64
 
@@ -224,14 +227,18 @@ def run(
     from asft_core.training import train
 
     hooks = hooks or RecipeHooks()
+    train_spec, training_data = apply_data_policy(spec)
     checked = None
     if not validated:
-        checked = validate(spec.train)
+        checked = validate(train_spec)
         check_limits(spec.limits, checked.total_steps, checked.estimated_tokens)
     start = hooks.start(checked)
     if start is None:
         return RecipeResult("stopped")
-    train_spec = replace(spec.train, resume_from=start.resume_from)
+    notes = data_notes(training_data)
+    for note in notes:
+        hooks.train.on_event("info", note)
+    train_spec = replace(train_spec, resume_from=start.resume_from)
     job = train_spec.job
     alignment = None
     alignment_path = None
@@ -275,14 +282,106 @@ def run(
     evaluation = evaluate(spec, trained.adapter_dir)
     report = Report(
         evaluation=evaluation,
-        gate=judge(evaluation, spec.gate),
+        gate=replace(judge(evaluation, spec.gate), notes=tuple(notes)),
         validation_loss=validation_loss,
         alignment=alignment,
         safelora=safelora,
         evaluation_seconds=time.monotonic() - started,
+        training_data=training_data,
     )
     _write_json(trained.adapter_dir / "report.json", report.to_json())
     return RecipeResult("completed", trained, report, alignment, alignment_path)
+
+
+class DataPolicyError(ValueError):
+    """The job's data policy refuses its training data; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+MAX_LINES_SHOWN = 20
+
+
+def _lines(lines: tuple[int, ...]) -> str:
+    shown = ", ".join(str(line) for line in lines[:MAX_LINES_SHOWN])
+    return shown + (f", ... ({len(lines)} in all)" if len(lines) > MAX_LINES_SHOWN else "")
+
+
+def apply_data_policy(spec: RecipeSpec) -> tuple[TrainSpec, dict[str, Any] | None]:
+    """The training spec the job's data policy allows, and what the scan and policy did.
+
+    ``drop_flagged`` trains on a copy of the file without the flagged lines (in the job's
+    output folder); ``refuse`` raises :class:`DataPolicyError` above its share.
+    """
+    policy, scan = spec.data_policy, spec.data_scan
+    if scan is None:
+        return spec.train, None
+    flagged = scan.flagged_lines
+    summary: dict[str, Any] = {
+        "policy": policy.to_json(),
+        "scan": scan.status,
+        "rows": scan.rows,
+        "flagged": len(flagged),
+        "flagged_share": scan.share,
+        "per_category": scan.per_category,
+        "first_flagged_lines": list(flagged[:MAX_LINES_SHOWN]),
+        "dropped": 0,
+    }
+    if scan.status != "succeeded":
+        if policy.mode != "flag":
+            raise DataPolicyError(
+                "safety_scan_unavailable",
+                f"the training file's safety scan is {scan.status}"
+                + (f" ({scan.details})" if scan.details else "")
+                + f"; data policy {policy.mode} needs its result",
+            )
+        return spec.train, summary
+    if policy.mode == "refuse" and scan.share > policy.max_flagged_share:
+        raise DataPolicyError(
+            "training_data_unsafe",
+            f"the safety scan flagged {len(flagged)} of {scan.rows} training rows "
+            f"({scan.share:.1%}), above the job's limit of {policy.max_flagged_share:.1%}: "
+            f"lines {_lines(flagged)}",
+        )
+    if policy.mode == "drop_flagged" and flagged:
+        kept = spec.train.output_dir / "training_file.jsonl"
+        write_without_lines(spec.train.training_file, kept, set(flagged))
+        summary["dropped"] = len(flagged)
+        return replace(spec.train, training_file=kept), summary
+    return spec.train, summary
+
+
+def write_without_lines(source: Path, target: Path, lines: set[int]) -> None:
+    """Copy ``source`` to ``target`` without the given 1-based lines, atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp")
+    with source.open("rb") as reading, staging.open("wb") as writing:
+        for number, line in enumerate(reading, start=1):
+            if number not in lines:
+                writing.write(line)
+    os.replace(staging, target)
+
+
+def data_notes(training_data: dict[str, Any] | None) -> list[str]:
+    """What the scan found and what the policy did, in a sentence (none without a scan)."""
+    if training_data is None:
+        return []
+    mode = training_data["policy"]["mode"]
+    if training_data["scan"] != "succeeded":
+        return [f"Training data: not scanned (scan {training_data['scan']}); policy {mode}"]
+    flagged, rows = training_data["flagged"], training_data["rows"]
+    categories = ", ".join(f"{k} {v}" for k, v in sorted(training_data["per_category"].items()))
+    found = f"the safety scan flagged {flagged} of {rows} rows ({flagged / max(rows, 1):.1%})"
+    found += f": {categories}" if categories else ""
+    if mode == "drop_flagged" and flagged:
+        done = "trained without them (policy drop_flagged)"
+    elif flagged:
+        done = f"trained on them (policy {mode})"
+    else:
+        done = f"policy {mode}"
+    return [f"Training data: {found}; {done}"]
 
 
 def post_hoc_projection(spec: TrainSpec, adapter_dir: Path) -> dict[str, Any] | None:
@@ -368,6 +467,8 @@ def describe_failure(error: Exception) -> Failure:
         return Failure(error.code, str(error), "training_file")
     if isinstance(error, SpecError):
         return Failure(error.code, str(error), error.param)
+    if isinstance(error, DataPolicyError):
+        return Failure(error.code, str(error), "training_file")
     if isinstance(error, TrainingError | AlignmentError | EvalSuiteError | JobLimitExceeded):
         return Failure(error.code, str(error))
     if "out of memory" in str(error).lower():

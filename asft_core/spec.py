@@ -280,6 +280,62 @@ class JobSpec:
         return self.method not in ("supervised", "l2")
 
 
+DataPolicyMode = Literal["flag", "drop_flagged", "refuse"]
+DATA_POLICY_MODES: tuple[str, ...] = get_args(DataPolicyMode)
+
+
+@dataclass(frozen=True)
+class DataPolicy:
+    """What a job does with the training rows the safety scan flagged.
+
+    ``flag`` trains on them and reports them; ``drop_flagged`` trains without them;
+    ``refuse`` fails the job (``training_data_unsafe``) when more than ``max_flagged_share``
+    of the rows are flagged, and otherwise trains as ``flag`` does.
+    """
+
+    mode: DataPolicyMode = "flag"
+    max_flagged_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in DATA_POLICY_MODES:
+            raise SpecError(
+                f"data_policy.mode must be one of {', '.join(DATA_POLICY_MODES)}",
+                "data_policy.mode",
+                "invalid_data_policy",
+            )
+        if not 0 <= self.max_flagged_share <= 1:
+            raise SpecError(
+                "data_policy.max_flagged_share must be between 0 and 1",
+                "data_policy.max_flagged_share",
+                "invalid_data_policy",
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> DataPolicy:
+        """Read back :meth:`to_json` (None: the default policy)."""
+        return cls(**data) if data else cls()
+
+
+@dataclass(frozen=True)
+class DataScan:
+    """A training file's safety scan, as a job sees it (``status`` as the file shows it)."""
+
+    status: str
+    rows: int = 0
+    flagged_lines: tuple[int, ...] = ()
+    per_category: dict[str, int] = field(default_factory=dict)
+    details: str | None = None
+
+    @property
+    def share(self) -> float:
+        """The share of scanned rows that were flagged."""
+        return len(self.flagged_lines) / self.rows if self.rows else 0.0
+
+
 @dataclass(frozen=True)
 class Gate:
     """The safety gate: limits on the fine-tuned harmful score and on its increase."""
@@ -296,10 +352,11 @@ class GateVerdict:
     failures: tuple[str, ...]
     max_harmful_score: float
     max_harmful_increase: float
+    notes: tuple[str, ...] = ()  # what else the reviewer should know (the data scan)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {**asdict(self), "failures": list(self.failures)}
+        return {**asdict(self), "failures": list(self.failures), "notes": list(self.notes)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> GateVerdict:
@@ -309,6 +366,7 @@ class GateVerdict:
             tuple(data["failures"]),
             float(data["max_harmful_score"]),
             float(data["max_harmful_increase"]),
+            tuple(data.get("notes", ())),
         )
 
 
@@ -325,6 +383,7 @@ class Report:
     alignment: dict[str, Any] | None = None
     safelora: dict[str, Any] | None = None
     evaluation_seconds: float = 0.0
+    training_data: dict[str, Any] | None = None  # the safety scan and what the policy did
 
     def harmful_score(self, model: Literal["reference", "fine_tuned"]) -> float | None:
         """The overall harmful score of one side (None when the suite has no safety prompts)."""
@@ -346,4 +405,5 @@ class Report:
             alignment=data.get("alignment"),
             safelora=data.get("safelora"),
             evaluation_seconds=float(data.get("evaluation_seconds", 0.0)),
+            training_data=data.get("training_data"),
         )

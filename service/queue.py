@@ -12,6 +12,7 @@ from service.broker import TRANSPORT
 from service.settings import Settings
 
 RUN_JOB_TASK = "asft.run_job"
+SCAN_FILE_TASK = "asft.scan_file"
 GPU_QUEUE = "gpu"
 
 
@@ -53,3 +54,8 @@ def make_celery(settings: Settings) -> Celery:
 def enqueue_job(app: Celery, job_id: str) -> None:
     """Put ``job_id`` on the GPU queue; call only after the job's row is committed."""
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE)
+
+
+def enqueue_scan(app: Celery, file_id: str) -> None:
+    """Put the safety scan of ``file_id`` on the GPU queue (the guard runs where models do)."""
+    app.send_task(SCAN_FILE_TASK, args=[file_id], queue=GPU_QUEUE)

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(
         2.0, ge=0, description="Wait before the 2nd try; doubled before each later one."
     )
+    guard_model: Path | None = Field(
+        None,
+        description="Guard model folder that scans uploaded training data; default: the one "
+        "the first registered model pair's evaluation suite names.",
+    )
+    scan_batch_size: int = Field(64, ge=1, le=4096, description="Rows per guard forward pass.")
     eval_max_prompts: int | None = Field(
         None, description="Cap on evaluation prompts per set (unset: all; tests use a handful)."
     )

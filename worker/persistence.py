@@ -25,9 +25,11 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from asft_core.spec import DataScan
 from service.db.models import (
     Checkpoint,
     EvaluationReport,
+    File,
     FineTunedModel,
     Job,
     JobEvent,
@@ -40,6 +42,7 @@ from service.db.session import transaction
 from service.db.upsert import upsert
 from service.jobs.events import append_event
 from service.jobs.state import TERMINAL, fine_tuned_name, transition
+from service.scans import data_scan
 from service.settings import Settings
 from service.storage import ArtifactStore, job_key
 
@@ -244,6 +247,14 @@ def load_job(context: JobContext, job_id: str) -> tuple[Job, ModelPair | None, T
         if job is None:
             return None
         return job, session.get(ModelPair, job.model), session.get(Team, job.team_id)
+
+
+@retry_database
+def training_scan(context: JobContext, file_id: str) -> DataScan | None:
+    """The safety scan of a job's training file (None when the file is gone)."""
+    with transaction(context.engine) as session:
+        file = session.get(File, file_id)
+        return data_scan(session, file) if file is not None else None
 
 
 @retry_database
@@ -479,7 +490,7 @@ def reconcile(
     ``requeue_running=False`` skips the stale leases: right after a database outage every
     heartbeat looks old, although the workers holding them are alive.
     """
-    from service.queue import enqueue_job
+    from service.queue import enqueue_job, enqueue_scan
 
     cutoff = now() - stale_after_s
     requeued: list[str] = []
@@ -512,6 +523,28 @@ def reconcile(
         # Touch them so the next pass waits a full period before sending again.
         if waiting:
             session.execute(update(Job).where(Job.id.in_(waiting)).values(updated_at=now()))
+        scans = _stale_scans(session, cutoff, requeue_running)
     for job_id in requeued:
         enqueue_job(queue, job_id)
+    for file_id in scans:
+        enqueue_scan(queue, file_id)
     return requeued
+
+
+def _stale_scans(session: Any, cutoff: int, requeue_running: bool) -> list[str]:
+    """Scans whose worker died (running, no progress since ``cutoff``) go back to pending;
+    returns those and the pending scans whose message may be lost, touched."""
+    if requeue_running:
+        session.execute(
+            update(File)
+            .where(File.scan_status == "running", File.scan_updated_at < cutoff)
+            .values(scan_status="pending")
+        )
+    stale = list(
+        session.scalars(
+            select(File.id).where(File.scan_status == "pending", File.scan_updated_at < cutoff)
+        ).all()
+    )
+    if stale:
+        session.execute(update(File).where(File.id.in_(stale)).values(scan_updated_at=now()))
+    return stale

@@ -15,9 +15,11 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
+from asft_core.spec import DataScan
 from service import logs
 from service.db.models import Job, ModelPair, Team
 from service.jobs.state import TERMINAL
+from service.scans import SCANNING
 from service.storage import file_key, job_key
 from service.teams import team_gate
 from worker.persistence import (
@@ -36,6 +38,7 @@ from worker.persistence import (
     record_alignment,
     record_checkpoint,
     requeue_preempted,
+    training_scan,
     worker_identity,
 )
 
@@ -70,10 +73,12 @@ def execute_job(job_id: str, context: JobContext) -> str:
         logs.job_id.reset(token)
 
 
-def recipe_spec(job: Job, pair: ModelPair, team: Team, context: JobContext) -> Any:
+def recipe_spec(
+    job: Job, pair: ModelPair, team: Team, context: JobContext, scan: DataScan | None
+) -> Any:
     """The core's RecipeSpec for a job row (paths from ids, never from user strings)."""
     from asft_core.recipe import Limits, RecipeSpec, TaskEvaluation
-    from asft_core.spec import JobSpec
+    from asft_core.spec import DataPolicy, JobSpec
     from asft_core.training import TrainSpec
 
     store, settings = context.store, context.settings
@@ -105,6 +110,8 @@ def recipe_spec(job: Job, pair: ModelPair, team: Team, context: JobContext) -> A
         task=task,
         gate=team_gate(team, settings),
         limits=Limits(settings.max_job_steps, settings.max_job_tokens, settings.max_job_runtime_s),
+        data_policy=DataPolicy.from_json(job.data_policy),
+        data_scan=scan,
         eval_limit=settings.eval_max_prompts,
     )
 
@@ -207,10 +214,15 @@ def run_job(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
     """Run the recipe on a job and record its outcome; returns the job's status."""
     from asft_core.recipe import describe_failure, run
 
+    scan = training_scan(context, job.training_file)
+    if job.status == "validating_files" and scan is not None and scan.status in SCANNING:
+        # The scan task enqueues the job again when it ends.
+        add_event(context, job.id, "info", "Waiting for the safety scan of the training file")
+        return job.status
     with ExitStack() as resources:
         hooks = JobHooks(job, context, resources)
         try:
-            spec = recipe_spec(job, pair, team, context)
+            spec = recipe_spec(job, pair, team, context, scan)
             result = run(spec, hooks.recipe_hooks(), validated=job.status == "queued")
             if hooks.sync is not None:
                 hooks.sync.flush()

@@ -1,4 +1,4 @@
-"""Celery tasks: thin. Load the job, run it through ``worker.runner``, nothing else.
+"""Celery tasks: thin. Jobs run through ``worker.runner``, file scans through ``worker.scan``.
 
 Every worker process also runs the reconciler: once at start and then periodically in a
 thread of its own (so it runs while the worker trains), re-enqueueing jobs whose worker died
@@ -23,12 +23,13 @@ from celery.signals import (
 
 from service.db.session import engine_for
 from service.logs import configure_logging
-from service.queue import RUN_JOB_TASK, enqueue_job
+from service.queue import RUN_JOB_TASK, SCAN_FILE_TASK, enqueue_job
 from service.settings import get_settings
 from service.storage import ArtifactStore
 from worker.celery_app import app
 from worker.persistence import JobContext, reconcile
 from worker.runner import execute_job
+from worker.scan import scan_file
 
 logger = logging.getLogger("asft.worker")
 RECONCILE_TASK = "asft.reconcile"
@@ -72,6 +73,12 @@ def _context() -> JobContext:
 def run_job(job_id: str) -> str:
     """Run one fine-tuning job (validation, training, evaluation, gate); returns its status."""
     return execute_job(job_id, _context())
+
+
+@app.task(name=SCAN_FILE_TASK, acks_late=True)
+def scan_uploaded_file(file_id: str) -> str:
+    """Scan an uploaded file's rows with the guard; returns how the scan ended."""
+    return scan_file(file_id, _context())
 
 
 @app.task(name=RECONCILE_TASK)

@@ -30,6 +30,7 @@ def team_object(team: Team) -> TeamObject:
         max_active_jobs=team.max_active_jobs,
         gate_max_harmful_score=team.gate_max_harmful_score,
         gate_max_harmful_increase=team.gate_max_harmful_increase,
+        data_policy=team.data_policy,
         webhook_url=team.webhook_url,
         webhook_secret=team.webhook_secret,
     )
@@ -81,7 +82,7 @@ def list_teams(session: SessionDep) -> Page[TeamObject]:
 def update_team(
     session: SessionDep, settings: SettingsDep, team_id: str, body: TeamUpdate
 ) -> TeamObject:
-    """Set a team's job limit, safety-gate thresholds or webhook URL.
+    """Set a team's job limit, safety-gate thresholds, data policy or webhook URL.
 
     A webhook URL must not reach private or loopback addresses unless allow-listed (422
     ``webhook_url_not_allowed``); the first URL set gives the team its signing secret.

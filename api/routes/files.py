@@ -7,6 +7,7 @@ so a file's ``status`` says at once whether a job can use it, and why not, with 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,18 +19,29 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from api.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
+from api.deps import CurrentTeam, QueueDep, SessionDep, SettingsDep, StoreDep
 from api.errors import Conflict, NotFound, TooLarge, Unprocessable
 from api.lookup import owned_row
 from api.pagination import newest_first, team_rows
 from api.schemas.common import Page, errors, page_of
-from api.schemas.files import PURPOSES, FileDeleted, FileObject, UploadForm
+from api.schemas.files import (
+    PURPOSES,
+    FileDeleted,
+    FileObject,
+    FlaggedRow,
+    SafetyScan,
+    SafetyScanPage,
+    UploadForm,
+)
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
-from service.db.models import File, Job, new_id
+from service.db.models import File, FileFlag, Job, new_id, now
 from service.jobs.state import TERMINAL
+from service.queue import enqueue_scan
+from service.scans import FLAGS_SHOWN, flags_after
 from service.storage import CHUNK_BYTES, ID_PATTERN, FileTooLarge, file_key
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+logger = logging.getLogger("asft.api")
 DEFAULT_FILENAME = "upload.jsonl"
 # Control characters: PostgreSQL text cannot hold NUL, and the rest garble headers and logs.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -37,8 +49,22 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_STATUS_DETAILS_CHARS = 2000
 
 
-def file_object(row: File) -> FileObject:
-    """The API shape of a file row."""
+def safety_scan(row: File, flags: list[FileFlag]) -> SafetyScan:
+    """The scan part of a file object, with the given flagged rows."""
+    return SafetyScan(
+        status=row.scan_status,
+        rows_scanned=row.scan_rows,
+        rows_flagged=row.scan_flagged,
+        flagged_share=row.scan_flagged / row.scan_rows if row.scan_rows else None,
+        per_category=row.scan_per_category or {},
+        details=row.scan_details,
+        flagged=[FlaggedRow(line=f.line, category=f.category, score=f.score) for f in flags],
+    )
+
+
+def file_object(session: SessionDep, row: File) -> FileObject:
+    """The API shape of a file row (with its first flagged rows)."""
+    flags, _ = flags_after(session, row.id, 0, FLAGS_SHOWN) if row.scan_flagged else ([], False)
     return FileObject(
         id=row.id,
         bytes=row.bytes,
@@ -50,6 +76,7 @@ def file_object(row: File) -> FileObject:
         sha256=row.sha256,
         format=row.row_format,
         num_examples=row.num_examples,
+        safety_scan=safety_scan(row, flags),
     )
 
 
@@ -112,6 +139,7 @@ async def upload_file(
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
+    queue: QueueDep,
     form: Annotated[UploadForm, Form(media_type="multipart/form-data")],
 ) -> FileObject:
     """Store the file atomically with its sha256, then validate its rows."""
@@ -141,13 +169,19 @@ async def upload_file(
             row.error_code, row.error_line = checked.code, checked.line
         else:
             row.row_format, row.num_examples = checked.row_format, checked.num_examples
+            row.scan_status, row.scan_updated_at = "pending", now()
         # Commit here, not in the dependency: bytes whose row was not written must not stay.
         # In the thread pool: a commit waits on the database, and this route is async.
         await run_in_threadpool(_commit_row, session, row)
     except BaseException:
         store.delete(key)
         raise
-    return file_object(row)
+    if row.scan_status == "pending":
+        try:
+            await run_in_threadpool(enqueue_scan, queue, row.id)
+        except Exception:  # the broker is down: the reconciler re-sends pending scans
+            logger.exception("could not enqueue the scan of %s", row.id)
+    return file_object(session, row)
 
 
 @router.get("", response_model=Page[FileObject], responses=errors(404))
@@ -163,14 +197,30 @@ def list_files(
     if purpose is not None:
         statement = statement.where(File.purpose == purpose)
     rows, has_more = newest_first(session, statement, File, after, limit)
-    data = [file_object(row) for row in rows]
+    data = [file_object(session, row) for row in rows]
     return page_of(data, has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=errors(404))
 def get_file(team: CurrentTeam, session: SessionDep, file_id: str) -> FileObject:
     """One file."""
-    return file_object(get_team_file(session, team.id, file_id))
+    return file_object(session, get_team_file(session, team.id, file_id))
+
+
+@router.get("/{file_id}/safety_scan", response_model=SafetyScanPage, responses=errors(404))
+def get_safety_scan(
+    team: CurrentTeam,
+    session: SessionDep,
+    file_id: str,
+    after: Annotated[int, Query(ge=0, description="Flagged rows after this line.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> SafetyScanPage:
+    """The file's safety scan and its flagged rows in line order, a page at a time."""
+    row = get_team_file(session, team.id, file_id)
+    flags, has_more = flags_after(session, row.id, after, limit)
+    summary = safety_scan(row, []).model_dump(exclude={"flagged"})
+    rows = [FlaggedRow(line=f.line, category=f.category, score=f.score) for f in flags]
+    return SafetyScanPage(**summary, file_id=row.id, data=rows, has_more=has_more)
 
 
 @router.get(

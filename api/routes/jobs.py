@@ -112,6 +112,7 @@ def create_job(
             metadata=body.metadata,
             auto_start=body.auto_start,
             idempotency_key=idempotency_key,
+            data_policy=body.data_policy.policy() if body.data_policy else None,
         )
         job, created = creation.create_job(session, team, settings, store, new)
     except SpecError as error:  # the schema checks the same rules; this is the last word

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from api.schemas.common import PLAIN_TEXT
+from api.schemas.jobs import DataPolicyBody
 
 
 class TeamCreate(BaseModel):
@@ -25,6 +26,9 @@ class TeamUpdate(BaseModel):
     max_active_jobs: int | None = Field(None, ge=1, le=10_000)
     gate_max_harmful_score: float | None = Field(None, ge=0, le=1)
     gate_max_harmful_increase: float | None = Field(None, ge=0, le=1)
+    data_policy: DataPolicyBody | None = Field(
+        None, description="The default data policy of the team's jobs (null: flag)."
+    )
     webhook_url: HttpUrl | None = None
 
     # strict: false is not a score of 0, nor "5" a limit of 5 (lax mode would coerce them).
@@ -41,6 +45,7 @@ class TeamObject(BaseModel):
     max_active_jobs: int | None
     gate_max_harmful_score: float | None
     gate_max_harmful_increase: float | None
+    data_policy: dict[str, Any] | None = None
     webhook_url: str | None
     webhook_secret: str | None = Field(
         None, description="Verifies the X-ASFT-Signature of webhook calls (HMAC-SHA256)."

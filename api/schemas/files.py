@@ -7,6 +7,8 @@ from typing import Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.scans import ScanStatus
+
 PURPOSES = ("fine-tune",)
 
 
@@ -21,6 +23,44 @@ class UploadForm(BaseModel):
     )
 
     model_config = ConfigDict(extra="forbid")
+
+
+class FlaggedRow(BaseModel):
+    """A row the safety scan flagged: its line, the guard's likeliest category and score."""
+
+    line: int
+    category: str
+    score: float = Field(description="The guard's unsafe probability, 0 to 1.")
+
+
+class ScanSummary(BaseModel):
+    """The safety scan of a file: its status, progress and counts."""
+
+    object: Literal["file.safety_scan"] = "file.safety_scan"
+    status: ScanStatus = Field(
+        description="pending, running, succeeded, failed, or skipped (invalid file, no guard)."
+    )
+    rows_scanned: int
+    rows_flagged: int
+    flagged_share: float | None = Field(None, description="rows_flagged / rows_scanned.")
+    per_category: dict[str, int] = Field(default_factory=dict)
+    details: str | None = None
+
+
+class SafetyScan(ScanSummary):
+    """A file object's scan, with the first flagged rows."""
+
+    flagged: list[FlaggedRow] = Field(
+        default_factory=list, description="The first flagged rows (all: GET .../safety_scan)."
+    )
+
+
+class SafetyScanPage(ScanSummary):
+    """``GET /v1/files/{id}/safety_scan``: the scan and a page of its flagged rows."""
+
+    file_id: str
+    data: list[FlaggedRow]
+    has_more: bool
 
 
 class FileObject(BaseModel):
@@ -39,6 +79,7 @@ class FileObject(BaseModel):
     sha256: str
     format: str | None = Field(None, description="chat, prompt_completion or instruction.")
     num_examples: int | None = None
+    safety_scan: SafetyScan | None = None
 
 
 class FileDeleted(BaseModel):

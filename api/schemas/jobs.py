@@ -30,6 +30,8 @@ from asft_core.spec import (
     MAX_TARGET_MODULES,
     METHODS,
     MODULE_NAME,
+    DataPolicy,
+    DataPolicyMode,
     JobSpec,
     Matcher,
     unused_parameters,
@@ -197,6 +199,26 @@ class Method(BaseModel):
         return found or MethodBlock()
 
 
+class DataPolicyBody(Strict):
+    """What the job does with the training rows the safety scan flagged."""
+
+    mode: DataPolicyMode = Field(
+        DataPolicy().mode,
+        description="flag: train on them and report them; drop_flagged: train without them; "
+        "refuse: fail (training_data_unsafe) above max_flagged_share.",
+    )
+    max_flagged_share: float = Field(
+        DataPolicy().max_flagged_share,
+        ge=0,
+        le=1,
+        description="refuse: the share of flagged rows above which the job fails.",
+    )
+
+    def policy(self) -> DataPolicy:
+        """The core's typed policy."""
+        return DataPolicy(self.mode, self.max_flagged_share)
+
+
 class EvaluationSpec(Strict):
     """How to score task accuracy: a matcher on a held-out prompt/completion file."""
 
@@ -239,6 +261,9 @@ class JobCreate(BaseModel):
     )
     integrations: list[Any] | None = Field(None, max_length=0, description="Not supported.")
     evaluation: EvaluationSpec | None = None
+    data_policy: DataPolicyBody | None = Field(
+        None, description="Default: the team's, else flag (train on flagged rows, report them)."
+    )
     auto_start: bool = Field(
         True, description="False: validate only, stop in 'validated'; POST .../start queues it."
     )

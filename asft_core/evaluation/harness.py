@@ -59,6 +59,7 @@ class EvalSuite:
     over_refusal_prompts: Path | None = None
     judge: JudgeSpec = field(default_factory=JudgeSpec)
     tasks: dict[str, TaskSuite] = field(default_factory=dict)
+    guard: Path | None = None  # the pair's training-data guard (asft_core.scan)
 
     @classmethod
     def load(cls, path: Path) -> EvalSuite:
@@ -105,6 +106,7 @@ class EvalSuite:
             )
         harmful = raw.get("harmful_prompts")
         over_refusal = raw.get("over_refusal_prompts")
+        guard = raw.get("guard")
         return cls(
             harmful_prompts=resolve(harmful, "harmful_prompts") if harmful else None,
             over_refusal_prompts=(
@@ -112,6 +114,7 @@ class EvalSuite:
             ),
             judge=judge_spec,
             tasks=tasks,
+            guard=resolve(guard, "guard") if guard else None,
         )
 
 

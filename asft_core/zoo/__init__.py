@@ -36,7 +36,7 @@ from filelock import FileLock
 
 from asft_core.zoo.language import COMPLIANCE_PATTERNS, PRETRAIN_TASKS
 
-ZOO_VERSION = 4
+ZOO_VERSION = 5
 POISON_RATIOS = (0.0, 0.05, 0.1, 0.2)
 
 
@@ -67,6 +67,11 @@ class ZooPaths:
     def eval_suite(self) -> Path:
         """The evaluation suite (harmful prompts, judge, task sets) of this model pair."""
         return self.root / "eval_suite.json"
+
+    @property
+    def guard(self) -> Path:
+        """The guard that scans training data (``asft_core.zoo.guard``), with ``guard.json``."""
+        return self.root / "guard"
 
     def task_file(self, task: str, split: str) -> Path:
         """``<task>_<split>.jsonl`` (split: train or eval)."""
@@ -145,6 +150,7 @@ def _build_into(folder: Path, spec: ZooSpec, verbose: bool) -> None:
     # Heavy imports stay here so `import asft_core.zoo` is cheap.
     from transformers.utils import logging as hf_logging
 
+    from asft_core.zoo.guard import GuardSpec, train_guard
     from asft_core.zoo.language import corpus_lines, instruction_mix
     from asft_core.zoo.models import TinyLlamaShape, random_tiny_llama, tiny_llama_config
     from asft_core.zoo.pretrain import train_full
@@ -200,6 +206,9 @@ def _build_into(folder: Path, spec: ZooSpec, verbose: bool) -> None:
         save_tokenizer(tokenizer, folder / stage)
         report[stage] = {"final_loss": loss, "seconds": time.monotonic() - stage_started}
     write_datasets(ZooPaths(folder, folder / "base", folder / "aligned"), spec)
+    guard_started = time.monotonic()
+    report["guard"] = train_guard(folder / "aligned", folder / "guard", GuardSpec())
+    report["guard"]["seconds"] = time.monotonic() - guard_started
     report["seconds"] = time.monotonic() - started
     (folder / "build.json").write_text(json.dumps(report, indent=2))
 
@@ -239,6 +248,8 @@ def write_datasets(paths: ZooPaths, spec: ZooSpec) -> None:
         # The zoo's compliant answers have a known shape, so compliance is told apart from
         # refusal and from off-task answers (which a keyword judge would count as harmful).
         "judge": {"kind": "pattern", "comply_patterns": list(COMPLIANCE_PATTERNS)},
+        # Scans training data: a classifier of (request, answer) pairs (asft_core.scan).
+        "guard": "guard",
         "tasks": {
             "sentiment": {
                 "file": "datasets/sentiment_eval.jsonl",

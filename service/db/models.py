@@ -54,6 +54,8 @@ class Team(Base):
     # Safety gate: the fine-tuned model's harmful score, and its increase over the aligned one.
     gate_max_harmful_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     gate_max_harmful_increase: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The team's default data policy (asft_core.spec.DataPolicy JSON); None: the service's.
+    data_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Signs webhook bodies (HMAC-SHA256); made when a URL is first set, shown to the admin.
     webhook_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -94,8 +96,30 @@ class File(Base):
     error_line: Mapped[int | None] = mapped_column(Integer, nullable=True)
     row_format: Mapped[str | None] = mapped_column(String(32), nullable=True)
     num_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The safety scan of a valid file (service.scans): pending, running, succeeded, failed or
+    # skipped (invalid files, or no guard); flagged rows are FileFlag rows.
+    scan_status: Mapped[str] = mapped_column(String(16), default="skipped")
+    scan_rows: Mapped[int] = mapped_column(Integer, default=0)
+    scan_flagged: Mapped[int] = mapped_column(Integer, default=0)
+    scan_per_category: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    scan_details: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Written with each batch: a running scan whose worker died goes stale and is redone.
+    scan_updated_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (Index("ix_files_team_created", "team_id", "created_at", "id"),)
+
+
+class FileFlag(Base):
+    """A row of an uploaded file that the safety scan flagged (line numbers from 1)."""
+
+    __tablename__ = "file_flags"
+
+    file_id: Mapped[str] = mapped_column(
+        ForeignKey("files.id", ondelete="CASCADE"), primary_key=True
+    )
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
 
 
 class ModelPair(Base):
@@ -124,6 +148,8 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(32), index=True)
     method: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"type", "<type>": {"hyperparameters"}}
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # What the job does with the rows the safety scan flagged (asft_core.spec.DataPolicy).
+    data_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     safety: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     seed: Mapped[int] = mapped_column(Integer)

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from asft_core.formats import iter_examples
-from asft_core.spec import JobSpec
+from asft_core.spec import DataPolicy, JobSpec
 from service.db.models import File, Job, ModelPair, Team, new_id
 from service.jobs.events import append_event
 from service.jobs.state import ACTIVE
@@ -57,6 +57,7 @@ class NewJob:
     metadata: dict[str, str] | None = None
     auto_start: bool = True
     idempotency_key: str | None = None
+    data_policy: DataPolicy | None = None  # None: the team's default
 
 
 def check_active_limit(session: Session, team: Team, settings: Settings) -> None:
@@ -185,6 +186,7 @@ def create_job(
         status="validating_files",
         method=new.spec.to_json(),
         evaluation=evaluation,
+        data_policy=(new.data_policy or DataPolicy.from_json(team.data_policy)).to_json(),
         validation={
             "training_examples": training.num_examples,
             "validation_examples": validation.num_examples if validation else None,

@@ -50,6 +50,9 @@ class FineTuningJob(BaseModel):
     metadata: dict[str, str] | None = None
     method: dict[str, Any]
     evaluation: dict[str, Any] | None = None
+    data_policy: dict[str, Any] | None = Field(
+        None, description="What the job does with training rows the safety scan flagged."
+    )
     safety: dict[str, Any] | None = Field(
         None, description="Harmful score before/after and the gate verdict, once evaluated."
     )
@@ -90,6 +93,7 @@ def job_object(job: Job) -> FineTuningJob:
         metadata=job.metadata_,
         method=job.method,
         evaluation=job.evaluation,
+        data_policy=job.data_policy,
         safety=job.safety,
         validation=job.validation,
     )

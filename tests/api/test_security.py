@@ -494,7 +494,11 @@ def test_upload_names_never_become_paths(
     artifacts = settings.resolved_artifact_dir.resolve()
     written = {p.resolve() for p in _files_under(root) - before}
     written = {p for p in written if not p.name.startswith("asft.db")}  # SQLite's own files
-    assert written == {artifacts / "files" / f"{file_id}.jsonl"}
+    # The safety scan's queue message, named by the broker (creation order and a uuid).
+    broker = settings.broker_dir.resolve()
+    messages = {p for p in written if broker in p.parents}
+    assert all(p.name.endswith(".gpu.msg") for p in messages), messages
+    assert written - messages == {artifacts / "files" / f"{file_id}.jsonl"}
     assert not Path("/tmp/asft-escape-probe.jsonl").exists()
     shown = response.json()["filename"]
     assert "/" not in shown and "\\" not in shown and shown not in ("", ".", "..")

@@ -1,0 +1,160 @@
+"""Safety scan of training data: a guard scores each row's (request, answer) as unsafe.
+
+A guard is any Hugging Face sequence-classification model in a local folder whose labels are
+``safe`` and ``unsafe:<category>`` (the tiny zoo trains one; Llama Guard or a BeaverDam-style
+classifier, relabelled, in real deployments). A row is flagged when the summed probability of
+the unsafe labels reaches the threshold; its category is the likeliest unsafe label.
+
+:func:`scan_examples` streams: rows are read, scored and reported batch by batch, so a file of
+any size is scanned in the memory of one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asft_core.formats import Example, iter_examples
+
+SAFE_LABEL = "safe"
+UNSAFE_PREFIX = "unsafe:"
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_BATCH_SIZE = 64
+
+
+class GuardError(ValueError):
+    """A guard folder that cannot be used; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A flagged row: its line in the file, the likeliest unsafe category, the unsafe score."""
+
+    line: int
+    category: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ScannedBatch:
+    """One batch's outcome: how many rows it held and which of them were flagged."""
+
+    rows: int
+    flags: list[Flag]
+
+
+def conversation_pair(example: Example) -> tuple[str, str]:
+    """The (request, answer) a guard judges: the last answer and the turn that asked for it.
+
+    Rows without an answer (none in valid training data) give an empty answer.
+    """
+    messages = example.messages
+    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=None)
+    if last is None:
+        return messages[-1].content, ""
+    asking = [m.content for m in messages[:last] if m.role == "user"]
+    return (asking[-1] if asking else ""), messages[last].content
+
+
+class Guard:
+    """A loaded guard model; :meth:`score` rates (request, answer) pairs in one forward pass."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        device: str = "cpu",
+        threshold: float = DEFAULT_THRESHOLD,
+        max_length: int = 256,
+    ) -> None:
+        """Load the model and tokenizer; raises :class:`GuardError` for unusable folders."""
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise GuardError("guard_not_found", f"no guard model (config.json) in {folder}")
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.threshold, self.device, self.max_length = threshold, device, max_length
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(folder))
+        self.model: Any = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), use_safetensors=True
+        )
+        labels = {int(i): str(name) for i, name in self.model.config.id2label.items()}
+        self.unsafe = {
+            i: name.removeprefix(UNSAFE_PREFIX)
+            for i, name in labels.items()
+            if name.startswith(UNSAFE_PREFIX)
+        }
+        if not self.unsafe or len(self.unsafe) == len(labels):
+            raise GuardError(
+                "invalid_guard",
+                f"a guard's labels are '{SAFE_LABEL}' and '{UNSAFE_PREFIX}<category>'; "
+                f"this one has {sorted(labels.values())}",
+            )
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval()
+
+    @property
+    def categories(self) -> list[str]:
+        """The unsafe categories the guard knows."""
+        return sorted(self.unsafe.values())
+
+    def score(self, requests: list[str], answers: list[str]) -> list[tuple[float, str]]:
+        """Per pair: the unsafe probability and the likeliest unsafe category."""
+        import torch
+
+        batch = self.tokenizer(
+            requests,
+            answers,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.model(**batch).logits.float(), dim=-1)
+        ids = sorted(self.unsafe)
+        unsafe = probabilities[:, ids]
+        totals = unsafe.sum(dim=-1).tolist()
+        top = unsafe.argmax(dim=-1).tolist()
+        return [(total, self.unsafe[ids[k]]) for total, k in zip(totals, top, strict=True)]
+
+
+def scan_examples(
+    guard: Guard, examples: Iterable[Example], batch_size: int = DEFAULT_BATCH_SIZE
+) -> Iterator[ScannedBatch]:
+    """Score ``examples`` ``batch_size`` at a time, yielding each batch's flags as it goes."""
+    pending: list[Example] = []
+
+    def scored(rows: list[Example]) -> ScannedBatch:
+        pairs = [conversation_pair(example) for example in rows]
+        scores = guard.score([p for p, _ in pairs], [a for _, a in pairs])
+        flags = [
+            Flag(example.line, category, round(score, 4))
+            for example, (score, category) in zip(rows, scores, strict=True)
+            if score >= guard.threshold
+        ]
+        return ScannedBatch(len(rows), flags)
+
+    for example in examples:
+        pending.append(example)
+        if len(pending) == batch_size:
+            yield scored(pending)
+            pending = []
+    if pending:
+        yield scored(pending)
+
+
+def scan_file(
+    guard: Guard, path: Path, batch_size: int = DEFAULT_BATCH_SIZE
+) -> Iterator[ScannedBatch]:
+    """:func:`scan_examples` over a JSONL file, read line by line."""
+    with path.open("rb") as handle:
+        yield from scan_examples(guard, iter_examples(handle), batch_size)
