@@ -148,7 +148,7 @@ def _files_upload(args: argparse.Namespace) -> int:
         return ExitCode.OK
     with _client(args) as client:
         scan = wait_for_scan(client, uploaded["id"], args.poll_s)
-    print_scan(scan, sys.stdout, SCAN_LINES_SHOWN)
+    print_scan(scan, sys.stdout, SCAN_LINES_SHOWN, uploaded["id"])
     return ExitCode.OK
 
 
@@ -164,7 +164,9 @@ def wait_for_scan(client: Client, file_id: str, poll_s: float = 1.0) -> dict[str
         time.sleep(poll_s)
 
 
-def print_scan(scan: dict[str, Any], out: TextIO, lines_shown: int | None = None) -> None:
+def print_scan(
+    scan: dict[str, Any], out: TextIO, lines_shown: int | None = None, file_id: str = "FILE_ID"
+) -> None:
     """The scan in words: its result, counts per category, and flagged lines."""
     if scan["status"] != "succeeded":
         details = f": {scan['details']}" if scan.get("details") else ""
@@ -181,7 +183,7 @@ def print_scan(scan: dict[str, Any], out: TextIO, lines_shown: int | None = None
     for row in shown[:lines_shown] if lines_shown is not None else shown:
         print(f"  line {row['line']}: {row['category']} ({row['score']:.2f})", file=out)
     if lines_shown is not None and flagged > lines_shown:
-        print(f"  ... all {flagged}: asft files scan {scan.get('file_id', 'FILE_ID')}", file=out)
+        print(f"  ... all {flagged}: asft files scan {scan.get('file_id', file_id)}", file=out)
 
 
 def _files_scan(args: argparse.Namespace) -> int:

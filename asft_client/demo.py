@@ -112,7 +112,7 @@ def run_jobs(
         f"uploaded {training['id']} ({training['num_examples']} rows, "
         f"{poison_ratio:.0%} of them harmful requests with compliant answers)"
     )
-    print_scan(wait_for_scan(client, training["id"]), sys.stdout, lines_shown=5)
+    print_scan(wait_for_scan(client, training["id"]), sys.stdout, 5, training["id"])
     jobs = [
         client.create_job(
             model=model,

@@ -58,7 +58,7 @@ def test_a_flushed_redis_loses_no_job(
 ) -> None:
     job_id = _submit(client, team_key, zoo)
     broker = redis.Redis.from_url(scale_out_env["ASFT_BROKER_URL"])
-    assert broker.llen("gpu") == 1  # the message is there...
+    assert broker.llen("gpu") == 2  # the upload's scan and the job are there...
     broker.flushall()
     assert broker.llen("gpu") == 0  # ...and now it is gone
     started = time.monotonic()
