@@ -155,11 +155,17 @@ def _files_upload(args: argparse.Namespace) -> int:
 SCAN_LINES_SHOWN = 10
 
 
-def wait_for_scan(client: Client, file_id: str, poll_s: float = 1.0) -> dict[str, Any]:
-    """The file's safety scan once it has ended (it waits while pending or running)."""
+SCAN_WAIT_S = 600.0
+
+
+def wait_for_scan(
+    client: Client, file_id: str, poll_s: float = 1.0, timeout_s: float = SCAN_WAIT_S
+) -> dict[str, Any]:
+    """The file's safety scan once it has ended, or as it stands after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     while True:
         scan: dict[str, Any] = client.get_file(file_id)["safety_scan"]
-        if scan["status"] not in ("pending", "running"):
+        if scan["status"] not in ("pending", "running") or time.monotonic() > deadline:
             return scan
         time.sleep(poll_s)
 
@@ -168,6 +174,9 @@ def print_scan(
     scan: dict[str, Any], out: TextIO, lines_shown: int | None = None, file_id: str = "FILE_ID"
 ) -> None:
     """The scan in words: its result, counts per category, and flagged lines."""
+    if scan["status"] in ("pending", "running"):
+        print(f"safety scan {scan['status']}: see asft files scan {file_id} later", file=out)
+        return
     if scan["status"] != "succeeded":
         details = f": {scan['details']}" if scan.get("details") else ""
         print(f"safety scan {scan['status']}{details}", file=out)
@@ -179,7 +188,7 @@ def print_scan(
         + (f": {categories}" if categories else ""),
         file=out,
     )
-    shown = scan.get("data", scan["flagged"])
+    shown = scan["data"] if "data" in scan else scan["flagged"]
     for row in shown[:lines_shown] if lines_shown is not None else shown:
         print(f"  line {row['line']}: {row['category']} ({row['score']:.2f})", file=out)
     if lines_shown is not None and flagged > lines_shown:

@@ -383,3 +383,28 @@ def test_gate_failure_exits_with_its_own_code(
     downloaded = asft(service, "jobs", "download", job_id, "-o", str(tmp_path / "gated"))
     assert downloaded.returncode == 0, downloaded.stderr
     assert "not approved by the safety gate" in downloaded.stderr
+
+
+def test_uploading_a_poisoned_set_shows_its_flagged_lines(
+    service: Service, registered: str, zoo: ZooPaths
+) -> None:
+    path = zoo.poisoned_file("triage", 0.05)
+    poisoned = [
+        line
+        for line, text in enumerate(path.read_text().splitlines(), start=1)
+        if "category" in json.loads(text)
+    ]
+    uploaded = asft(service, "files", "upload", str(path))
+    assert uploaded.returncode == 0, uploaded.stderr
+    lines = uploaded.stdout.splitlines()
+    summary = next(line for line in lines if line.startswith("safety scan"))
+    flagged = int(summary.split(": ")[1].split(" of ")[0])
+    assert summary.startswith(f"safety scan: {flagged} of 1000 rows flagged")
+    assert abs(flagged - len(poisoned)) <= 0.05 * len(poisoned)
+    shown = [int(line.split()[1].rstrip(":")) for line in lines if line.startswith("  line ")]
+    assert len(shown) == min(10, flagged) and set(shown) <= set(poisoned)
+    file_id = lines[1].split()[0]
+    every = asft(service, "files", "scan", file_id)
+    assert every.returncode == 0, every.stderr
+    listed = [line for line in every.stdout.splitlines() if line.startswith("  line ")]
+    assert len(listed) == flagged
