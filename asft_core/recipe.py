@@ -356,7 +356,7 @@ def apply_data_policy(spec: RecipeSpec) -> tuple[TrainSpec, dict[str, Any] | Non
 def write_without_lines(source: Path, target: Path, lines: set[int]) -> None:
     """Copy ``source`` to ``target`` without the given 1-based lines, atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp")
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # writers may race
     with source.open("rb") as reading, staging.open("wb") as writing:
         for number, line in enumerate(reading, start=1):
             if number not in lines:

@@ -102,6 +102,8 @@ def method_lambdas(method: str, config: dict[str, Any]) -> list[float]:
     """The strengths a method is run at (safelora: how many modules it projects)."""
     if method == "lora" or method == "safelora_threshold":
         return [0.0]
+    if method == "drop_flagged":  # the share of the flagged rows dropped: all of them
+        return [1.0]
     if method == "safelora_modules":
         return [float(n) for n in config["safelora_num_modules"]]
     lambdas = [float(x) for x in config["lambdas"]]
@@ -187,7 +189,22 @@ class Lab:
         """The cell's fine-tuning set (the zoo's poisoned set, or an energy probe's rows)."""
         if cell.method == "harmful_only":
             return self._harmful_only_file()
+        if cell.method == "drop_flagged":
+            return self._without_flagged_rows(cell.poison_ratio)
         return self.zoo.poisoned_file(self.config["task"], cell.poison_ratio)
+
+    def _without_flagged_rows(self, poison_ratio: float) -> Path:
+        """The poisoned set without the rows the pair's guard flags (the data-side baseline)."""
+        from asft_core.recipe import write_without_lines
+        from asft_core.scan import Guard, scan_file
+
+        source = self.zoo.poisoned_file(self.config["task"], poison_ratio)
+        path = self.work_dir.parent / f"{source.stem}_unflagged.jsonl"
+        if not path.exists():
+            guard = Guard(self.zoo.guard)
+            flagged = {f.line for batch in scan_file(guard, source) for f in batch.flags}
+            write_without_lines(source, path, flagged)
+        return path
 
     def _harmful_only_file(self) -> Path:
         from asft_core.zoo.language import harmful_row

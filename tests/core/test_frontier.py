@@ -143,8 +143,11 @@ def test_the_test_profile_runs_end_to_end(cache_dir: Path, tmp_path: Path) -> No
         "asft_projector",
         "l2",
         "safelora_modules",
+        "drop_flagged",
         "projector_haar",
     }
+    dropped = next(c for c in cells if c["method"] == "drop_flagged")
+    assert dropped["lam"] == 1.0
     written = analysis.plot(summary, cells, tmp_path / "out")
     assert all(path.read_bytes()[:4] == b"\x89PNG" for path in written)
     saved = json.loads(analysis.save(summary, tmp_path).read_text())
