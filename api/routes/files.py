@@ -42,6 +42,7 @@ from service.storage import CHUNK_BYTES, ID_PATTERN, FileTooLarge, file_key
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 logger = logging.getLogger("asft.api")
+MAX_LINE = 2**31 - 1  # line numbers are 32-bit integers in the database
 DEFAULT_FILENAME = "upload.jsonl"
 # Control characters: PostgreSQL text cannot hold NUL, and the rest garble headers and logs.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -212,7 +213,9 @@ def get_safety_scan(
     team: CurrentTeam,
     session: SessionDep,
     file_id: str,
-    after: Annotated[int, Query(ge=0, description="Flagged rows after this line.")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_LINE, description="Flagged rows after this line.")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> SafetyScanPage:
     """The file's safety scan and its flagged rows in line order, a page at a time."""

@@ -49,7 +49,7 @@ def test_another_teams_scan_is_a_404_and_bad_paging_a_422(
     missing = client.get(f"/v1/files/{file_id}/safety_scan", headers=auth(other_key))
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "file_not_found"
-    for query in ("after=-1", "limit=0", "limit=1001", "after=x"):
+    for query in ("after=-1", "limit=0", "limit=1001", "after=x", f"after={2**63}"):
         answer = client.get(f"/v1/files/{file_id}/safety_scan?{query}", headers=auth(team_key))
         assert answer.status_code == 422, query
 
