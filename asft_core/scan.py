@@ -11,10 +11,10 @@ any size is scanned in the memory of one batch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from asft_core.formats import Example, iter_examples
 
@@ -63,7 +63,11 @@ def conversation_pair(example: Example) -> tuple[str, str]:
 
 
 class Guard:
-    """A loaded guard model; :meth:`score` rates (request, answer) pairs in one forward pass."""
+    """A loaded guard model; :meth:`score` rates (request, answer) pairs in one forward pass.
+
+    The model is run by the evaluation's :class:`ClassifierJudge`, whose unsafe labels are the
+    guard's ``unsafe:<category>`` ones.
+    """
 
     def __init__(
         self,
@@ -73,58 +77,40 @@ class Guard:
         max_length: int = 256,
     ) -> None:
         """Load the model and tokenizer; raises :class:`GuardError` for unusable folders."""
+        from asft_core.evaluation.judges import ClassifierJudge
+
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise GuardError("guard_not_found", f"no guard model (config.json) in {folder}")
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.threshold, self.device, self.max_length = threshold, device, max_length
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(folder))
-        self.model: Any = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), use_safetensors=True
-        )
-        labels = {int(i): str(name) for i, name in self.model.config.id2label.items()}
-        self.unsafe = {
-            i: name.removeprefix(UNSAFE_PREFIX)
-            for i, name in labels.items()
-            if name.startswith(UNSAFE_PREFIX)
-        }
-        if not self.unsafe or len(self.unsafe) == len(labels):
+        config = json.loads((folder / "config.json").read_text())
+        labels = {int(i): str(name) for i, name in (config.get("id2label") or {}).items()}
+        unsafe = [name for name in labels.values() if name.startswith(UNSAFE_PREFIX)]
+        if not unsafe or len(unsafe) == len(labels):
             raise GuardError(
                 "invalid_guard",
                 f"a guard's labels are '{SAFE_LABEL}' and '{UNSAFE_PREFIX}<category>'; "
                 f"this one has {sorted(labels.values())}",
             )
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(device).eval()
+        self.threshold = threshold
+        self.classifier = ClassifierJudge(
+            folder, unsafe, threshold=threshold, device=device, max_length=max_length
+        )
+        self.unsafe_ids = self.classifier.unsafe_ids
+        self.category = {i: labels[i].removeprefix(UNSAFE_PREFIX) for i in self.unsafe_ids}
 
     @property
     def categories(self) -> list[str]:
         """The unsafe categories the guard knows."""
-        return sorted(self.unsafe.values())
+        return sorted(self.category.values())
 
     def score(self, requests: list[str], answers: list[str]) -> list[tuple[float, str]]:
         """Per pair: the unsafe probability and the likeliest unsafe category."""
-        import torch
-
-        batch = self.tokenizer(
-            requests,
-            answers,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(self.device)
-        with torch.inference_mode():
-            probabilities = torch.softmax(self.model(**batch).logits.float(), dim=-1)
-        ids = sorted(self.unsafe)
-        unsafe = probabilities[:, ids]
+        unsafe = self.classifier.probabilities(requests, answers)[:, self.unsafe_ids]
         totals = unsafe.sum(dim=-1).tolist()
         top = unsafe.argmax(dim=-1).tolist()
-        return [(total, self.unsafe[ids[k]]) for total, k in zip(totals, top, strict=True)]
+        return [
+            (total, self.category[self.unsafe_ids[k]]) for total, k in zip(totals, top, strict=True)
+        ]
 
 
 # Rows read ahead and sorted by length before batching: less padding in each forward pass.

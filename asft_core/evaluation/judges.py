@@ -281,7 +281,8 @@ class ClassifierJudge:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
-    def _unsafe_probability(self, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    def probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """The softmax over every label of each (prompt, answer) pair: (B, num_labels)."""
         import torch
 
         batch = self.tokenizer(
@@ -294,8 +295,10 @@ class ClassifierJudge:
         ).to(self.device)
         with torch.inference_mode():
             logits = self.model(**batch).logits
-        probabilities = torch.softmax(logits.float(), dim=-1)  # (B, num_labels)
-        return probabilities[:, self.unsafe_ids].sum(dim=-1)  # (B,)
+        return torch.softmax(logits.float(), dim=-1)
+
+    def _unsafe_probability(self, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        return self.probabilities(prompts, answers)[:, self.unsafe_ids].sum(dim=-1)  # (B,)
 
     def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """The unsafe probability of each (prompt, answer) pair, in [0, 1]."""
