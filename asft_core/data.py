@@ -102,6 +102,27 @@ def render_segments(tokenizer: Any, messages: Sequence[Message]) -> list[tuple[s
     return segments
 
 
+def generation_prompt(
+    tokenizer: Any, messages: Sequence[Message], chat_template: str | None = None
+) -> str:
+    """The text a model answers after ``messages``, rendered exactly as training renders them.
+
+    With a chat template (``chat_template``, else the tokenizer's): the template with a
+    generation prompt. Without one: the plain layout of :func:`render_segments` followed by
+    ``"Assistant: "``.
+    """
+    if chat_template or getattr(tokenizer, "chat_template", None):
+        text: str = tokenizer.apply_chat_template(
+            _as_dicts(messages),
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return text
+    body = "".join(text for text, _ in render_segments(tokenizer, messages))
+    return body + "Assistant: "
+
+
 def tokenize_example(tokenizer: Any, example: Example, max_seq_len: int) -> TokenizedExample:
     """Token ids and labels for one row, truncated on the right to ``max_seq_len``."""
     input_ids: list[int] = []
