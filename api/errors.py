@@ -71,8 +71,8 @@ class Unauthorized(ApiError):
 
 
 def refused(error: Refused) -> ApiError:
-    """The API's answer to a request the service refused (404, 422 or 429)."""
-    status = {"not_found": 404, "invalid": 422, "limit": 429}[error.kind]
+    """The API's answer to a request the service refused (403, 404, 422 or 429)."""
+    status = {"not_found": 404, "invalid": 422, "limit": 429, "forbidden": 403}[error.kind]
     return ApiError(error.code, error.message, error.param, status_code=status)
 
 

@@ -16,7 +16,7 @@ from api.middleware import (
     RequestContextMiddleware,
 )
 from api.ratelimit import make_rate_limiter
-from api.routes import admin, files, health, jobs, models
+from api.routes import admin, chat, files, health, jobs, models
 from service.db.session import engine_for, session_factory
 from service.queue import make_celery
 from service.settings import Settings, get_settings
@@ -28,7 +28,8 @@ MAX_JSON_BODY_BYTES = 1 << 20
 DESCRIPTION = """Fine-tuning jobs whose adapters stay safe (AsFT, arXiv 2506.08473).
 
 OpenAI-shaped: upload a JSONL dataset to `/v1/files`, create a job at `/v1/fine_tuning/jobs`,
-poll it, read its events, checkpoints and safety report, and download the adapter. Every
+poll it, read its events, checkpoints and safety report, download the adapter, and chat
+with the fine-tuned model at `/v1/chat/completions`. Every
 request carries `Authorization: Bearer <team key>`; errors use the envelope
 `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -57,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = make_celery(settings)
     app.state.rate_limiter = make_rate_limiter(settings)
     install_error_handlers(app)
-    for module in (health, files, jobs, models, admin):
+    for module in (health, files, jobs, models, chat, admin):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(

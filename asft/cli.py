@@ -5,7 +5,9 @@ Server side:
     asft db upgrade                 bring the database to the current schema (under a lock)
     asft api [--host H --port P]    serve the REST API (refuses an out-of-date schema)
     asft worker [--queues gpu]      run a Celery worker (GPU jobs)
-    asft serve [--port P]           one machine: migrate, then the API and one worker together
+    asft serve [--port P]           one machine: migrate, then the API, one worker and the
+                                    inference server together
+    asft infer                      the embedded inference server alone (chat completions)
     asft admin create-team NAME     create a team and print its first API key
     asft alignment inspect MODEL    a registered pair's alignment direction, per module, and
                                     what AsFT does on it (or --base PATH --aligned PATH)
@@ -20,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from asft_client.cli import add_client_commands, run_client_command
 from service.settings import Settings, get_settings
@@ -27,7 +30,7 @@ from service.settings import Settings, get_settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-CLIENT_COMMANDS = frozenset({"files", "jobs", "models"})
+CLIENT_COMMANDS = frozenset({"files", "jobs", "models", "chat"})
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
@@ -121,10 +124,54 @@ def _worker(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _inference_address(url: str) -> tuple[str, int]:
+    """Host and port of an ``http://host:port`` inference URL."""
+    parsed = urlsplit(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or 80
+
+
+def _infer(args: argparse.Namespace) -> int:
+    """Run the embedded inference server until stopped."""
+    import torch
+    import uvicorn
+
+    from asft_core.serving import Engine
+    from inference.app import create_app
+    from service.logs import configure_logging
+
+    settings = get_settings()
+    host, port = _inference_address(settings.inference_url)
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine(
+        device=device,
+        max_adapters=settings.engine_max_adapters,
+        max_batch=settings.engine_max_batch,
+    )
+    for model in args.model or []:
+        engine.load_base(model, str(Path(model).expanduser().resolve()))
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(engine),
+        host=args.host or host,
+        port=args.port or port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+    )
+    engine.close()
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
-    """Migrate, then run the API and one worker until Ctrl-C; stop both cleanly."""
+    """Migrate, then run the API, one worker and the inference server until Ctrl-C.
+
+    The inference server is restarted when it dies (a model can take it down); the API or
+    the worker ending stops everything.
+    """
     import signal
     import subprocess
+    import time
 
     if _db_upgrade(args) != 0:
         return 1
@@ -134,6 +181,8 @@ def _serve(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "asft.cli", "api", "--host", args.host, "--port", str(args.port)]
         ),
     ]
+    infer_command = [sys.executable, "-m", "asft.cli", "infer"]
+    engine = None if args.no_engine else subprocess.Popen(infer_command)
     stopping = False
 
     def stop(*_: object) -> None:
@@ -145,16 +194,21 @@ def _serve(args: argparse.Namespace) -> int:
     code = 0
     try:
         while not stopping and all(p.poll() is None for p in processes):
+            if engine is not None and engine.poll() is not None:
+                print(f"asft serve: inference server exited ({engine.returncode}); restarting")
+                time.sleep(1)
+                engine = subprocess.Popen(infer_command)
             try:
                 processes[0].wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 continue
     finally:
         code = next((p.returncode for p in processes if p.returncode), 0) if not stopping else 0
-        for process in processes:
+        everything = processes + ([engine] if engine is not None else [])
+        for process in everything:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in processes:
+        for process in everything:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -248,10 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default="gpu")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.set_defaults(run=_worker)
-    serve = commands.add_parser("serve", help="migrate, then run the API and one worker")
+    serve = commands.add_parser(
+        "serve", help="migrate, then run the API, one worker and the inference server"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--no-engine",
+        action="store_true",
+        help="start no inference server (chat goes to ASFT_INFERENCE_URL, e.g. vLLM)",
+    )
     serve.set_defaults(run=_serve)
+    infer = commands.add_parser(
+        "infer", help="run the embedded inference server (at ASFT_INFERENCE_URL's port)"
+    )
+    infer.add_argument("--host", help="default: ASFT_INFERENCE_URL's host")
+    infer.add_argument("--port", type=int, help="default: ASFT_INFERENCE_URL's port")
+    infer.add_argument(
+        "--model", action="append", help="a model folder to load at start (others load on use)"
+    )
+    infer.set_defaults(run=_infer)
     admin = commands.add_parser("admin", help="administration").add_subparsers(
         dest="admin_command", required=True
     )

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from asft_client.client import ApiError, Client
+from asft_client.client import ApiError, Client, chat_stream
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
 from asft_core.spec import DATA_POLICY_MODES, DEFAULT_METHOD, METHODS
 
@@ -549,9 +549,58 @@ def default_model_id(aligned: str) -> str:
 def _models_register(args: argparse.Namespace) -> int:
     model_id = args.id or default_model_id(args.aligned)
     with _client(args, admin=True) as client:
-        model = client.register_model(model_id, args.aligned, args.base, args.eval_suite)
+        model = client.register_model(
+            model_id,
+            args.aligned,
+            args.base,
+            args.eval_suite,
+            inference_url=args.inference_url,
+            served_model=args.served_model,
+        )
     print(f"{model['id']}  aligned {model['aligned_model']}  base {model['base_model']}")
     return ExitCode.OK
+
+
+def _chat_turn(
+    client: Client, args: argparse.Namespace, messages: list[dict[str, str]], out: TextIO
+) -> str:
+    """Send ``messages``, print the answer as it streams; returns it."""
+    options: dict[str, Any] = {"temperature": args.temperature}
+    if args.max_tokens is not None:
+        options["max_tokens"] = args.max_tokens
+    if args.seed is not None:
+        options["seed"] = args.seed
+    answer = ""
+    for piece in chat_stream(client, args.model, messages, **options):
+        answer += piece
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return answer
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """One answer to ``-m``, or a conversation on the terminal (an empty line or EOF ends)."""
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    with _client(args) as client:
+        if args.message is not None:
+            _chat_turn(
+                client, args, [*messages, {"role": "user", "content": args.message}], sys.stdout
+            )
+            return ExitCode.OK
+        print(f"chatting with {args.model}; an empty line ends", file=sys.stderr)
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                return ExitCode.OK
+            if not text.strip():
+                return ExitCode.OK
+            messages.append({"role": "user", "content": text})
+            answer = _chat_turn(client, args, messages, sys.stdout)
+            messages.append({"role": "assistant", "content": answer})
 
 
 # --- grammar -------------------------------------------------------------------------------
@@ -571,7 +620,7 @@ def _with_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_client_commands(commands: Any) -> None:
-    """Add ``files``, ``jobs`` and ``models`` to the ``asft`` parser's subcommands."""
+    """Add ``files``, ``jobs``, ``models`` and ``chat`` to the ``asft`` parser's subcommands."""
     files = commands.add_parser("files", help="datasets").add_subparsers(
         dest="files_command", required=True
     )
@@ -650,6 +699,18 @@ def add_client_commands(commands: Any) -> None:
     register.add_argument("--base", required=True, help="its base model: folder or hub id")
     register.add_argument("--id", help="the name jobs use (default: the aligned model's name)")
     register.add_argument("--eval-suite", help="path of the pair's evaluation suite JSON")
+    register.add_argument(
+        "--inference-url", help="the server that serves this pair, e.g. a vLLM (default: ours)"
+    )
+    register.add_argument("--served-model", help="the name that server knows the aligned model by")
+
+    chat = _command(commands, "chat", _chat, "chat with a model (streamed to the terminal)")
+    chat.add_argument("model", help="a fine-tuned model, a checkpoint's model id, or a pair")
+    chat.add_argument("-m", "--message", help="send this one message, print the answer, exit")
+    chat.add_argument("--system", help="a system message first")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--seed", type=int)
 
 
 def run_client_command(args: argparse.Namespace) -> int:

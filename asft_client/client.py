@@ -6,9 +6,11 @@ Errors raise :class:`ApiError` with the server's code and message, never a bare 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +127,22 @@ class Client:
         return self._page("/v1/models", {})
 
     def register_model(
-        self, model_id: str, aligned_model: str, base_model: str, eval_suite: str | None = None
+        self,
+        model_id: str,
+        aligned_model: str,
+        base_model: str,
+        eval_suite: str | None = None,
+        inference_url: str | None = None,
+        served_model: str | None = None,
     ) -> dict[str, Any]:
-        """Register a base/aligned pair (needs the admin key)."""
+        """Register a base/aligned pair (needs the admin key); optional fields stay unset."""
         body = {"id": model_id, "aligned_model": aligned_model, "base_model": base_model}
-        if eval_suite is not None:
-            body["eval_suite"] = eval_suite
+        optional = {
+            "eval_suite": eval_suite,
+            "inference_url": inference_url,
+            "served_model": served_model,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
         result: dict[str, Any] = self._call("POST", "/v1/models", json=body)
         return result
 
@@ -178,6 +190,36 @@ class Client:
         finally:
             Path(partial).unlink(missing_ok=True)
         return target / "adapter"
+
+
+def chat_stream(
+    client: Client, model: str, messages: list[dict[str, str]], **options: Any
+) -> Iterator[str]:
+    """Stream a chat completion: the answer's text pieces as they come.
+
+    Raises :class:`ApiError` for an error answer, and for an error event mid-stream (the
+    inference server went away).
+    """
+    body = {"model": model, "messages": messages, "stream": True, **options}
+    with client._http.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code >= 400:
+            response.read()
+            _raise_for_error(response)
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                error = chunk["error"]
+                raise ApiError(503, error.get("code"), error.get("message", ""))
+            for choice in chunk.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    yield piece
+    raise ApiError(503, "stream_ended", "the answer ended before it was complete")
 
 
 def _raise_for_error(response: httpx.Response) -> None:

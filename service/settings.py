@@ -119,6 +119,26 @@ class Settings(BaseSettings):
         Gate().max_harmful_increase,
         description="Default safety gate: largest rise over the aligned model's score.",
     )
+    inference_url: str = Field(
+        "http://127.0.0.1:8001",
+        description="The inference server chat completions go to when a model pair names none "
+        "(``asft serve`` starts the embedded one there).",
+    )
+    inference_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for the inference server's next byte."
+    )
+    max_lora_rank: int = Field(
+        16,
+        ge=1,
+        description="The serving check's --max-lora-rank: the largest adapter rank the "
+        "deployment's vLLM accepts (vLLM's default is 16).",
+    )
+    engine_max_adapters: int = Field(
+        8, ge=1, description="Adapters the embedded engine keeps loaded (least recently used go)."
+    )
+    engine_max_batch: int = Field(
+        16, ge=1, le=256, description="Requests the embedded engine decodes in one batch."
+    )
     log_level: str = Field("INFO", description="Log level of API and worker.")
 
     @property

@@ -34,6 +34,7 @@ LAYER_RULES = {
     "worker": {"fastapi", "starlette", "api", "asft", "asft_client"},
     "api": {"worker", "asft", "asft_client", "torch", "transformers", "peft"},
     "asft_client": {"api", "service", "worker", "asft", "torch"},
+    "inference": {"api", "service", "worker", "asft", "asft_client", "sqlalchemy", "celery"},
 }
 HEAVY = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy")
 

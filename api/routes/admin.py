@@ -31,6 +31,7 @@ def team_object(team: Team) -> TeamObject:
         gate_max_harmful_score=team.gate_max_harmful_score,
         gate_max_harmful_increase=team.gate_max_harmful_increase,
         data_policy=team.data_policy,
+        allow_unapproved_chat=team.allow_unapproved_chat,
         webhook_url=team.webhook_url,
         webhook_secret=team.webhook_secret,
     )
@@ -82,7 +83,7 @@ def list_teams(session: SessionDep) -> Page[TeamObject]:
 def update_team(
     session: SessionDep, settings: SettingsDep, team_id: str, body: TeamUpdate
 ) -> TeamObject:
-    """Set a team's job limit, safety-gate thresholds, data policy or webhook URL.
+    """Set a team's job limit, safety-gate thresholds, data policy, chat or webhook URL.
 
     A webhook URL must not reach private or loopback addresses unless allow-listed (422
     ``webhook_url_not_allowed``); the first URL set gives the team its signing secret.
@@ -96,6 +97,8 @@ def update_team(
             except WebhookRefused as error:
                 raise Unprocessable(error.code, str(error), "webhook_url") from None
             team.webhook_secret = team.webhook_secret or secrets.token_hex(32)
+        if field == "allow_unapproved_chat":
+            value = bool(value)  # null: back to the default, off
         setattr(team, field, value)
     session.flush()
     return team_object(team)

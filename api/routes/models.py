@@ -29,6 +29,7 @@ def pair_object(pair: ModelPair) -> ModelObject:
         kind="model_pair",
         base_model=pair.base_model,
         aligned_model=pair.aligned_model,
+        inference_url=pair.inference_url,
     )
 
 
@@ -122,6 +123,8 @@ def register_model(session: SessionDep, body: ModelPairCreate) -> ModelObject:
         aligned_model=aligned_model,
         base_model=base_model,
         eval_suite=eval_suite,
+        inference_url=body.inference_url.rstrip("/") if body.inference_url else None,
+        served_model=body.served_model,
     )
     session.add(pair)
     session.flush()

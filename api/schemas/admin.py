@@ -30,6 +30,11 @@ class TeamUpdate(BaseModel):
         None, description="The default data policy of the team's jobs (null: flag)."
     )
     webhook_url: HttpUrl | None = None
+    allow_unapproved_chat: bool | None = Field(
+        None,
+        description="Chat with adapters that failed the safety gate and with checkpoints "
+        "(never evaluated); off by default.",
+    )
 
     # strict: false is not a score of 0, nor "5" a limit of 5 (lax mode would coerce them).
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -46,6 +51,7 @@ class TeamObject(BaseModel):
     gate_max_harmful_score: float | None
     gate_max_harmful_increase: float | None
     data_policy: dict[str, Any] | None = None
+    allow_unapproved_chat: bool = False
     webhook_url: str | None
     webhook_secret: str | None = Field(
         None, description="Verifies the X-ASFT-Signature of webhook calls (HMAC-SHA256)."

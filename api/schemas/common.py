@@ -81,6 +81,7 @@ def page_of(data: list[T], has_more: bool) -> Page[T]:
 _DESCRIPTIONS = {
     400: "Malformed request: a body that cannot be parsed, or a bad Content-Length.",
     401: "Missing, unknown or revoked API key.",
+    403: "The team may not use this resource (a model that failed the safety gate).",
     404: "No such resource for this team (another team's ids answer 404 too).",
     409: "The resource's state does not allow this.",
     413: "The body is larger than the limit.",
@@ -89,7 +90,8 @@ _DESCRIPTIONS = {
     "address's), with Retry-After; creating or starting a job, also the team's limit of active "
     "jobs.",
     431: "The request's headers are too many or too large.",
-    503: "The database or broker is unreachable, or the schema is out of date.",
+    503: "The database, broker or inference server is unreachable, or the schema is out of "
+    "date; with Retry-After where trying again helps.",
 }
 
 

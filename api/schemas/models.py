@@ -22,6 +22,9 @@ class ModelObject(BaseModel):
     parent: str | None = Field(None, description="Fine-tuned models: the model pair.")
     job_id: str | None = None
     approved: bool | None = Field(None, description="Fine-tuned: passed the safety gate.")
+    inference_url: str | None = Field(
+        None, description="Model pairs: the server chat completions go to (null: the default)."
+    )
 
 
 class ModelPairCreate(BaseModel):
@@ -40,6 +43,21 @@ class ModelPairCreate(BaseModel):
         max_length=1000,
         pattern=PLAIN_TEXT,
         description="Path of the pair's evaluation suite JSON.",
+    )
+    inference_url: str | None = Field(
+        None,
+        max_length=1000,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="The OpenAI-compatible server that serves this pair, e.g. a vLLM "
+        "started with --enable-lora (default: the service's ASFT_INFERENCE_URL).",
+    )
+    served_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        pattern=PLAIN_TEXT,
+        description="The name that server knows the aligned model by (vLLM: the model or "
+        "--served-model-name it was started with; default: aligned_model).",
     )
 
     model_config = ConfigDict(

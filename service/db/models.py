@@ -56,6 +56,8 @@ class Team(Base):
     gate_max_harmful_increase: Mapped[float | None] = mapped_column(Float, nullable=True)
     # The team's default data policy (asft_core.spec.DataPolicy JSON); None: the service's.
     data_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Chat with adapters that failed the safety gate, and with unevaluated checkpoints.
+    allow_unapproved_chat: Mapped[bool] = mapped_column(Boolean, default=False)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Signs webhook bodies (HMAC-SHA256); made when a URL is first set, shown to the admin.
     webhook_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -131,6 +133,10 @@ class ModelPair(Base):
     aligned_model: Mapped[str] = mapped_column(Text)  # local folder or hub id
     base_model: Mapped[str] = mapped_column(Text)
     eval_suite: Mapped[str | None] = mapped_column(Text, nullable=True)  # path of a suite JSON
+    # The inference server chat goes to (None: the service's), and the name it serves the
+    # aligned model under (None: the aligned model's reference, what the embedded one uses).
+    inference_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    served_model: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[int] = mapped_column(Integer, default=now)
 
 

@@ -34,7 +34,7 @@ class Refused(Exception):
 
     def __init__(
         self,
-        kind: Literal["not_found", "invalid", "limit"],
+        kind: Literal["not_found", "invalid", "limit", "forbidden"],
         code: str,
         message: str,
         param: str | None = None,

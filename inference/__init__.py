@@ -1,0 +1,1 @@
+"""The embedded inference server (``asft infer``): HTTP glue over ``asft_core.serving``."""
