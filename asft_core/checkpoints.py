@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 STATE_FILE = "training_state.safetensors"
 SIDECAR_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
+# Beside an adapter: the chat template its conversations were rendered with in training.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 FORMAT_VERSION = 1
 
 
@@ -79,13 +81,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _save_adapter_files(model: Any, folder: Path, base_model_id: str | None) -> None:
+def _save_adapter_files(
+    model: Any, folder: Path, base_model_id: str | None, chat_template: str | None = None
+) -> None:
     """The PEFT files of ``model`` in ``folder``, naming ``base_model_id`` as their base.
 
     peft records the path the model was loaded from; a served adapter names the model id
-    users know instead, so ``PeftModel.from_pretrained`` finds it on their machines.
+    users know instead, so ``PeftModel.from_pretrained`` finds it on their machines. The
+    chat template training rendered conversations with goes beside it, so it serves the same.
     """
     model.save_pretrained(str(folder))
+    if chat_template:
+        (folder / CHAT_TEMPLATE_FILE).write_text(chat_template)
     if base_model_id is None:
         return
     config_path = folder / "adapter_config.json"
@@ -100,7 +107,9 @@ def _replace_folder(staging: Path, folder: Path) -> None:
     os.replace(staging, folder)
 
 
-def save_adapter(model: Any, folder: Path, base_model_id: str | None = None) -> Path:
+def save_adapter(
+    model: Any, folder: Path, base_model_id: str | None = None, chat_template: str | None = None
+) -> Path:
     """Write the adapter of PEFT ``model`` into ``folder`` atomically; returns ``folder``.
 
     A full disk or a killed process leaves the previous folder (or none), never a partial one.
@@ -108,7 +117,7 @@ def save_adapter(model: Any, folder: Path, base_model_id: str | None = None) -> 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        _save_adapter_files(model, staging, base_model_id)
+        _save_adapter_files(model, staging, base_model_id, chat_template)
         _replace_folder(staging, folder)
     finally:
         if staging.exists():
@@ -124,6 +133,7 @@ def save_checkpoint(
     position: TrainingPosition,
     extra: dict[str, Any] | None = None,
     base_model_id: str | None = None,
+    chat_template: str | None = None,
 ) -> CheckpointInfo:
     """Write a complete checkpoint into ``folder`` atomically and return its description.
 
@@ -132,7 +142,7 @@ def save_checkpoint(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        _save_adapter_files(model, staging / ADAPTER_DIR, base_model_id)
+        _save_adapter_files(model, staging / ADAPTER_DIR, base_model_id, chat_template)
         optimizer_state = optimizer.state_dict()
         tensors = _rng_tensors()
         for index, state in optimizer_state["state"].items():

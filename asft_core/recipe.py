@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from asft_core.serving import model_architecture, serving_check
 from asft_core.spec import DataPolicy, DataScan, Gate, GateVerdict, Matcher, Report
 from asft_core.training import TrainHooks, TrainResult, TrainSpec
 
@@ -74,6 +75,7 @@ class RecipeSpec:
     data_scan: DataScan | None = None  # the training file's safety scan (None: not scanned)
     eval_limit: int | None = None  # cap on evaluation prompts (the test-size profile)
     eval_batch_size: int = 64
+    max_lora_rank: int = 16  # the serving check's vLLM --max-lora-rank
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,13 @@ def run(
             f"Safe LoRA projected {len(safelora['projected'])} of "
             f"{len(safelora['similarities'])} modules",
         )
+    serving = serving_check(
+        trained.adapter_dir, model_architecture(train_spec.model), spec.max_lora_rank
+    )
+    if not serving.vllm_loadable:
+        hooks.train.on_event(
+            "warn", "vLLM could not serve this adapter: " + "; ".join(serving.problems)
+        )
     validation_loss = None
     if train_spec.validation_file is not None:
         from asft_core.training import adapter_validation_loss
@@ -288,6 +297,7 @@ def run(
         safelora=safelora,
         evaluation_seconds=time.monotonic() - started,
         training_data=training_data,
+        serving=serving.to_json(),
     )
     _write_json(trained.adapter_dir / "report.json", report.to_json())
     return RecipeResult("completed", trained, report, alignment, alignment_path)

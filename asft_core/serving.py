@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
+from asft_core.checkpoints import CHAT_TEMPLATE_FILE
 from asft_core.formats import ROLES, Message
 
-# Written beside a trained adapter: the template its conversations were rendered with.
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # peft's name for "no adapter" in a mixed batch.
 NO_ADAPTER = "__base__"
 # vLLM's accepted --max-lora-rank values, and its default.

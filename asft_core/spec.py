@@ -384,6 +384,7 @@ class Report:
     safelora: dict[str, Any] | None = None
     evaluation_seconds: float = 0.0
     training_data: dict[str, Any] | None = None  # the safety scan and what the policy did
+    serving: dict[str, Any] | None = None  # whether vLLM can load the adapter, and why not
 
     def harmful_score(self, model: Literal["reference", "fine_tuned"]) -> float | None:
         """The overall harmful score of one side (None when the suite has no safety prompts)."""
@@ -406,4 +407,5 @@ class Report:
             safelora=data.get("safelora"),
             evaluation_seconds=float(data.get("evaluation_seconds", 0.0)),
             training_data=data.get("training_data"),
+            serving=data.get("serving"),
         )

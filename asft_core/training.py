@@ -415,6 +415,7 @@ def train(
             scheduler,
             position,
             base_model_id=spec.base_model_id,
+            chat_template=tokenizer.chat_template,
         )
         checkpoints.append(info)
         hooks.on_checkpoint(info)
@@ -513,7 +514,9 @@ def train(
             checkpoints,
         )
 
-    adapter_dir = save_adapter(model, spec.output_dir / "adapter", spec.base_model_id)
+    adapter_dir = save_adapter(
+        model, spec.output_dir / "adapter", spec.base_model_id, tokenizer.chat_template
+    )
     return TrainResult(
         status,
         adapter_dir,

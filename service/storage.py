@@ -22,8 +22,14 @@ from anyio import to_thread
 ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"
 _ID = re.compile(ID_PATTERN)
 CHUNK_BYTES = 1 << 20
-# What an adapter archive holds: the PEFT folder's files and the evaluation report.
-ARCHIVE_MEMBERS = ("adapter_config.json", "adapter_model.safetensors", "report.json")
+# What an adapter archive holds: the PEFT folder's files, the chat template it was trained
+# with (when the model has one) and the evaluation report.
+ARCHIVE_MEMBERS = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "chat_template.jinja",
+    "report.json",
+)
 
 
 class FileTooLarge(ValueError):

@@ -15,9 +15,12 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from asft_core.spec import DataScan
 from service import logs
 from service.db.models import Job, ModelPair, Team
+from service.db.session import transaction
 from service.jobs.state import TERMINAL
 from service.scans import SCANNING
 from service.storage import file_key, job_key
@@ -113,6 +116,7 @@ def recipe_spec(
         data_policy=DataPolicy.from_json(job.data_policy),
         data_scan=scan,
         eval_limit=settings.eval_max_prompts,
+        max_lora_rank=settings.max_lora_rank,
     )
 
 
@@ -250,4 +254,26 @@ def run_job(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
     assert hooks.sync is not None
     if result.cancelled and context.preempt.is_set() and not hooks.sync.cancel_requested:
         return requeue_preempted(context, job.id)
-    return finish(context, job.id, team, result)
+    status = finish(context, job.id, team, result)
+    if status == "succeeded":
+        register_served_adapter(context, job.id, team)
+    return status
+
+
+def register_served_adapter(context: JobContext, job_id: str, team: Team) -> None:
+    """Give an approved adapter to its pair's inference server now (best effort: the first
+    chat loads it otherwise)."""
+    from service.inference import chat_target, register_adapter
+    from service.jobs.create import Refused
+
+    try:
+        with transaction(context.engine) as session:
+            job = session.get(Job, job_id)
+            model = job.fine_tuned_model if job is not None else None
+            if model is None:
+                return
+            target = chat_target(session, team, model, context.store, context.settings)
+        if register_adapter(target, timeout_s=10):
+            add_event(context, job_id, "info", f"Serving {model} for chat")
+    except (Refused, SQLAlchemyError) as error:  # the job is done; serving is a courtesy
+        logger.warning("job %s: adapter not registered for chat: %s", job_id, error)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from asft_client.cli import ExitCode
@@ -36,6 +37,7 @@ class Service:
     data_dir: Path
     admin_key: str
     team_key: str
+    inference_url: str
 
     def env(self, **extra: str) -> dict[str, str]:
         """A user's environment: the service's URL and the team key (no server settings)."""
@@ -75,6 +77,7 @@ def service(
         "ASFT_EVAL_MAX_PROMPTS": "8",
         "ASFT_CHECKPOINT_EVERY_STEPS": "2",
         "ASFT_LOG_LEVEL": "WARNING",
+        "ASFT_INFERENCE_URL": f"http://127.0.0.1:{free_port()}",
         "OMP_NUM_THREADS": "1",
     }
     log = (folder / "serve.log").open("wb")
@@ -99,7 +102,7 @@ def service(
         time.sleep(0.5)
     team_key = (data_dir / "api-key").read_text().strip()
     try:
-        yield Service(url, data_dir, admin_key, team_key)
+        yield Service(url, data_dir, admin_key, team_key, env["ASFT_INFERENCE_URL"])
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -383,6 +386,70 @@ def test_gate_failure_exits_with_its_own_code(
     downloaded = asft(service, "jobs", "download", job_id, "-o", str(tmp_path / "gated"))
     assert downloaded.returncode == 0, downloaded.stderr
     assert "not approved by the safety gate" in downloaded.stderr
+    model = json.loads(asft(service, "jobs", "get", job_id).stdout)["fine_tuned_model"]
+    refused = asft(service, "chat", model, "-m", "hello")
+    assert refused.returncode == ExitCode.ERROR
+    assert "adapter_not_approved" in refused.stderr and "HTTP 403" in refused.stderr
+
+
+def _allow_unapproved_chat(service: Service) -> None:
+    admin = {"Authorization": f"Bearer {service.admin_key}"}
+    teams = httpx.get(f"{service.url}/v1/admin/teams", headers=admin).json()["data"]
+    team = next(t for t in teams if t["name"] == "default")
+    patched = httpx.patch(
+        f"{service.url}/v1/admin/teams/{team['id']}",
+        json={"allow_unapproved_chat": True},
+        headers=admin,
+    )
+    assert patched.status_code == 200, patched.text
+
+
+def test_train_then_chat_and_survive_the_engine_dying_mid_stream(
+    service: Service, registered: str, zoo: ZooPaths, tmp_path: Path
+) -> None:
+    training = first_rows(zoo.task_file("sentiment", "train"), tmp_path / "train.jsonl", 24)
+    job_id = create_job(service, registered, training, "--epochs", "1", "--batch-size", "8")
+    asft(service, "jobs", "watch", job_id)
+    job = json.loads(asft(service, "jobs", "get", job_id).stdout)
+    assert job["status"] in ("succeeded", "failed"), job
+    if job["status"] == "failed":  # the gate's call on a tiny run; chat is what is tested
+        _allow_unapproved_chat(service)
+    model = job["fine_tuned_model"]
+    prompt = "Classify the sentiment: a dull, lifeless film."
+    said = asft(service, "chat", model, "-m", prompt, "--max-tokens", "24")
+    assert said.returncode == 0, said.stderr
+    sdk = openai.OpenAI(base_url=f"{service.url}/v1", api_key=service.team_key, max_retries=0)
+    answer = sdk.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=24
+    )
+    assert said.stdout == (answer.choices[0].message.content or "") + "\n"
+
+    # The inference server dies mid-answer: the client hears of it, and `asft serve` restarts
+    # the server, which loads the adapter again on the next request.
+    pid = httpx.get(f"{service.inference_url}/health").json()["pid"]
+    stream = sdk.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=200,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    pieces = iter(stream)
+    next(pieces)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in pieces:
+            pass
+    deadline = time.monotonic() + 90
+    while True:
+        again = asft(service, "chat", model, "-m", prompt, "--max-tokens", "24")
+        if again.returncode == 0:
+            break
+        assert "engine_unavailable" in again.stderr, again.stderr
+        assert time.monotonic() < deadline, "the inference server did not come back in 90 s"
+        time.sleep(1)
+    assert again.stdout == said.stdout
+    assert httpx.get(f"{service.inference_url}/health").json()["pid"] != pid
 
 
 def test_uploading_a_poisoned_set_shows_its_flagged_lines(

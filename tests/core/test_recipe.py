@@ -7,7 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
+from asft_core.checkpoints import CHAT_TEMPLATE_FILE
 from asft_core.recipe import (
     JobLimitExceeded,
     Limits,
@@ -73,6 +75,13 @@ def test_run_trains_evaluates_and_gates(zoo: ZooPaths, tmp_path: Path) -> None:
     assert result.train.adapter_dir is not None
     saved = json.loads((result.train.adapter_dir / "report.json").read_text())
     assert Report.from_json(saved) == result.report
+    # The serving check: a q/v LoRA on a Llama passes vLLM's rules, and the chat template
+    # training used sits beside the adapter, as the served adapter reads it.
+    assert result.report.serving is not None
+    assert result.report.serving["vllm_loadable"] is True, result.report.serving
+    assert result.report.serving["chat_template"] is True
+    template = (result.train.adapter_dir / CHAT_TEMPLATE_FILE).read_text()
+    assert template == AutoTokenizer.from_pretrained(str(zoo.aligned)).chat_template
 
 
 def test_the_caller_can_stop_the_recipe_after_validation(zoo: ZooPaths, tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from asft_core.checkpoints import CHAT_TEMPLATE_FILE
 from asft_core.formats import Message
 from asft_core.serving import (
-    CHAT_TEMPLATE_FILE,
     Delta,
     Engine,
     EngineError,
