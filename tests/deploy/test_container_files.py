@@ -35,9 +35,9 @@ SECRETS = {
     "REDIS_PASSWORD": "redis-secret-2",
     "ASFT_ADMIN_KEY": "admin-secret-3",
 }
-SERVICES = {"postgres", "redis", "migrate", "api", "worker", "beat"}
+SERVICES = {"postgres", "redis", "migrate", "api", "worker", "beat", "inference"}
 # Services that run the project's code, and so share the artifact volume at ASFT_DATA_DIR.
-CODE_SERVICES = {"migrate", "api", "worker", "beat"}
+CODE_SERVICES = {"migrate", "api", "worker", "beat", "inference"}
 # Images of third parties: an exact release (x.y.z; PostgreSQL's releases are x.y), never a
 # tag that moves such as `latest`, `3.11` or `16`.
 RELEASE_PARTS = {"postgres": 2}
@@ -47,7 +47,7 @@ def is_pinned(image: str) -> bool:
     """Whether ``image`` names one exact release of its software."""
     name, _, tag = image.partition(":")
     parts = RELEASE_PARTS.get(name, 3)
-    return re.fullmatch(r"\d+" + r"\.\d+" * (parts - 1) + r"(-[\w.-]+)?", tag) is not None
+    return re.fullmatch(r"v?\d+" + r"\.\d+" * (parts - 1) + r"(-[\w.-]+)?", tag) is not None
 
 
 def tool(name: str) -> Path:
@@ -347,11 +347,31 @@ def test_built_images_use_the_dockerfiles_api_and_worker_targets(
 ) -> None:
     services = compose_monitoring["services"]
     targets = {name: s["build"]["target"] for name, s in services.items() if "build" in s}
-    expected = {"migrate": "api", "api": "api", "beat": "api", "worker": "worker"}
+    expected = {
+        "migrate": "api",
+        "api": "api",
+        "beat": "api",
+        "worker": "worker",
+        "inference": "worker",
+    }
     assert targets == expected
     assert set(targets.values()) <= set(dockerfile_stages())
     for name in ("postgres", "redis", "flower"):
         assert is_pinned(services[name]["image"]), services[name]["image"]
+
+
+def test_the_vllm_profile_serves_lora_adapters_added_at_runtime(tmp_path: Path) -> None:
+    services = resolved(tmp_path, "vllm")["services"]
+    vllm = services["vllm"]
+    assert vllm["profiles"] == ["vllm"] and is_pinned(vllm["image"]), vllm["image"]
+    assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    command = vllm["command"]
+    assert "--enable-lora" in command
+    assert command[command.index("--max-lora-rank") + 1] == "16"
+    # Adapters are handed over as paths in the artifact store: vLLM must see the same files.
+    mounts = {(v["source"], v["target"]) for v in vllm["volumes"]}
+    assert ("artifacts", "/data") in mounts
+    assert services["api"]["environment"]["ASFT_INFERENCE_URL"] == "http://inference:8001"
 
 
 def test_the_admin_key_reaches_the_api_only(compose: dict[str, Any]) -> None:
