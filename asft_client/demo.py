@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 
 from asft_client.cli import percent_cell, print_scan, wait_for_scan
-from asft_client.client import ApiError, Client
+from asft_client.client import ApiError, Client, chat_stream
 from asft_core.experiments.frontier import TUNING_PATH
+from asft_core.formats import parse_row
 from asft_core.spec import DEFAULT_METHOD
 
 METHODS = ("supervised", DEFAULT_METHOD, "asft" if DEFAULT_METHOD != "asft" else "safelora")
@@ -139,6 +140,12 @@ def run_jobs(
         time.sleep(1.0)
 
 
+def held_out_prompt(datasets: Path) -> str:
+    """The first held-out request of the demo's task."""
+    first = json.loads((datasets / f"{TASK}_eval.jsonl").read_text().splitlines()[0])
+    return next(m.content for m in parse_row(first, 1).messages if m.role == "user")
+
+
 def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> None:
     """HS and FA per job from the reports, with the aligned model as the reference row."""
     print()
@@ -189,6 +196,28 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
             )
 
 
+def chat_with_models(client: Client, jobs: list[dict[str, Any]], prompt: str) -> None:
+    """Ask each approved model one held-out question through the chat API, streamed."""
+    approved = [j for j in jobs if j["status"] == "succeeded" and j["fine_tuned_model"]]
+    if not approved:
+        return
+    print(f"\nchatting with the approved models (asft chat MODEL -m ...): {prompt!r}")
+    for job in approved:
+        try:
+            answer = "".join(
+                chat_stream(
+                    client,
+                    job["fine_tuned_model"],
+                    [{"role": "user", "content": prompt}],
+                    temperature=0,
+                    max_tokens=24,
+                )
+            )
+        except ApiError as error:
+            answer = f"({error.code}: {error.message})"
+        print(f"{run_name(job):>16}: {answer}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the demo."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -213,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         "ASFT_ADMIN_KEY": admin_key,
         "ASFT_EVAL_MAX_PROMPTS": str(args.eval_prompts),
         "ASFT_LOG_LEVEL": "WARNING",
+        "ASFT_INFERENCE_URL": f"http://127.0.0.1:{_free_port()}",
     }
     print(f"starting asft serve on {base_url}", flush=True)
     service = subprocess.Popen(
@@ -238,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             client, "tiny-chat", Path(zoo["datasets"]), args.data_dir, args.poison_ratio
         )
         print_table(client, jobs, base_url)
+        chat_with_models(client, jobs, held_out_prompt(Path(zoo["datasets"])))
         client.close()
     finally:
         service.send_signal(signal.SIGTERM)

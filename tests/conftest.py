@@ -6,8 +6,10 @@ import atexit
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -17,6 +19,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from asft_core.zoo import ZooPaths, build_zoo
@@ -320,3 +323,45 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         with suppress(subprocess.SubprocessError):
             cluster.stop("immediate")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def inference_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``asft infer`` on a spare port, one torch thread; stopped at the end."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("infer") / "infer.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ASFT_")},
+        "ASFT_INFERENCE_URL": url,
+        "ASFT_DEVICE": "cpu",
+        "ASFT_LOG_LEVEL": "WARNING",
+        "OMP_NUM_THREADS": "1",
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "asft.cli", "infer"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "asft infer was not ready in 60 s"
+        time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

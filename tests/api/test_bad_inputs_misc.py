@@ -107,7 +107,69 @@ def model(**fields: Any) -> dict[str, Any]:
     return {"id": "new-pair", "aligned_model": "org/aligned", "base_model": "org/base", **fields}
 
 
+ANY = corpus.ANY
+CHAT = "/v1/chat/completions"
+
+
+def chat(name: str, status: int, code: str, param: Any, **fields: Any) -> Case:
+    """A ``POST /v1/chat/completions`` of a valid body with ``fields`` added or replaced."""
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return Case(name, "POST", CHAT, status, code, param, json=body)
+
+
 CASES = [
+    # -- POST /v1/chat/completions (refused before any inference server is asked) --
+    chat("chat_messages_empty", 422, INVALID, "messages", messages=[]),
+    chat("chat_messages_missing", 422, INVALID, "messages", messages=None),
+    chat("chat_role_unknown", 422, INVALID, ANY, messages=[{"role": "robot", "content": "x"}]),
+    chat("chat_content_missing", 422, INVALID, ANY, messages=[{"role": "user"}]),
+    chat(
+        "chat_content_an_image",
+        422,
+        INVALID,
+        ANY,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+    ),
+    chat("chat_temperature_above_2", 422, INVALID, "temperature", temperature=2.5),
+    chat("chat_temperature_negative", 422, INVALID, "temperature", temperature=-0.1),
+    chat("chat_top_p_zero", 422, INVALID, "top_p", top_p=0),
+    chat("chat_max_tokens_zero", 422, INVALID, "max_tokens", max_tokens=0),
+    chat("chat_max_completion_tokens_text", 422, INVALID, ANY, max_completion_tokens="ten"),
+    chat("chat_two_choices", 422, INVALID, "n", n=2),
+    chat("chat_five_stop_strings", 422, INVALID, ANY, stop=["a", "b", "c", "d", "e"]),
+    chat("chat_model_missing", 422, INVALID, "model", model=None),
+    chat("chat_model_empty", 422, INVALID, "model", model=""),
+    chat("chat_model_unknown", 404, "model_not_found", "model", model="no-such-model"),
+    chat(
+        "chat_checkpoint_step_unknown",
+        404,
+        "model_not_found",
+        "model",
+        model="{tuned}:ckpt-step-99",
+    ),
+    chat(
+        "chat_checkpoint_of_no_job",
+        404,
+        "model_not_found",
+        "model",
+        model="ft:tiny-chat:alpha::nothere:ckpt-step-1",
+    ),
+    chat(
+        "chat_checkpoint_not_evaluated",
+        403,
+        "adapter_not_approved",
+        "model",
+        model="{tuned}:ckpt-step-5",
+    ),
+    Case(
+        "chat_body_not_json",
+        "POST",
+        CHAT,
+        422,
+        "invalid_json",
+        None,
+        content=b'{"model": "tiny-chat", "messages": [',
+    ),
     # -- GET /v1/fine_tuning/jobs --
     Case("jobs_limit_zero", "GET", f"{JOBS}?limit=0", 422, INVALID, "limit"),
     Case("jobs_limit_101", "GET", f"{JOBS}?limit=101", 422, INVALID, "limit"),

@@ -7,13 +7,8 @@ adapters; bad requests; and a server that is down.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,53 +25,11 @@ from service.settings import Settings
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
 from tests.api.finished_jobs import FinishedJob, create_job, finish_job
 from tests.api.test_openai_client import base_url, sdk  # noqa: F401 - fixtures
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import free_port
 from tests.core.test_serving import make_adapter, reference
 
 pytestmark = pytest.mark.slow
 PROMPT = "Classify the sentiment: I loved it."
-
-
-@pytest.fixture(scope="module")
-def inference_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``asft infer`` on a spare port, one torch thread; stopped at the end."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("infer") / "infer.log"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ASFT_")},
-        "ASFT_INFERENCE_URL": url,
-        "ASFT_DEVICE": "cpu",
-        "ASFT_LOG_LEVEL": "WARNING",
-        "OMP_NUM_THREADS": "1",
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "asft.cli", "infer"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, log_path.read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "asft infer was not ready in 60 s"
-        time.sleep(0.2)
-    try:
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture

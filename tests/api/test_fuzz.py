@@ -108,10 +108,12 @@ class FuzzReport:
 
 
 @pytest.fixture
-def fuzz_app(settings: Settings) -> FastAPI:
+def fuzz_app(settings: Settings, inference_url: str) -> FastAPI:
     """The app on the test database, with room for every job the fuzzer creates (the active
-    job limit is tested elsewhere; here it would turn every later creation into a 429)."""
-    return create_app(settings.model_copy(update={"max_active_jobs_per_team": 100_000}))
+    job limit is tested elsewhere; here it would turn every later creation into a 429), and
+    chat going to a real inference server."""
+    changes = {"max_active_jobs_per_team": 100_000, "inference_url": inference_url}
+    return create_app(settings.model_copy(update=changes))
 
 
 def seed(client: TestClient, app: FastAPI) -> Seeded:
@@ -211,6 +213,17 @@ def config(seeded: Seeded, admin: bool) -> schemathesis.Config:
                     "headers": {"Authorization": f"Bearer {ADMIN_KEY}"},
                 },
                 *({"include-name": name, "checks": semantic_checks} for name in SEMANTIC_422),
+                # The seeded pair is a hub id the inference server cannot load (404), the
+                # seeded adapter holds placeholder files (400), and a checkpoint was never
+                # evaluated (403): schema-valid requests the server rightly refuses.
+                {
+                    "include-name": "POST /v1/chat/completions",
+                    "checks": {
+                        "positive_data_acceptance": {
+                            "expected-statuses": ["2xx", 400, 401, 403, 404, 422, 429]
+                        }
+                    },
+                },
                 # Every multipart part is bytes on the wire, so a "wrong type" mutation (an
                 # object for the file) arrives as the valid bytes "{}": no rejection is owed.
                 # The upload's real bad inputs are in the corpus (test_bad_inputs_files.py).
