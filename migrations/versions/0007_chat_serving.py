@@ -19,14 +19,14 @@ def upgrade() -> None:
     with op.batch_alter_table("model_pairs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("inference_url", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("served_model", sa.Text(), nullable=True))
+    # The server default stays: a team inserted by hand (SQL, a restore) may not chat with
+    # unapproved adapters either.
     with op.batch_alter_table("teams", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column(
                 "allow_unapproved_chat", sa.Boolean(), nullable=False, server_default=sa.false()
             )
         )
-    with op.batch_alter_table("teams", schema=None) as batch_op:
-        batch_op.alter_column("allow_unapproved_chat", server_default=None)
 
 
 def downgrade() -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -57,7 +58,9 @@ class Team(Base):
     # The team's default data policy (asft_core.spec.DataPolicy JSON); None: the service's.
     data_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # Chat with adapters that failed the safety gate, and with unevaluated checkpoints.
-    allow_unapproved_chat: Mapped[bool] = mapped_column(Boolean, default=False)
+    allow_unapproved_chat: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Signs webhook bodies (HMAC-SHA256); made when a URL is first set, shown to the admin.
     webhook_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)

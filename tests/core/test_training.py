@@ -107,9 +107,10 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(
     assert interrupted.status == "cancelled" and interrupted.steps == 3
     checkpoint = interrupted.checkpoints[-1]
     assert checkpoint.step == 3
-    # A checkpoint holds only safetensors, JSON and peft's model card: nothing that unpickles.
+    # A checkpoint holds only safetensors, JSON, peft's model card and the chat template:
+    # nothing that unpickles.
     suffixes = {p.suffix for p in checkpoint.path.rglob("*") if p.is_file()}
-    assert suffixes <= {".safetensors", ".json", ".md"}
+    assert suffixes <= {".safetensors", ".json", ".md", ".jinja"}
     assert {".safetensors", ".json"} <= suffixes
 
     resumed = train(
