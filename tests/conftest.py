@@ -325,6 +325,22 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def wait_until_answering(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float
+) -> None:
+    """Poll ``url`` until it answers 200; fail with ``log`` if ``process`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer in {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def inference_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``asft infer`` on a spare port, one torch thread; stopped at the end."""
@@ -346,16 +362,7 @@ def inference_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, log_path.read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "asft infer was not ready in 60 s"
-        time.sleep(0.2)
+    wait_until_answering(f"{url}/health", process, log_path, timeout_s=60)
     try:
         yield url
     finally:

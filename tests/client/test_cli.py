@@ -24,7 +24,7 @@ import pytest
 
 from asft_client.cli import ExitCode
 from asft_core.zoo import ZooPaths
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, wait_until_answering
 
 pytestmark = pytest.mark.slow
 
@@ -90,16 +90,7 @@ def service(
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, (folder / "serve.log").read_text()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "asft serve was not ready in 120 s"
-        time.sleep(0.5)
+    wait_until_answering(f"{url}/readyz", process, folder / "serve.log", timeout_s=120)
     team_key = (data_dir / "api-key").read_text().strip()
     try:
         yield Service(url, data_dir, admin_key, team_key, env["ASFT_INFERENCE_URL"])
