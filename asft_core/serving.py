@@ -224,16 +224,17 @@ class Engine:
             target.model.eval()
             target.adapters[name] = _Adapter(name, folder, template)
             self._adapter_base[name] = target.name
-            self._evict(target)
+            self._evict(target, keep=name)
         return True
 
-    def _evict(self, base: _Base) -> None:
-        """Drop least recently used adapters no request is using, down to ``max_adapters``."""
+    def _evict(self, base: _Base, keep: str) -> None:
+        """Drop least recently used adapters no request is using (never ``keep``), down to
+        ``max_adapters``; adapters in use stay, over the bound, until a later load."""
         total = len(self._adapter_base)
         for adapter in list(base.adapters.values()):
             if total <= self.max_adapters:
                 return
-            if adapter.in_use == 0:
+            if adapter.in_use == 0 and adapter.name != keep:
                 self._drop(base, adapter.name)
                 total -= 1
 
