@@ -32,6 +32,7 @@ _TYPES = {
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    502: "server_error",
     503: "service_unavailable",
 }
 

@@ -201,7 +201,11 @@ def chat_stream(
     inference server went away).
     """
     body = {"model": model, "messages": messages, "stream": True, **options}
-    with client._http.stream("POST", "/v1/chat/completions", json=body) as response:
+    # The first request to a model may wait while the inference server loads it.
+    timeout = httpx.Timeout(60.0, read=600.0)
+    with client._http.stream(
+        "POST", "/v1/chat/completions", json=body, timeout=timeout
+    ) as response:
         if response.status_code >= 400:
             response.read()
             _raise_for_error(response)

@@ -272,13 +272,7 @@ def run(
             f"Safe LoRA projected {len(safelora['projected'])} of "
             f"{len(safelora['similarities'])} modules",
         )
-    serving = serving_check(
-        trained.adapter_dir, model_architecture(train_spec.model), spec.max_lora_rank
-    )
-    if not serving.vllm_loadable:
-        hooks.train.on_event(
-            "warn", "vLLM could not serve this adapter: " + "; ".join(serving.problems)
-        )
+    serving = _serving_check(spec, trained.adapter_dir, hooks)
     validation_loss = None
     if train_spec.validation_file is not None:
         from asft_core.training import adapter_validation_loss
@@ -297,10 +291,26 @@ def run(
         safelora=safelora,
         evaluation_seconds=time.monotonic() - started,
         training_data=training_data,
-        serving=serving.to_json(),
+        serving=serving,
     )
     _write_json(trained.adapter_dir / "report.json", report.to_json())
     return RecipeResult("completed", trained, report, alignment, alignment_path)
+
+
+def _serving_check(
+    spec: RecipeSpec, adapter_dir: Path, hooks: RecipeHooks
+) -> dict[str, Any] | None:
+    """The report's ``serving`` section; a check that cannot run costs the job nothing."""
+    try:
+        check = serving_check(adapter_dir, model_architecture(spec.train.model), spec.max_lora_rank)
+    except (OSError, ValueError) as error:
+        hooks.train.on_event("warn", f"the serving check could not run: {error}")
+        return None
+    if not check.vllm_loadable:
+        hooks.train.on_event(
+            "warn", "vLLM could not serve this adapter: " + "; ".join(check.problems)
+        )
+    return check.to_json()
 
 
 class DataPolicyError(ValueError):

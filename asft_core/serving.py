@@ -32,6 +32,8 @@ from asft_core.formats import ROLES, Message
 
 # peft's name for "no adapter" in a mixed batch.
 NO_ADAPTER = "__base__"
+# Below this temperature, sampling is greedy (dividing logits by it would overflow).
+MIN_TEMPERATURE = 1e-5
 # vLLM's accepted --max-lora-rank values, and its default.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
@@ -100,7 +102,8 @@ class _Request:
 
 @dataclass
 class _Adapter:
-    name: str
+    name: str  # the public name (a model id, which may hold dots)
+    key: str  # peft's name for it: torch module names may not hold dots
     path: Path
     chat_template: str | None
     in_use: int = 0
@@ -132,10 +135,17 @@ class _Base:
 
     def prompt_ids(self, messages: Sequence[Message], adapter: _Adapter | None) -> list[int]:
         """Token ids of the prompt, with the adapter's training template when it has one."""
+        from jinja2 import TemplateError
+
         from asft_core.data import generation_prompt
 
         template = adapter.chat_template if adapter is not None else None
-        text = generation_prompt(self.tokenizer, messages, template)
+        try:
+            text = generation_prompt(self.tokenizer, messages, template)
+        except TemplateError as error:  # e.g. a template that needs alternating roles
+            raise EngineError(
+                "invalid_messages", f"the model's chat template refused them: {error}", 400
+            ) from error
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
@@ -162,6 +172,7 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self._bases: dict[str, _Base] = {}
         self._adapter_base: dict[str, str] = {}
+        self._loaded = 0  # adapters ever loaded: their peft keys
         # Held while a batch runs a forward pass and while adapters are added or removed.
         self._model_lock = threading.RLock()
         self._load_lock = threading.Lock()
@@ -212,17 +223,19 @@ class Engine:
         with self._load_lock, self._model_lock:
             if name in self._adapter_base:
                 return False
+            self._loaded += 1
+            key = f"adapter_{self._loaded}"
             try:
                 if isinstance(target.model, PeftModel):
-                    target.model.load_adapter(str(folder), adapter_name=name)
+                    target.model.load_adapter(str(folder), adapter_name=key)
                 else:
                     target.model = PeftModel.from_pretrained(
-                        target.model, str(folder), adapter_name=name
+                        target.model, str(folder), adapter_name=key
                     )
             except (ValueError, OSError, RuntimeError, KeyError) as error:
                 raise EngineError("invalid_adapter", f"cannot load {path!r}: {error}") from error
             target.model.eval()
-            target.adapters[name] = _Adapter(name, folder, template)
+            target.adapters[name] = _Adapter(name, key, folder, template)
             self._adapter_base[name] = target.name
             self._evict(target, keep=name)
         return True
@@ -239,29 +252,33 @@ class Engine:
                 total -= 1
 
     def _drop(self, base: _Base, name: str) -> None:
-        if len(base.adapters) == 1:
-            base.model = base.model.unload()  # peft keeps at least one adapter
+        """Remove adapter ``name`` from ``base`` (the caller holds both locks)."""
+        adapter = base.adapters.pop(name)
+        if base.adapters:
+            base.model.delete_adapter(adapter.key)
         else:
-            base.model.delete_adapter(name)
-        del base.adapters[name]
-        del self._adapter_base[name]
+            base.model = base.model.unload()  # peft keeps at least one adapter
+        self._adapter_base.pop(name, None)
 
     def unload_adapter(self, name: str) -> None:
-        """Remove adapter ``name``; waits for the batch using it to end."""
+        """Remove adapter ``name``: new requests no longer find it, and it goes once the
+        requests already using it end (up to a minute)."""
         with self._load_lock:
             if name not in self._adapter_base:
                 raise EngineError(
                     "adapter_not_found", f"The lora adapter '{name}' cannot be found.", 404
                 )
-            base = self._bases[self._adapter_base[name]]
+            base = self._bases[self._adapter_base.pop(name)]
+            adapter = base.adapters[name]
         deadline = time.monotonic() + 60
-        while base.adapters.get(name) is not None and base.adapters[name].in_use:
+        while True:
+            with self._load_lock, self._model_lock:
+                if adapter.in_use == 0:
+                    self._drop(base, name)
+                    return
             if time.monotonic() > deadline:
-                raise EngineError("adapter_in_use", f"adapter {name!r} is busy", 409)
+                raise EngineError("adapter_in_use", f"adapter {name!r} is still in use", 409)
             time.sleep(0.01)
-        with self._load_lock, self._model_lock:
-            if name in self._adapter_base:
-                self._drop(base, name)
 
     def models(self) -> list[dict[str, Any]]:
         """Loaded bases and adapters, as vLLM lists them (an adapter's ``parent`` is its base)."""
@@ -272,6 +289,7 @@ class Engine:
                 listed += [
                     {"id": a.name, "root": str(a.path), "parent": base.name}
                     for a in base.adapters.values()
+                    if a.name in self._adapter_base  # not one being unloaded
                 ]
             return listed
 
@@ -362,6 +380,11 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
         )
 
+    @property
+    def alive(self) -> bool:
+        """Whether the decode thread runs (it only ends on :meth:`close`)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the decode thread after the running batch."""
         with self._wake:
@@ -410,7 +433,7 @@ class Engine:
             input_ids[row, width - len(request.ids) :] = torch.tensor(request.ids)
             mask[row, width - len(request.ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        names = [r.adapter.name if r.adapter else NO_ADAPTER for r in batch]
+        names = [r.adapter.key if r.adapter else NO_ADAPTER for r in batch]
         past = None
         step_ids = input_ids
         for _ in range(max(r.max_tokens for r in batch)):
@@ -478,9 +501,11 @@ class Engine:
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
     """The next token: argmax at temperature 0, else a draw from the top-p nucleus."""
-    if sampling.temperature == 0:
+    if sampling.temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if not torch.isfinite(probs).all():  # overflow at a tiny temperature: as greedy
+        return int(logits.argmax())
     if sampling.top_p < 1:
         ordered, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).

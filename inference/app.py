@@ -59,8 +59,10 @@ def create_app(engine: Engine) -> FastAPI:
         code = "invalid_value" if param else "invalid_request"
         return JSONResponse(error_body(code, f"{param}: {first['msg']}", 400, param), 400)
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
+    @app.get("/health", response_model=None)
+    def health() -> dict[str, Any] | JSONResponse:
+        if not engine.alive:
+            return JSONResponse(error_body("engine_stopped", "the decode loop ended", 503), 503)
         return {"status": "ok", "pid": os.getpid()}
 
     @app.get("/v1/models")
@@ -90,7 +92,7 @@ def create_app(engine: Engine) -> FastAPI:
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest) -> JSONResponse | StreamingResponse:
+    async def chat(request: Request, body: ChatRequest) -> JSONResponse | StreamingResponse:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta] = asyncio.Queue()
 
@@ -112,7 +114,12 @@ def create_app(engine: Engine) -> FastAPI:
             try:
                 text, last = "", None
                 while last is None:
-                    delta = await queue.get()
+                    try:
+                        delta = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    except TimeoutError:
+                        if await request.is_disconnected():  # stop decoding for no one
+                            return _error(EngineError("client_gone", "the client left", 499))
+                        continue
                     if delta.error is not None:
                         return _error(delta.error)
                     text += delta.text

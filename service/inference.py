@@ -9,6 +9,7 @@ first lacks it (after a restart, vLLM has forgotten every adapter it was given).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import httpx
@@ -93,7 +94,9 @@ def _checkpoint_target(
 ) -> ChatTarget:
     name, _, step_text = model_id.rpartition(CHECKPOINT_MARK)
     job_id = "ftjob-" + name.rsplit(":", 1)[-1]
-    job = session.get(Job, job_id) if is_id(job_id) and step_text.isdigit() else None
+    # ASCII digits, within a 32-bit step ("²" is a digit to str.isdigit, and int() refuses it).
+    step_ok = re.fullmatch(r"[0-9]{1,9}", step_text) is not None
+    job = session.get(Job, job_id) if is_id(job_id) and step_ok else None
     if job is None or job.team_id != team.id or fine_tuned_name(job, team.name) != name:
         raise _not_found(model_id)
     checkpoint = session.scalars(

@@ -9,9 +9,11 @@ sent again once.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,6 +26,7 @@ from service.inference import ChatTarget, chat_target, is_loaded_answer, load_re
 from service.jobs.create import Refused
 
 router = APIRouter(tags=["chat"])
+logger = logging.getLogger("asft.api")
 RETRY_AFTER_S = 5
 
 
@@ -39,8 +42,23 @@ def unavailable(target: ChatTarget, why: str) -> ApiError:
 
 async def _refusal(target: ChatTarget, response: httpx.Response) -> ApiError:
     """The API's error for an inference server's error answer."""
-    await response.aread()
-    await response.aclose()
+    try:
+        await response.aread()
+    except httpx.HTTPError as broken:
+        return unavailable(target, f"a broken answer: {type(broken).__name__}")
+    finally:
+        await response.aclose()
+    if response.status_code == 404:
+        # Known here (a pair, or a fine-tuned model whose adapter was just loaded), so the
+        # server is not serving it: the embedded one serves pairs registered as folders.
+        logger.warning("%s does not serve %s: %s", target.url, target.served_name, response.text)
+        return ApiError(
+            "model_not_served",
+            f"the inference server at {target.url} does not serve this model "
+            "(the embedded engine serves model pairs registered as local folders)",
+            "model",
+            status_code=404,
+        )
     if response.status_code == 503:
         return ApiError(
             "engine_loading",
@@ -51,9 +69,9 @@ async def _refusal(target: ChatTarget, response: httpx.Response) -> ApiError:
     if response.status_code >= 500:
         return unavailable(target, f"it answered {response.status_code}")
     try:
-        error = response.json()["error"]
-        code, message, param = error.get("code"), error["message"], error.get("param")
-    except (ValueError, KeyError, TypeError):
+        detail = response.json()["error"]
+        code, message, param = detail.get("code"), detail["message"], detail.get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
         code, message, param = None, response.text[:500], None
     return ApiError(
         str(code or "invalid_request"), message, param, status_code=response.status_code
@@ -72,7 +90,15 @@ async def _send(
         await response.aclose()
         loaded = await client.post(f"{target.url}/v1/load_lora_adapter", json=load_request(target))
         if not is_loaded_answer(loaded):
-            raise await _refusal(target, loaded)
+            # The adapter's files are the service's, not the user's: say so, log the detail.
+            logger.error("%s could not load %s: %s", target.url, target.served_name, loaded.text)
+            raise ApiError(
+                "adapter_load_failed",
+                "the inference server could not load this model's adapter; the operators "
+                "have the details",
+                "model",
+                status_code=502,
+            )
         return await client.send(client.build_request("POST", url, json=payload), stream=True)
     except httpx.HTTPError as error:
         raise unavailable(target, type(error).__name__) from None
@@ -96,19 +122,22 @@ async def _relay(
         async for line in response.aiter_lines():
             if line:
                 yield _renamed(line, model) + "\n\n"
-    except httpx.HTTPError as error:
+    except (httpx.HTTPError, ValueError) as error:
         failure = unavailable(target, f"the stream broke: {type(error).__name__}")
         body = {"error": {"message": failure.message, "type": "server_error", "code": failure.code}}
         yield f"data: {json.dumps(body)}\n\n"
     finally:
-        await response.aclose()
-        await client.aclose()
+        # Shielded: when the client left, this scope is cancelled, and the closes must still
+        # run (closing the stream is what tells the server to stop decoding).
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+            await client.aclose()
 
 
 @router.post(
     "/v1/chat/completions",
     response_model=None,
-    responses=errors(403, 404, 503),
+    responses=errors(403, 404, 502, 503),
     summary="Chat with a model pair, a fine-tuned model or a checkpoint",
 )
 async def chat_completions(
@@ -128,7 +157,10 @@ async def chat_completions(
         )
     except Refused as error:
         raise refused(error) from None
-    payload = {**body.model_dump(exclude_unset=True), "model": target.served_name}
+    # ignore_eos (vLLM's benchmark switch) is not forwarded: it would let one request hold
+    # the engine for a whole context.
+    fields = body.model_dump(exclude_unset=True, exclude={"ignore_eos"})
+    payload = {**fields, "model": target.served_name}
     timeout = httpx.Timeout(settings.inference_timeout_s, connect=5.0)
     client = httpx.AsyncClient(timeout=timeout)
     try:
@@ -149,5 +181,7 @@ async def chat_completions(
     finally:
         await response.aclose()
         await client.aclose()
+    if not isinstance(answer, dict):
+        raise unavailable(target, "an answer that is not a JSON object")
     answer["model"] = body.model
     return JSONResponse(answer)

@@ -90,6 +90,7 @@ _DESCRIPTIONS = {
     "address's), with Retry-After; creating or starting a job, also the team's limit of active "
     "jobs.",
     431: "The request's headers are too many or too large.",
+    502: "The inference server could not load the model's adapter (the service's fault).",
     503: "The database, broker or inference server is unreachable, or the schema is out of "
     "date; with Retry-After where trying again helps.",
 }

@@ -5,6 +5,7 @@ report. Only training is skipped: the adapter folders hold placeholder files.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,16 @@ def finish_job(app: FastAPI, job_id: str, step: int = 5) -> FinishedJob:
         model_id = session.get(Job, job_id).fine_tuned_model  # type: ignore[union-attr]
     assert model_id is not None
     return FinishedJob(job_id, model_id, step, app.state.store.path(job_key(job_id)))
+
+
+def install_adapter(source: Path, folder: Path) -> None:
+    """Put the real PEFT adapter ``source`` where a placeholder one is (``folder``)."""
+    shutil.rmtree(folder)
+    shutil.copytree(source, folder)
+
+
+def install_real_adapters(job: FinishedJob, final: Path, checkpoint: Path) -> None:
+    """Replace ``job``'s placeholder adapter and checkpoint adapter with real ones."""
+    install_adapter(final, job.folder / "adapter")
+    step = job.folder / "checkpoints" / f"step-{job.checkpoint_step}" / "adapter"
+    install_adapter(checkpoint, step)

@@ -7,7 +7,6 @@ adapters; bad requests; and a server that is down.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from asft_core.zoo import ZooPaths
 from service.db.models import FineTunedModel
 from service.settings import Settings
 from tests.api.conftest import ADMIN, auth, jsonl, sentiment_rows
-from tests.api.finished_jobs import FinishedJob, create_job, finish_job
+from tests.api.finished_jobs import FinishedJob, create_job, finish_job, install_real_adapters
 from tests.api.test_openai_client import base_url, sdk  # noqa: F401 - fixtures
 from tests.conftest import free_port
 from tests.core.test_serving import make_adapter, reference
@@ -56,11 +55,6 @@ def adapters(zoo: ZooPaths, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     return make_adapter(zoo, root / "final", 11), make_adapter(zoo, root / "checkpoint", 12)
 
 
-def _install(source: Path, folder: Path) -> None:
-    shutil.rmtree(folder)
-    shutil.copytree(source, folder)
-
-
 @pytest.fixture
 def finished(
     app: FastAPI,
@@ -73,8 +67,7 @@ def finished(
     """A succeeded job of team alpha whose adapter and checkpoint are real LoRA adapters."""
     training = str(upload(team_key, jsonl(sentiment_rows(20)))["id"])
     job = finish_job(app, create_job(client, team_key, tiny_pair, training))
-    _install(adapters[0], job.folder / "adapter")
-    _install(adapters[1], job.folder / "checkpoints" / f"step-{job.checkpoint_step}" / "adapter")
+    install_real_adapters(job, *adapters)
     return job
 
 

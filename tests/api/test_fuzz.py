@@ -29,10 +29,12 @@ from fastapi.testclient import TestClient
 from schemathesis.engine import events, from_schema
 
 from api.main import create_app
+from asft_core.zoo import ZooPaths
 from service.jobs.state import transition
 from service.settings import Settings
 from tests.api.conftest import ADMIN, ADMIN_KEY, auth, jsonl, sentiment_rows
-from tests.api.finished_jobs import create_job, finish_job
+from tests.api.finished_jobs import create_job, finish_job, install_real_adapters
+from tests.core.test_serving import make_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -116,13 +118,14 @@ def fuzz_app(settings: Settings, inference_url: str) -> FastAPI:
     return create_app(settings.model_copy(update=changes))
 
 
-def seed(client: TestClient, app: FastAPI) -> Seeded:
-    """A team with a key, a model pair, files and jobs in every state a route cares about."""
+def seed(client: TestClient, app: FastAPI, zoo: ZooPaths, adapters: Path) -> Seeded:
+    """A team with a key, a model pair, files and jobs in every state a route cares about;
+    the pair is the zoo's and the finished jobs hold real adapters, so chat answers."""
     team = client.post("/v1/admin/teams", json={"name": "alpha"}, headers=ADMIN).json()
     keys = f"/v1/admin/teams/{team['id']}/keys"
     key = client.post(keys, json={}, headers=ADMIN).json()["key"]
     spare = client.post(keys, json={"name": "spare"}, headers=ADMIN).json()["id"]
-    pair = {"id": "tiny-chat", "aligned_model": "org/tiny-chat", "base_model": "org/tiny-base"}
+    pair = {"id": "tiny-chat", "aligned_model": str(zoo.aligned), "base_model": str(zoo.base)}
     assert client.post("/v1/models", json=pair, headers=ADMIN).status_code == 200
 
     def upload(content: bytes) -> str:
@@ -143,6 +146,8 @@ def seed(client: TestClient, app: FastAPI) -> Seeded:
     # A second finished job whose model is not among the ids DELETE /v1/models/{model_id}
     # draws, so its adapter is more likely to be still there when the fuzzer asks for it.
     kept = finish_job(app, create_job(client, key, "tiny-chat", training))
+    for job in (finished, kept):
+        install_real_adapters(job, adapters, adapters)
     waiting = client.post(
         "/v1/fine_tuning/jobs",
         json={"model": "tiny-chat", "training_file": second, "auto_start": False},
@@ -276,10 +281,13 @@ def run(schema: schemathesis.BaseSchema) -> FuzzReport:
 
 
 @pytest.fixture
-def fuzzed(fuzz_app: FastAPI) -> Iterator[tuple[FuzzReport, set[str]]]:
+def fuzzed(
+    fuzz_app: FastAPI, zoo: ZooPaths, tmp_path: Path
+) -> Iterator[tuple[FuzzReport, set[str]]]:
     """Seed, fuzz the team routes then the admin routes; the report and every operation."""
+    adapter = make_adapter(zoo, tmp_path / "adapter", seed=1)
     with TestClient(fuzz_app) as client:
-        seeded = seed(client, fuzz_app)
+        seeded = seed(client, fuzz_app, zoo, adapter)
         report = FuzzReport()
         operations: set[str] = set()
         for admin in (False, True):

@@ -5,6 +5,7 @@ and go without a restart; sampling, stop strings and the context limit; the serv
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,33 @@ def test_sampling_is_seeded_and_stops_where_asked(engine: Engine) -> None:
     assert stopped == greedy[: greedy.index(cut)]
     _, limited = complete(engine, "tiny", PROMPTS[0], Sampling(temperature=0, max_tokens=2))
     assert (limited.finish_reason, limited.completion_tokens) == ("length", 2)
+
+
+def test_dotted_names_tiny_temperatures_and_refusing_templates(
+    engine: Engine, adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Model ids hold dots ("ft:qwen2.5-0.5b:..."), which torch refuses in module names.
+    dotted = "ft:qwen2.5-0.5b:team::abc"
+    assert engine.load_adapter(dotted, str(adapters[0]), "tiny")
+    greedy, _ = complete(engine, dotted, PROMPTS[1])
+    # A temperature too small to divide by is greedy, not a NaN that fails the batch.
+    assert (
+        complete(engine, dotted, PROMPTS[1], Sampling(temperature=1e-40, max_tokens=24))[0]
+        == greedy
+    )
+    engine.unload_adapter(dotted)
+    folder = tmp_path / "strict"
+    shutil.copytree(adapters[0], folder)
+    (folder / CHAT_TEMPLATE_FILE).write_text(
+        "{% if messages[0]['role'] != 'user' %}"
+        "{{ raise_exception('Conversations must start with a user message') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    engine.load_adapter("strict", str(folder), "tiny")
+    with pytest.raises(EngineError) as refused:
+        engine.submit("strict", [Message("assistant", "hi")], GREEDY, lambda _: None)
+    assert refused.value.code == "invalid_messages" and refused.value.status == 400
+    engine.unload_adapter("strict")
 
 
 def test_bad_requests_are_engine_errors(engine: Engine) -> None:
