@@ -85,3 +85,38 @@ class UnloadAdapter(BaseModel):
     """vLLM's ``/v1/unload_lora_adapter`` body."""
 
     lora_name: Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class AnswerMessage(BaseModel):
+    """The assistant's message of a non-streamed answer."""
+
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    """One answer (``n`` is 1)."""
+
+    index: int
+    message: AnswerMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    """Token counts of a request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's ``chat.completion`` object: the answer when ``stream`` is false."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage

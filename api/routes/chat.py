@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.deps import CurrentTeam, read_in_session
 from api.errors import ApiError, refused
 from api.schemas.common import errors
-from inference.protocol import ChatRequest
+from inference.protocol import ChatCompletion, ChatRequest
 from service.inference import ChatTarget, chat_target, is_loaded_answer, load_request
 from service.jobs.create import Refused
 
@@ -137,7 +137,15 @@ async def _relay(
 @router.post(
     "/v1/chat/completions",
     response_model=None,
-    responses=errors(403, 404, 502, 503),
+    responses={
+        200: {
+            "model": ChatCompletion,
+            "description": "The answer; with `stream: true`, server-sent `chat.completion.chunk`"
+            " events ending with `data: [DONE]`.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **errors(403, 404, 502, 503),
+    },
     summary="Chat with a model pair, a fine-tuned model or a checkpoint",
 )
 async def chat_completions(
