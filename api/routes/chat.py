@@ -134,6 +134,20 @@ async def _relay(
             await client.aclose()
 
 
+# One server-sent event, as OpenAPI 3.2 describes a stream's items: its data is a JSON
+# chunk, or `[DONE]` (not JSON, so no contentMediaType here).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a JSON `chat.completion.chunk`, an error object, or `[DONE]`",
+        }
+    },
+}
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=None,
@@ -142,7 +156,7 @@ async def _relay(
             "model": ChatCompletion,
             "description": "The answer; with `stream: true`, server-sent `chat.completion.chunk`"
             " events ending with `data: [DONE]`.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         },
         **errors(403, 404, 502, 503),
     },

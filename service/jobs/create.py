@@ -196,7 +196,8 @@ def create_job(
         suffix=new.suffix,
         metadata_=new.metadata,
         auto_start=new.auto_start,
-        idempotency_key=new.idempotency_key,
+        # An empty header is no key: storing "" would make every later keyless retry collide.
+        idempotency_key=new.idempotency_key or None,
     )
     session.add(job)
     append_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")

@@ -357,6 +357,13 @@ def test_idempotency_key_returns_the_same_job(
     assert sorted(job["id"] for job in listed) == sorted([first["id"], other["id"]])
 
 
+def test_an_empty_idempotency_key_is_no_key(create: Create) -> None:
+    # Found by the fuzzer: a stored "" made the second keyless job a unique-key 500.
+    first = created(create(headers={"Idempotency-Key": ""}))
+    second = created(create(headers={"Idempotency-Key": ""}))
+    assert first["id"] != second["id"]
+
+
 def test_idempotency_keys_are_per_team(
     create: Create,
     client: TestClient,
