@@ -50,6 +50,9 @@ class CheckpointInfo:
     epoch: int
     path: Path
     adapter_path: Path
+    # Mean per-token loss on the whole validation file at this step (None without one);
+    # OpenAI's name for it in checkpoint metrics.
+    full_valid_loss: float | None = None
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:

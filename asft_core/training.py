@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -353,6 +353,11 @@ def train(
         "info",
         f"{len(train_data.examples)} training rows, {train_data.num_tokens} tokens per epoch",
     )
+    valid_data = None
+    if spec.validation_file is not None:
+        valid_data = load_training_data(
+            tokenizer, spec.validation_file, spec.hyper.max_seq_len, hooks, "validation file"
+        )
 
     # Model: LoRA on the target modules; the base weights stay frozen.
     lora_config = LoraConfig(
@@ -417,6 +422,11 @@ def train(
             base_model_id=spec.base_model_id,
             chat_template=tokenizer.chat_template,
         )
+        if valid_data is not None:
+            # At checkpoints only: a pass over the validation rows costs about as much as a
+            # step per 8 rows, too much to pay every step.
+            loss = evaluate_loss(model, valid_data.examples, pad_id, device)
+            info = replace(info, full_valid_loss=loss)
         checkpoints.append(info)
         hooks.on_checkpoint(info)
 

@@ -191,7 +191,10 @@ class JobHooks:
         """Record a checkpoint whose files are in place, after the steps before it."""
         assert self.sync is not None
         self.sync.flush()
-        record_checkpoint(self.context, self.job.id, info, dict(self.last_metrics))
+        metrics = dict(self.last_metrics)
+        if info.full_valid_loss is not None:
+            metrics["full_valid_loss"] = info.full_valid_loss
+        record_checkpoint(self.context, self.job.id, info, metrics)
 
     def should_cancel(self) -> bool:
         """Stop at the next step: the worker is stopping, or the owner asked (last sync)."""

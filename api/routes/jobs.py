@@ -39,7 +39,10 @@ from api.schemas.jobs import (
     METADATA_MAX_KEYS,
     JobCheckpoint,
     JobCreate,
+    JobMetrics,
     JobReport,
+    MetricPoint,
+    ValidationPoint,
     check_metadata_pair,
     job_spec,
 )
@@ -55,6 +58,7 @@ from service.db.models import (
 )
 from service.jobs import create as creation
 from service.jobs.create import NewJob, Refused, check_active_limit
+from service.jobs.curves import job_curves
 from service.jobs.events import append_event
 from service.jobs.objects import FineTuningJob, job_object
 from service.jobs.state import TERMINAL, Status, fine_tuned_name, transition
@@ -300,6 +304,38 @@ def list_events(
     return conditional_json(
         request, page_of(data, has_more).model_dump_json(by_alias=True).encode()
     )
+
+
+@router.get(
+    "/{fine_tuning_job_id}/metrics",
+    response_model=JobMetrics,
+    responses={**errors(404), **NOT_MODIFIED},
+)
+def get_metrics(
+    request: Request,
+    team_id: CurrentTeamId,
+    session: SessionDep,
+    fine_tuning_job_id: str,
+    resolution: Annotated[
+        int, Query(ge=2, le=10_000, description="the most points to return")
+    ] = 500,
+) -> Response:
+    """The job's training curves: per-step metrics averaged into at most ``resolution``
+    points (with each bucket's lowest and highest train loss), and the validation loss of
+    each checkpoint. Conditional like the events: a bodiless 304 until a new step."""
+    get_team_job(session, team_id, fine_tuning_job_id)
+    curves = job_curves(session, fine_tuning_job_id, resolution)
+    body = JobMetrics(
+        fine_tuning_job_id=fine_tuning_job_id,
+        resolution=resolution,
+        bucket_steps=curves.bucket_steps,
+        steps_recorded=curves.steps_recorded,
+        last_step=curves.last_step,
+        total_steps=curves.total_steps,
+        data=[MetricPoint(**point) for point in curves.points],
+        validation=[ValidationPoint(**point) for point in curves.validation],
+    )
+    return conditional_json(request, body.model_dump_json().encode())
 
 
 def _checkpoint_object(row: Checkpoint, job: Job, team: Team) -> JobCheckpoint:

@@ -344,6 +344,41 @@ class JobCheckpoint(BaseModel):
     fine_tuning_job_id: str
 
 
+class MetricPoint(BaseModel):
+    """The steps of one bucket: the last step, how many there were, and their means."""
+
+    step: int
+    steps: int
+    train_loss: float | None
+    train_loss_min: float | None
+    train_loss_max: float | None
+    penalty: float | None
+    loss: float | None
+    learning_rate: float | None
+    tokens_per_s: float | None
+
+
+class ValidationPoint(BaseModel):
+    """The loss on the whole validation file at a checkpoint."""
+
+    step: int
+    full_valid_loss: float
+
+
+class JobMetrics(BaseModel):
+    """A job's training curves at most ``resolution`` points long."""
+
+    object: Literal["fine_tuning.job.metrics"] = "fine_tuning.job.metrics"
+    fine_tuning_job_id: str
+    resolution: int
+    bucket_steps: int = Field(description="steps averaged into each point")
+    steps_recorded: int
+    last_step: int | None
+    total_steps: int | None
+    data: list[MetricPoint]
+    validation: list[ValidationPoint]
+
+
 class JobReport(BaseModel):
     """The evaluation of a job's adapter: safety and utility, per category, failing prompts."""
 

@@ -684,6 +684,92 @@ def test_events_newest_first_with_pages(
     assert error_of(response, 404)["code"] == "invalid_cursor"
 
 
+def test_metrics_are_averaged_into_buckets_by_the_database(
+    create: Create, client: TestClient, team_key: str, app: FastAPI, make_team: Callable[..., Any]
+) -> None:
+    job = created(create())
+    steps = 2503
+
+    def loss(step: int) -> float:
+        return 3.0 / step + (1.0 if step == 1700 else 0.0)  # a spike the min/max must keep
+
+    with app.state.sessions() as session:
+        session.execute(
+            JobEvent.__table__.insert(),
+            [
+                {
+                    "id": new_id("ftevent"),
+                    "job_id": job["id"],
+                    "created_at": 0,
+                    "level": "info",
+                    "type": "metrics",
+                    "message": f"Step {step}",
+                    "step": step,
+                    "data": {
+                        "step": step,
+                        "total_steps": 3000,
+                        "train_loss": loss(step),
+                        "penalty": 0.5,
+                        "loss": loss(step) + 0.5,
+                        "learning_rate": 1e-4,
+                        "tokens_per_s": float(step),
+                        "trained_tokens": step,
+                    },
+                }
+                for step in range(1, steps + 1)
+            ],
+        )
+        session.add(
+            Checkpoint(
+                id=new_id("ftckpt"),
+                job_id=job["id"],
+                step=2000,
+                metrics={"step": 2000, "train_loss": 0.1, "full_valid_loss": 0.75},
+                storage_key="unused",
+            )
+        )
+        session.commit()
+    url = f"{JOBS}/{job['id']}/metrics"
+    response = client.get(url, params={"resolution": 100}, headers=auth(team_key))
+    assert response.status_code == 200, response.text
+    curves = response.json()
+    assert curves["object"] == "fine_tuning.job.metrics"
+    assert (curves["steps_recorded"], curves["last_step"], curves["total_steps"]) == (
+        2503,
+        2503,
+        3000,
+    )
+    bucket = curves["bucket_steps"]
+    assert bucket == 26 and len(curves["data"]) == 97 <= 100  # ceil(2503 / 100), ceil(2503 / 26)
+    for index, point in enumerate(curves["data"]):
+        members = range(index * bucket + 1, min((index + 1) * bucket, steps) + 1)
+        assert point["step"] == members[-1] and point["steps"] == len(members)
+        assert point["train_loss"] == pytest.approx(sum(map(loss, members)) / len(members))
+        assert point["train_loss_min"] == pytest.approx(min(map(loss, members)))
+        assert point["train_loss_max"] == pytest.approx(max(map(loss, members)))
+        assert point["penalty"] == pytest.approx(0.5)
+        assert point["tokens_per_s"] == pytest.approx(sum(members) / len(members))
+    assert max(point["train_loss_max"] for point in curves["data"][60:]) > 1.0  # the spike
+    assert curves["validation"] == [{"step": 2000, "full_valid_loss": 0.75}]
+    # Every step when the resolution allows; a 304 while nothing changed.
+    full = client.get(url, params={"resolution": 5000}, headers=auth(team_key))
+    assert full.json()["bucket_steps"] == 1 and len(full.json()["data"]) == steps
+    again = client.get(
+        url,
+        params={"resolution": 5000},
+        headers={**auth(team_key), "If-None-Match": full.headers["etag"]},
+    )
+    assert again.status_code == 304
+    # A job without steps has empty curves; bad resolutions and other teams are refused.
+    empty = client.get(f"{JOBS}/{created(create())['id']}/metrics", headers=auth(team_key))
+    assert empty.json()["data"] == [] and empty.json()["steps_recorded"] == 0
+    for bad in ("1", "10001", "many"):
+        refused = client.get(url, params={"resolution": bad}, headers=auth(team_key))
+        assert error_of(refused, 422)["param"] == "resolution"
+    _, beta_key = make_team("beta")
+    assert error_of(client.get(url, headers=auth(beta_key)), 404)["code"] == "job_not_found"
+
+
 # --- dataset checks ------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from asft_core.training import (
     TrainHooks,
     TrainingError,
     TrainSpec,
+    adapter_validation_loss,
     train,
 )
 from asft_core.zoo import ZooPaths
@@ -124,6 +125,35 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_checkpoints_carry_the_validation_loss_of_their_weights(
+    zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    valid = tmp_path / "valid.jsonl"
+    rows = zoo.poisoned_file("sentiment", 0.0).read_text().splitlines(keepends=True)
+    valid.write_text("".join(rows[-12:]))
+    spec = make_spec(
+        zoo,
+        train_file,
+        tmp_path / "out",
+        alignment_artifact,
+        method="supervised",
+        validation_file=valid,
+        checkpoint_every_steps=2,
+        max_steps=4,
+    )
+    result = train(spec)
+    losses = [info.full_valid_loss for info in result.checkpoints]
+    assert [info.step for info in result.checkpoints] == [2, 4]
+    assert all(loss is not None and loss > 0 for loss in losses)
+    assert losses[0] != losses[1]
+    # The last checkpoint holds the final weights: its loss is the final adapter's.
+    final = adapter_validation_loss(spec, result.adapter_dir)  # type: ignore[arg-type]
+    assert losses[-1] == pytest.approx(final, rel=1e-5)
+    # Without a validation file there is nothing to measure, and nothing is.
+    plain = train(replace(spec, validation_file=None, output_dir=tmp_path / "plain"))
+    assert [info.full_valid_loss for info in plain.checkpoints] == [None, None]
 
 
 def test_cancellation_stops_within_one_step_and_keeps_a_checkpoint(
