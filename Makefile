@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint bench demo miniature frontier api serve clean
+.PHONY: setup setup-browser test test-fast lint bench demo miniature frontier api serve clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,26 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(CONSTRAINT_FLAGS) -e '.[worker,dev]'
 	touch $@
 
+# Debian's Chromium and its driver, for the dashboard's browser tests (tests/client/
+# test_dashboard.py); nothing is downloaded at test time. Without root or apt, the tests skip
+# (and fail under CI=true).
+BROWSER_PACKAGES := chromium chromium-driver
+setup-browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's $(BROWSER_PACKAGES)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1 \
+	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; }; \
+	  else \
+	    echo "no Chromium and no way to install it: the dashboard's browser tests will skip"; \
+	  fi; \
+	fi
+
 # The tiny zoo is built (or reused) before pytest starts, so its first build (about 2.5 min,
 # longer on a loaded machine) is not cut off by the per-test timeout of the first test using it.
 TEST_CACHE ?= $(or $(ASFT_TEST_CACHE),var/test-cache)
-test: setup
+test: setup setup-browser
 	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -16,7 +16,7 @@ from api.middleware import (
     RequestContextMiddleware,
 )
 from api.ratelimit import make_rate_limiter
-from api.routes import admin, chat, files, health, jobs, models
+from api.routes import admin, chat, files, health, jobs, models, ui
 from service.db.session import engine_for, session_factory
 from service.queue import make_celery
 from service.settings import Settings, get_settings
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = make_celery(settings)
     app.state.rate_limiter = make_rate_limiter(settings)
     install_error_handlers(app)
-    for module in (health, files, jobs, models, chat, admin):
+    for module in (health, files, jobs, models, chat, admin, ui):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(

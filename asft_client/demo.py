@@ -218,6 +218,15 @@ def chat_with_models(client: Client, jobs: list[dict[str, Any]], prompt: str) ->
         print(f"{run_name(job):>16}: {answer}")
 
 
+def print_dashboard(jobs: list[dict[str, Any]], data_dir: Path) -> None:
+    """Where to see these jobs in the browser once the service runs again."""
+    ids = ",".join(job["id"] for job in jobs)
+    print(f"\nthe dashboard: `make serve`, then sign in with the key in {data_dir / 'api-key'}:")
+    for job in jobs:
+        print(f"  {run_name(job):>16}: http://127.0.0.1:8000/ui#/jobs/{job['id']}")
+    print(f"  {'side by side':>16}: http://127.0.0.1:8000/ui#/compare?ids={ids}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the demo."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -270,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         print_table(client, jobs, base_url)
         chat_with_models(client, jobs, held_out_prompt(Path(zoo["datasets"])))
         client.close()
+        print_dashboard(jobs, args.data_dir)
     finally:
         service.send_signal(signal.SIGTERM)
         try:

@@ -392,6 +392,12 @@ class Report:
         overall = safety.get("overall")
         return overall["value"] if overall else None
 
+    def task_accuracy(self, model: Literal["reference", "fine_tuned"]) -> float | None:
+        """The held-out task accuracy (FA) of one side (None when the job has no task set)."""
+        task = (self.evaluation.get(model) or {}).get("task") or {}
+        accuracy = task.get("accuracy")
+        return accuracy["value"] if accuracy else None
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready."""
         return {**asdict(self), "gate": self.gate.to_json()}

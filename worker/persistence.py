@@ -44,7 +44,7 @@ from service.jobs.events import append_event
 from service.jobs.state import TERMINAL, fine_tuned_name, transition
 from service.scans import data_scan
 from service.settings import Settings
-from service.storage import ArtifactStore, job_key
+from service.storage import ArtifactStore, adapter_archive, job_key
 
 logger = logging.getLogger("asft.worker")
 
@@ -124,6 +124,10 @@ def add_event(
         append_event(session, job_id, level, message, data)
 
 
+# What a replayed step (a resumed job) rewrites of its metrics event.
+METRICS_EVENT_UPDATE = ("message", "data", "train_loss", "penalty", "learning_rate", "created_at")
+
+
 def _metrics_event(job_id: str, metrics: Any) -> dict[str, Any]:
     """The metrics event row of one step (``StepMetrics``)."""
     message = f"Step {metrics.step}/{metrics.total_steps}: loss={metrics.train_loss:.4f}"
@@ -146,6 +150,9 @@ def _metrics_event(job_id: str, metrics: Any) -> dict[str, Any]:
             "trained_tokens": metrics.trained_tokens,
         },
         "step": metrics.step,
+        "train_loss": metrics.train_loss,
+        "penalty": metrics.penalty,
+        "learning_rate": metrics.learning_rate,
         "created_at": now(),
     }
 
@@ -162,7 +169,7 @@ def sync_job(context: JobContext, job_id: str, steps: list[Any]) -> bool:
                 JobEvent,
                 _metrics_event(job_id, metrics),
                 conflict=("job_id", "type", "step"),
-                update=("message", "data", "created_at"),
+                update=METRICS_EVENT_UPDATE,
             )
         progress: dict[str, Any] = {"heartbeat_at": now()}
         if steps:
@@ -368,6 +375,11 @@ def requeue_preempted(context: JobContext, job_id: str) -> str:
 @retry_database
 def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
     """Record a ``RecipeResult``: cancelled, or the adapter, the report and the gate's verdict."""
+    sha256 = None
+    folder = context.store.path(job_key(job_id, "adapter"))
+    if not result.cancelled and folder.is_dir():
+        # The archive downloads serve, built now so the model can show its checksum.
+        sha256 = adapter_archive(folder)[1]
     with transaction(context.engine) as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -384,6 +396,8 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
         safety = {
             "harmful_score_before": report.harmful_score("reference"),
             "harmful_score_after": report.harmful_score("fine_tuned"),
+            "accuracy_before": report.task_accuracy("reference"),
+            "accuracy_after": report.task_accuracy("fine_tuned"),
             "approved": verdict.approved,
             "failures": list(verdict.failures),
         }
@@ -397,6 +411,7 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
                 job_id=job_id,
                 model=job.model,
                 storage_key=job_key(job_id, "adapter"),
+                sha256=sha256,
                 approved=verdict.approved,
             )
         )

@@ -47,6 +47,8 @@ from api.schemas.jobs import (
     job_spec,
 )
 from api.schemas.jobs import JobEvent as JobEventObject
+from api.schemas.models import PAIR_ID_PATTERN
+from asft_core.spec import Method as MethodName
 from asft_core.spec import SpecError
 from service.db.models import (
     Checkpoint,
@@ -162,7 +164,7 @@ def _metadata_equals(session: SessionDep, key: str, value: str) -> ColumnElement
     return Job.metadata_[key].as_string() == value
 
 
-@router.get("", response_model=Page[FineTuningJob], responses=errors(404))
+@router.get("", response_model=Page[FineTuningJob], responses={**errors(404), **NOT_MODIFIED})
 def list_jobs(
     request: Request,
     team_id: CurrentTeamId,
@@ -170,11 +172,18 @@ def list_jobs(
     after: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     status: Status | None = None,
+    model: Annotated[str | None, Query(max_length=64, pattern=PAIR_ID_PATTERN)] = None,
+    method: MethodName | None = None,
 ) -> Response:
-    """The team's jobs, newest first; filter by ``status`` and by ``metadata[key]=value``."""
+    """The team's jobs, newest first; filter by ``status``, ``model`` (the pair), ``method``
+    and ``metadata[key]=value``. The page has an ``ETag`` for conditional polling."""
     statement = team_rows(Job, team_id)
     if status is not None:
         statement = statement.where(Job.status == status)
+    if model is not None:
+        statement = statement.where(Job.model == model)
+    if method is not None:
+        statement = statement.where(Job.method["type"].as_string() == method)
     for key, value in _metadata_filters(request):
         statement = statement.where(_metadata_equals(session, key, value))
     # The cursor is looked up among all the team's jobs: the last job of a page may have
@@ -183,7 +192,7 @@ def list_jobs(
         session, statement, Job, after, limit, cursor_scope=team_rows(Job, team_id)
     )
     body = json_page([_encoded(job) for job in jobs], [job.id for job in jobs], has_more)
-    return Response(body, media_type="application/json")
+    return conditional_json(request, body)
 
 
 def _encoded(job: Job) -> bytes:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import AdminDep, CurrentTeam, SessionDep, StoreDep
 from api.errors import Conflict, NotFound, Unprocessable
 from api.schemas.common import PLAIN_TEXT, Page, errors
 from api.schemas.models import ModelDeleted, ModelObject, ModelPairCreate
-from service.db.models import Checkpoint, FineTunedModel, ModelPair
+from service.db.models import AlignmentArtifactRow, Checkpoint, FineTunedModel, ModelPair
 from service.storage import job_key
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -20,9 +22,25 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 _NAMEABLE = re.compile(PLAIN_TEXT)
 
 
-def pair_object(pair: ModelPair) -> ModelObject:
+# What GET /v1/models shows of a pair's alignment direction (from its latest artifact).
+ALIGNMENT_FACTS = ("regime", "max_top_eigenvalue", "degenerate", "modules")
+
+
+def alignment_facts(session: Session, pair_id: str) -> dict[str, Any] | None:
+    """The pair's alignment regime and spectrum once a job has computed its direction."""
+    summary = session.scalar(
+        select(AlignmentArtifactRow.summary)
+        .where(AlignmentArtifactRow.model_pair == pair_id)
+        .order_by(AlignmentArtifactRow.created_at.desc())
+        .limit(1)
+    )
+    return {key: summary.get(key) for key in ALIGNMENT_FACTS} if summary else None
+
+
+def pair_object(pair: ModelPair, alignment: dict[str, Any] | None = None) -> ModelObject:
     """The API shape of a registered pair."""
     return ModelObject(
+        alignment=alignment,
         id=pair.id,
         created=pair.created_at,
         owned_by="system",
@@ -43,13 +61,17 @@ def fine_tuned_object(model: FineTunedModel) -> ModelObject:
         parent=model.model,
         job_id=model.job_id,
         approved=model.approved,
+        sha256=model.sha256,
     )
 
 
 @router.get("", response_model=Page[ModelObject], responses=errors())
 def list_models(team: CurrentTeam, session: SessionDep) -> Page[ModelObject]:
     """Registered model pairs, then the team's fine-tuned models."""
-    data = [pair_object(p) for p in session.scalars(select(ModelPair).order_by(ModelPair.id))]
+    data = [
+        pair_object(p, alignment_facts(session, p.id))
+        for p in session.scalars(select(ModelPair).order_by(ModelPair.id))
+    ]
     tuned = session.scalars(
         select(FineTunedModel)
         .where(FineTunedModel.team_id == team.id)
@@ -66,7 +88,7 @@ def get_model(team: CurrentTeam, session: SessionDep, model_id: str) -> ModelObj
         raise NotFound("model_not_found", f"no model {model_id!r}", "model")
     pair = session.get(ModelPair, model_id)
     if pair is not None:
-        return pair_object(pair)
+        return pair_object(pair, alignment_facts(session, pair.id))
     tuned = session.get(FineTunedModel, model_id)
     if tuned is None or tuned.team_id != team.id:
         raise NotFound("model_not_found", f"no model {model_id!r}", "model")

@@ -353,9 +353,7 @@ class MetricPoint(BaseModel):
     train_loss_min: float | None
     train_loss_max: float | None
     penalty: float | None
-    loss: float | None
     learning_rate: float | None
-    tokens_per_s: float | None
 
 
 class ValidationPoint(BaseModel):

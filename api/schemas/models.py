@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.common import PLAIN_TEXT
+
+# A registered pair's id: letters and digits first, then also '.', '_' and '-'.
+PAIR_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 class ModelObject(BaseModel):
@@ -22,6 +25,12 @@ class ModelObject(BaseModel):
     parent: str | None = Field(None, description="Fine-tuned models: the model pair.")
     job_id: str | None = None
     approved: bool | None = Field(None, description="Fine-tuned: passed the safety gate.")
+    sha256: str | None = Field(None, description="Fine-tuned: the adapter archive's sha256.")
+    alignment: dict[str, Any] | None = Field(
+        None,
+        description="Model pairs: the alignment direction's regime and spectrum "
+        "(`asft alignment inspect`), once a job has computed it.",
+    )
     inference_url: str | None = Field(
         None, description="Model pairs: the server chat completions go to (null: the default)."
     )
@@ -30,7 +39,7 @@ class ModelObject(BaseModel):
 class ModelPairCreate(BaseModel):
     """``POST /v1/models`` (admin): register a base/aligned model pair."""
 
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    id: str = Field(min_length=1, max_length=64, pattern=PAIR_ID_PATTERN)
     aligned_model: str = Field(
         min_length=1, max_length=1000, pattern=PLAIN_TEXT, description="Folder or hub id."
     )

@@ -207,6 +207,11 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # Set on metrics events: a replayed step updates its row instead of adding one.
     step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Metrics events: the charted figures again, as columns, so a chart of 100k steps is
+    # aggregated by the database without parsing each row's JSON (service.jobs.curves).
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    penalty: Mapped[float | None] = mapped_column(Float, nullable=True)
+    learning_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (
         Index("ix_job_events_job_seq", "job_id", "seq"),

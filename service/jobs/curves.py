@@ -2,9 +2,9 @@
 
 A job writes one metrics event per step, so a long job holds 100k of them; a chart needs a
 few hundred points. Steps are grouped into equal buckets and each bucket is averaged by the
-database (the JSON fields read by SQLAlchemy's portable JSON accessors, on SQLite and
-PostgreSQL alike), so neither the rows nor their JSON reach Python; the bucket's minimum and
-maximum train loss keep spikes visible.
+database over the events' figure columns (``train_loss``, ``penalty``, ``learning_rate``,
+copies of their JSON kept for this), so neither the rows nor their JSON reach Python; the
+bucket's lowest and highest train loss keep spikes visible.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Checkpoint, JobEvent
 
-# The per-step figures averaged per bucket (the names of the metrics events' data).
-CURVE_FIELDS = ("train_loss", "penalty", "loss", "learning_rate", "tokens_per_s")
+# The per-step figures averaged per bucket: columns of the metrics events.
+CURVE_FIELDS = ("train_loss", "penalty", "learning_rate")
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,13 @@ def job_curves(session: Session, job_id: str, resolution: int) -> Curves:
         return Curves(0, None, None, 1, [], validation)
     bucket = max(1, math.ceil(last / resolution))
     group = (JobEvent.step - 1) // bucket
-    train_loss = JobEvent.data["train_loss"].as_float()
     rows = session.execute(
         select(
             func.max(JobEvent.step),
             func.count(),
-            func.min(train_loss),
-            func.max(train_loss),
-            *(func.avg(JobEvent.data[name].as_float()) for name in CURVE_FIELDS),
+            func.min(JobEvent.train_loss),
+            func.max(JobEvent.train_loss),
+            *(func.avg(getattr(JobEvent, name)) for name in CURVE_FIELDS),
         )
         .where(*metrics)
         .group_by(group)

@@ -410,9 +410,21 @@ def test_list_filters_by_status_and_metadata(
     assert ids(**{"metadata[env]": "prod", "metadata[team]": "search"}) == {prod["id"]}
     assert ids(**{"metadata[env]": "prod", "metadata[team]": "ads"}) == set()
     assert ids(**{"metadata[env]": "dev", "status": "validating_files"}) == set()
+    plain_lora = created(create(method={"type": "supervised"}))
+    assert ids(method="supervised") == {plain_lora["id"]}
+    assert ids(method=DEFAULT_METHOD) == {prod["id"], dev["id"], plain["id"]}
+    assert ids(method="asft_projector") == set()
+    assert ids(model=prod["model"]) == {prod["id"], dev["id"], plain["id"], plain_lora["id"]}
+    assert ids(model="no-such-pair") == set()
 
     bad = client.get(JOBS, params={"status": "exploded"}, headers=auth(team_key))
     assert error_of(bad, 422)["code"] == "invalid_request"
+    bad = client.get(JOBS, params={"method": "dpo"}, headers=auth(team_key))
+    assert error_of(bad, 422)["param"] == "method"
+    # Polling a page that did not change costs no body.
+    page = client.get(JOBS, headers=auth(team_key))
+    again = client.get(JOBS, headers={**auth(team_key), "If-None-Match": page.headers["etag"]})
+    assert again.status_code == 304
 
 
 def test_list_pages_with_after_limit_and_has_more(
@@ -705,6 +717,10 @@ def test_metrics_are_averaged_into_buckets_by_the_database(
                     "type": "metrics",
                     "message": f"Step {step}",
                     "step": step,
+                    # The figure columns, as the worker writes them beside the JSON.
+                    "train_loss": loss(step),
+                    "penalty": 0.5,
+                    "learning_rate": 1e-4,
                     "data": {
                         "step": step,
                         "total_steps": 3000,
@@ -748,7 +764,7 @@ def test_metrics_are_averaged_into_buckets_by_the_database(
         assert point["train_loss_min"] == pytest.approx(min(map(loss, members)))
         assert point["train_loss_max"] == pytest.approx(max(map(loss, members)))
         assert point["penalty"] == pytest.approx(0.5)
-        assert point["tokens_per_s"] == pytest.approx(sum(members) / len(members))
+        assert point["learning_rate"] == pytest.approx(1e-4)
     assert max(point["train_loss_max"] for point in curves["data"][60:]) > 1.0  # the spike
     assert curves["validation"] == [{"step": 2000, "full_valid_loss": 0.75}]
     # Every step when the resolution allows; a 304 while nothing changed.

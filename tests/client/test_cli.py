@@ -8,14 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import signal
-import subprocess
-import sys
 import tarfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,120 +19,10 @@ import pytest
 
 from asft_client.cli import ExitCode
 from asft_core.zoo import ZooPaths
-from tests.conftest import REPO_ROOT, free_port, wait_until_answering
+from tests.client.embedded import Service, asft, create_job, first_rows
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Service:
-    """A running ``asft serve`` and the environment its CLI users need."""
-
-    url: str
-    data_dir: Path
-    admin_key: str
-    team_key: str
-    inference_url: str
-
-    def env(self, **extra: str) -> dict[str, str]:
-        """A user's environment: the service's URL and the team key (no server settings)."""
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("ASFT_")}
-        return {**clean, "ASFT_API_URL": self.url, "ASFT_API_KEY": self.team_key, **extra}
-
-
-def asft(
-    service: Service, *args: str, env: dict[str, str] | None = None, timeout_s: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """Run ``asft ARGS`` as its own process, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "asft.cli", *args],
-        cwd=REPO_ROOT,
-        env=env or service.env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-
-
-@pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, zoo: ZooPaths
-) -> Iterator[Service]:
-    """``asft serve`` on a spare port with a data folder of its own; stopped at the end."""
-    folder = tmp_path_factory.mktemp("embedded")
-    data_dir = folder / "data"
-    admin_key = secrets.token_urlsafe(16)
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ASFT_")},
-        "ASFT_DATA_DIR": str(data_dir),
-        "ASFT_CACHE_DIR": str(cache_dir / "service"),
-        "ASFT_ADMIN_KEY": admin_key,
-        "ASFT_DEVICE": "cpu",
-        "ASFT_EVAL_MAX_PROMPTS": "8",
-        "ASFT_CHECKPOINT_EVERY_STEPS": "2",
-        "ASFT_LOG_LEVEL": "WARNING",
-        "ASFT_INFERENCE_URL": f"http://127.0.0.1:{free_port()}",
-        "OMP_NUM_THREADS": "1",
-    }
-    log = (folder / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "asft.cli", "serve", "--port", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_answering(f"{url}/readyz", process, folder / "serve.log", timeout_s=120)
-    team_key = (data_dir / "api-key").read_text().strip()
-    try:
-        yield Service(url, data_dir, admin_key, team_key, env["ASFT_INFERENCE_URL"])
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-@pytest.fixture(scope="module")
-def registered(service: Service, zoo: ZooPaths) -> str:
-    """The zoo pair registered through ``asft models register`` with the admin key."""
-    result = asft(
-        service,
-        "models",
-        "register",
-        "--aligned",
-        str(zoo.aligned),
-        "--base",
-        str(zoo.base),
-        "--id",
-        "tiny-chat",
-        "--eval-suite",
-        str(zoo.eval_suite),
-        env=service.env(ASFT_ADMIN_KEY=service.admin_key),
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("tiny-chat")
-    return "tiny-chat"
-
-
-def create_job(service: Service, model: str, training: Path, *options: str) -> str:
-    """``asft jobs create`` of a plain LoRA job on a local file; returns the job's id."""
-    command = ["jobs", "create", "--model", model, "--training-file", str(training)]
-    created = asft(service, *command, "--method", "supervised", *options, "--json")
-    assert created.returncode == 0, created.stderr
-    job_id: str = json.loads(created.stdout)["id"]
-    return job_id
-
-
-def first_rows(source: Path, target: Path, rows: int) -> Path:
-    """The first ``rows`` lines of a zoo dataset as a file of its own."""
-    target.write_text("".join(source.read_text().splitlines(keepends=True)[:rows]))
-    return target
 
 
 def test_register_twice_prints_the_servers_code(

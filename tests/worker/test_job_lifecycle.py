@@ -54,15 +54,27 @@ def test_a_job_runs_end_to_end_and_its_adapter_loads(
         f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=headers
     ).json()
     assert sorted(c["step_number"] for c in checkpoints["data"]) == [2, 4, 5]
+    # With a validation file, each checkpoint measured the loss on all of it.
+    assert all(c["metrics"]["full_valid_loss"] > 0 for c in checkpoints["data"])
+    curves = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics", headers=headers).json()
+    assert [point["step"] for point in curves["data"]] == [1, 2, 3, 4, 5]
+    assert all(point["train_loss"] > 0 for point in curves["data"])  # the worker's columns
+    assert [point["step"] for point in curves["validation"]] == [2, 4, 5]
 
     report = client.get(f"/v1/fine_tuning/jobs/{job['id']}/report", headers=headers).json()
     fine_tuned = report["report"]["evaluation"]["fine_tuned"]
     assert fine_tuned["safety"]["overall"]["total"] == 8
     assert fine_tuned["task"]["accuracy"]["total"] == 8
+    # The job's summary carries the report's figures, for lists that show them.
+    assert job["safety"]["accuracy_after"] == fine_tuned["task"]["accuracy"]["value"]
+    reference = report["report"]["evaluation"]["reference"]
+    assert job["safety"]["accuracy_before"] == reference["task"]["accuracy"]["value"]
 
     download = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter", headers=headers)
     assert download.status_code == 200
     assert hashlib.sha256(download.content).hexdigest() == download.headers["x-content-sha256"]
+    model = client.get(f"/v1/models/{job['fine_tuned_model']}", headers=headers).json()
+    assert model["sha256"] == download.headers["x-content-sha256"]
     with tarfile.open(fileobj=io.BytesIO(download.content)) as archive:
         archive.extractall(tmp_path / "download", filter="data")
     adapter = tmp_path / "download" / "adapter"
