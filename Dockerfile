@@ -18,6 +18,7 @@ COPY asft ./asft
 COPY api ./api
 COPY service ./service
 COPY worker ./worker
+COPY inference ./inference
 
 FROM build AS api-build
 # The base install is what the API needs; pyproject.toml keeps torch out of it.

@@ -211,6 +211,32 @@ def test_the_api_image_never_installs_torch() -> None:
     assert not re.search(r"\b(torch|transformers|peft|accelerate)\b", base)
 
 
+def test_the_images_hold_every_package_and_the_dashboard() -> None:
+    # Found late: the inference package (asft infer) was missing from the build context.
+    stages = dockerfile_stages()
+    copied = {
+        argument.split()[0]
+        for stage in lineage(stages, "api")
+        for argument in stage.arguments("COPY")
+        if not argument.startswith("--from")
+    }
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {
+        path.name
+        for path in REPO_ROOT.iterdir()
+        if (path / "__init__.py").exists()
+        and any(re.fullmatch(p.replace("*", ".*"), path.name) for p in patterns)
+    }
+    assert packages and packages <= copied, packages - copied
+    # A non-editable install carries the dashboard's files only as declared package data.
+    data = pyproject["tool"]["setuptools"]["package-data"]["api"]
+    assert "static/*" in data
+    assert {"index.html", "app.js", "app.css"} <= {
+        p.name for p in (REPO_ROOT / "api" / "static").iterdir()
+    }
+
+
 def test_the_worker_image_installs_the_torch_the_tests_run() -> None:
     stages = dockerfile_stages()
     worker = lineage(stages, "worker")
