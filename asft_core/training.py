@@ -412,7 +412,7 @@ def train(
     train_loss_value: float | None = None
     status: Literal["completed", "cancelled"] = "completed"
 
-    def checkpoint() -> None:
+    def checkpoint(measure: bool = True) -> None:
         info = save_checkpoint(
             checkpoint_root / f"step-{position.step:06d}",
             model,
@@ -422,7 +422,7 @@ def train(
             base_model_id=spec.base_model_id,
             chat_template=tokenizer.chat_template,
         )
-        if valid_data is not None:
+        if measure and valid_data is not None:
             # At checkpoints only: a pass over the validation rows costs about as much as a
             # step per 8 rows, too much to pay every step.
             loss = evaluate_loss(model, valid_data.examples, pad_id, device)
@@ -443,7 +443,8 @@ def train(
             status = "cancelled"
             hooks.on_event("warn", f"cancelled before step {position.step + 1}")
             if position.step > start_step or not checkpoints:
-                checkpoint()
+                # Unmeasured: a stopping worker has a grace period to record it and leave.
+                checkpoint(measure=False)
             break
         step_started = time.monotonic()
         batches = batches_of(position.epoch)

@@ -378,8 +378,12 @@ def finish(context: JobContext, job_id: str, team: Team, result: Any) -> str:
     sha256 = None
     folder = context.store.path(job_key(job_id, "adapter"))
     if not result.cancelled and folder.is_dir():
-        # The archive downloads serve, built now so the model can show its checksum.
-        sha256 = adapter_archive(folder)[1]
+        # The archive downloads serve, built now so the model can show its checksum; a
+        # failure (a full disk) must not keep the result from being recorded.
+        try:
+            sha256 = adapter_archive(folder)[1]
+        except OSError:
+            logger.exception("could not build the adapter archive of %s", job_id)
     with transaction(context.engine) as session:
         job = session.get(Job, job_id)
         assert job is not None

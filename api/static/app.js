@@ -14,7 +14,10 @@
   const nav = document.getElementById('nav');
   const announcer = document.getElementById('announce');
   const etags = new Map(); // url -> [etag, body] for conditional polling
-  let generation = 0; // bumped by every navigation: an old view's pollers stop
+  // Bumped by every navigation and sign-out. A view holds the value it started with and
+  // stops (pollers included) as soon as it is no longer current.
+  let generation = 0;
+  let paused = false; // the user paused live updates
 
   // --- API ---------------------------------------------------------------------------------
 
@@ -49,7 +52,7 @@
         signOut('The service refused your key; sign in again.');
       }
       throw new ApiError(response.status, error.code || `http_${response.status}`,
-        error.message || response.statusText);
+        error.message || response.statusText || 'request failed');
     }
     const tag = response.headers.get('ETag');
     if (conditional && tag) etags.set(path, [tag, data]);
@@ -59,7 +62,11 @@
   // A download needs the bearer header, so it cannot be a plain link: fetch, then save.
   async function download(path, filename) {
     const response = await fetch(path, {headers: {Authorization: `Bearer ${apiKey()}`}});
-    if (!response.ok) throw new ApiError(response.status, 'download_failed', response.statusText);
+    if (!response.ok) {
+      const error = ((await response.json().catch(() => ({}))).error) || {};
+      throw new ApiError(response.status, error.code || `http_${response.status}`,
+        error.message || 'the download failed');
+    }
     const url = URL.createObjectURL(await response.blob());
     const link = h('a', {href: url, download: filename});
     document.body.append(link);
@@ -70,7 +77,7 @@
 
   // --- DOM ---------------------------------------------------------------------------------
 
-  function append(element, children) {
+  function append(element, ...children) {
     for (const child of [children].flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
       element.append(child instanceof Node ? child : String(child));
@@ -106,9 +113,12 @@
   const announce = (text) => { announcer.textContent = text; };
 
   // Mark a view drawn (for tests and bench/dashboard.py: time to interactive).
-  function ready(view) {
-    if (main.dataset.ready === view) return;
+  // Mark view `mine` drawn, with the route it shows (tests wait for both; bench/dashboard.py
+  // reads the mark as time to interactive).
+  function ready(mine, view) {
+    if (mine !== generation || main.dataset.ready === view) return;
     main.dataset.ready = view;
+    main.dataset.route = location.hash;
     performance.mark(`asft-ready-${view}`);
   }
 
@@ -139,7 +149,7 @@
     return end ? duration(end - job.created_at) : '–';
   }
 
-  const badge = (status) => h('span', {class: `badge ${status}`}, status.replace('_', ' '));
+  const badge = (status) => h('span', {class: `badge ${status}`}, status.replaceAll('_', ' '));
   const methodOf = (job) => (job.method && job.method.type) || 'supervised';
 
   function gateBadge(safety) {
@@ -182,6 +192,11 @@
   // A line chart of `series` ({name, cls, points: [[x, y]]}), with an optional band
   // ([[x, low, high]]) and dots ({cls, points}); each drawn element counts its points.
   function lineChart(label, {series, band, dots, xLabel = 'step', yFormat = tick, width = CHART.width}) {
+    // A missing figure (null) is a gap, not a zero.
+    const finite = (points) => points.filter((p) => p.slice(1).every(Number.isFinite));
+    series = series.map((line) => ({...line, points: finite(line.points)}));
+    band = band && finite(band);
+    dots = dots && {...dots, points: finite(dots.points)};
     const xs = series.flatMap((line) => line.points.map((p) => p[0]))
       .concat(dots ? dots.points.map((p) => p[0]) : []);
     const ys = series.flatMap((line) => line.points.map((p) => p[1]))
@@ -218,6 +233,9 @@
         class: line.cls, 'data-series': line.name, 'data-points': line.points.length,
         points: line.points.map((p) => `${x(p[0])},${y(p[1])}`).join(' '),
       }));
+      if (line.points.length === 1) { // a polyline of one point draws nothing
+        append(svg, s('circle', {class: `${line.cls} point`, cx: x(line.points[0][0]), cy: y(line.points[0][1]), r: 3}));
+      }
     }
     if (dots) {
       const group = s('g', {'data-series': dots.name, 'data-points': dots.points.length});
@@ -248,7 +266,7 @@
     }
     rows.forEach(([name, before, after], index) => {
       const top = index * rowHeight + 4;
-      append(svg, s('text', {x: left - 8, y: top + 17, 'text-anchor': 'end'}, name.replace('_', ' ')));
+      append(svg, s('text', {x: left - 8, y: top + 17, 'text-anchor': 'end'}, name.replaceAll('_', ' ')));
       [[before, 'before', 0], [after, 'after', 13]].forEach(([cell, cls, offset]) => {
         if (!cell) return;
         const y = top + offset;
@@ -278,16 +296,26 @@
     showSignIn(message);
   }
 
-  function page(title, ...children) {
+  // Thrown where a view that is no longer current would touch the page.
+  class Stale extends Error {}
+  function live(mine) {
+    if (mine !== generation) throw new Stale();
+  }
+
+  function page(mine, title, ...children) {
+    live(mine);
     delete main.dataset.ready;
+    delete main.dataset.route;
     document.title = `${title} · AsFT Service`;
     replace(main, h('h1', {}, title), children);
     main.focus();
   }
 
+  const describe = (error) => (error instanceof ApiError
+    ? `${error.message || 'request failed'} (${error.code})` : `${error.message || error} (network_error)`);
+
   function showError(error) {
-    const text = error instanceof ApiError ? `${error.message} (${error.code})` : String(error);
-    append(main, h('p', {class: 'error', role: 'alert'}, text));
+    append(main, h('p', {class: 'error', role: 'alert'}, describe(error)));
   }
 
   function showSignIn(message) {
@@ -300,8 +328,9 @@
       sessionStorage.setItem(KEY_STORE, input.value.trim());
       try {
         await api(SIGN_IN_PROBE);
-        if (!location.hash.startsWith('#/')) location.hash = '#/jobs';
-        route();
+        // Setting the hash routes (hashchange); an unchanged hash needs routing here.
+        if (location.hash.startsWith('#/')) route();
+        else location.hash = '#/jobs';
       } catch (error) {
         sessionStorage.removeItem(KEY_STORE);
         status.textContent = error.status === 401
@@ -327,40 +356,61 @@
     }
   }
 
-  // Run `tick` now and every POLL_MS while the view is current and `more()` says so.
-  function poll(tick, more = () => true) {
-    const mine = generation;
+  // Run `tick` now and every POLL_MS while the view `mine` is current and `more()` says so;
+  // paused (by the user, or a hidden tab) it waits. A failing poll is announced once, and
+  // retried less and less often.
+  function poll(mine, tick, more = () => true) {
+    let failures = 0;
     const loop = async () => {
       if (mine !== generation) return;
-      try { await tick(); } catch (error) { if (mine === generation) announce(error.message); }
-      if (mine === generation && more()) setTimeout(loop, POLL_MS);
+      if (!paused && !document.hidden) {
+        try {
+          await tick();
+          failures = 0;
+        } catch (error) {
+          if (error instanceof Stale || mine !== generation) return;
+          if (failures === 0) announce(`Live update failed: ${describe(error)}`);
+          failures += 1;
+        }
+      }
+      if (mine === generation && more()) setTimeout(loop, POLL_MS * Math.min(2 ** failures, 16));
     };
     return loop();
   }
 
   function route() {
-    const hash = location.hash || '#/jobs';
-    if (!hash.startsWith('#/')) return; // an in-page anchor (the skip link)
-    generation += 1;
+    const hash = location.hash.startsWith('#/') ? location.hash : '#/jobs';
+    const mine = ++generation;
     if (!apiKey()) { showSignIn(); return; }
     nav.hidden = false;
     const [path, query] = hash.slice(2).split('?');
     const params = new URLSearchParams(query || '');
-    const [section, id] = path.split('/').map(decodeURIComponent);
+    let section;
+    let id;
+    try {
+      [section, id] = path.split('/').map(decodeURIComponent);
+    } catch (_) {
+      section = 'malformed';
+    }
     markNav(section || 'jobs');
     const views = {
-      jobs: () => (id ? jobView(id) : jobsView(params)),
-      compare: () => compareView(params),
-      files: () => filesView(),
-      models: () => modelsView(),
+      jobs: () => (id ? jobView(mine, id) : jobsView(mine, params)),
+      compare: () => compareView(mine, params),
+      files: () => filesView(mine),
+      models: () => modelsView(mine),
     };
-    (views[section] || views.jobs)().catch(showError);
+    (views[section] || views.jobs)().catch((error) => {
+      if (!(error instanceof Stale) && mine === generation) showError(error);
+    });
   }
 
   // --- jobs --------------------------------------------------------------------------------
 
-  function jobsQuery(params, after) {
-    const query = new URLSearchParams({limit: '50'});
+  const PAGE_STEP = 50; // rows per "Load more"
+  const PAGE_MAX = 100; // the API's largest page: beyond it, filter
+
+  function jobsQuery(params, limit) {
+    const query = new URLSearchParams({limit: String(limit)});
     for (const name of ['status', 'method', 'model']) {
       if (params.get(name)) query.set(name, params.get(name));
     }
@@ -368,7 +418,6 @@
       const [key, ...rest] = pair.split('=');
       if (key.trim() && rest.length) query.set(`metadata[${key.trim()}]`, rest.join('=').trim());
     }
-    if (after) query.set('after', after);
     return `/v1/fine_tuning/jobs?${query}`;
   }
 
@@ -390,7 +439,7 @@
       h('td', {}, gateBadge(job.safety) || '–'));
   }
 
-  async function jobsView(params) {
+  async function jobsView(mine, params) {
     const pairs = (await api('/v1/models')).data.data.filter((m) => m.kind === 'model_pair');
     const select = (name, label, values) => h('label', {}, label,
       h('select', {name}, h('option', {value: ''}, 'any'),
@@ -415,48 +464,55 @@
       if (ids.length < 2) { announce('Select two or more jobs to compare.'); return; }
       location.hash = `#/compare?ids=${ids.map(encodeURIComponent).join(',')}`;
     }}, 'Compare selected');
-    const headers = ['', 'Job', 'Model', 'Method', 'Status', 'Created', 'Duration', 'HS', 'FA', 'Gate'];
-    page('Fine-tuning jobs', filters,
+    const headers = [h('span', {class: 'visually-hidden'}, 'Select'), 'Job', 'Model', 'Method',
+      'Status', 'Created', 'Duration', 'HS', 'FA', 'Gate'];
+    page(mine, 'Fine-tuning jobs', filters,
       h('div', {class: 'table-wrap'}, h('table', {id: 'jobs'},
         h('thead', {}, h('tr', {}, headers.map((text) => h('th', {scope: 'col'}, text)))), body)),
       h('p', {class: 'actions'}, more, compare),
       h('p', {class: 'muted'}, 'HS: harmful score (compliance with harmful prompts); FA: ' +
         'held-out task accuracy; both of the fine-tuned model, from its safety report.'));
-    const first = jobsQuery(params);
-    let extra = []; // rows of later pages, kept while the first page refreshes
+    // One page, polled whole: "Load more" makes it longer, so every row shown stays live.
+    let limit = PAGE_STEP;
     let loaded = false;
-    more.addEventListener('click', async () => {
-      const last = body.lastElementChild && body.lastElementChild.getAttribute('data-job');
-      const next = (await api(jobsQuery(params, last))).data;
-      extra = extra.concat(next.data);
-      append(body, next.data.map(jobRow));
-      more.hidden = !next.has_more;
-    });
-    await poll(async () => {
-      const {data, changed} = await api(first, {conditional: true});
+    const refresh = async () => {
+      const {data, changed} = await api(jobsQuery(params, limit), {conditional: true});
+      live(mine);
       if (!changed && loaded) return;
       loaded = true;
-      const picked = new Set([...main.querySelectorAll('input.pick:checked')].map((b) => b.value));
-      replace(body, data.data.concat(extra).map(jobRow));
+      const picked = new Set([...body.querySelectorAll('input.pick:checked')].map((b) => b.value));
+      const focused = body.contains(document.activeElement) ? document.activeElement : null;
+      const focusKey = focused && (focused.value || focused.getAttribute('href'));
+      replace(body, data.data.map(jobRow));
       for (const box of body.querySelectorAll('input.pick')) box.checked = picked.has(box.value);
+      if (focusKey) {
+        const again = [...body.querySelectorAll('input, a')]
+          .find((e) => (e.value || e.getAttribute('href')) === focusKey);
+        if (again) again.focus();
+      }
       if (!data.data.length) append(body, h('tr', {}, h('td', {colspan: headers.length}, 'No jobs yet.')));
-      more.hidden = !data.has_more || extra.length > 0;
-      ready('jobs');
+      more.hidden = !data.has_more || limit >= PAGE_MAX;
+      ready(mine, 'jobs');
+    };
+    more.addEventListener('click', () => {
+      limit = Math.min(limit + PAGE_STEP, PAGE_MAX);
+      refresh().catch(showError);
     });
+    await poll(mine, refresh);
   }
 
   // --- one job -----------------------------------------------------------------------------
 
-  async function jobView(jobId) {
+  async function jobView(mine, jobId) {
     const base = `/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`;
     let job;
     try {
       job = (await api(base, {conditional: true})).data;
     } catch (error) {
       if (error.status === 404) {
-        page('Job not found', h('p', {}, `No fine-tuning job ${jobId} in your team's jobs.`),
+        page(mine, 'Job not found', h('p', {}, `No fine-tuning job ${jobId} in your team's jobs.`),
           h('p', {}, h('a', {href: '#/jobs'}, 'All jobs')));
-        ready('not-found');
+        ready(mine, 'not-found');
         return;
       }
       throw error;
@@ -470,27 +526,39 @@
       chat: h('section', {'aria-labelledby': 'chat-h'}),
       events: h('section', {'aria-labelledby': 'events-h'}),
     };
-    page(job.user_provided_suffix ? `Job ${job.user_provided_suffix}` : `Job ${job.id}`,
+    page(mine, job.user_provided_suffix ? `Job ${job.user_provided_suffix}` : `Job ${job.id}`,
       Object.values(sections));
+    const log = eventLog(base);
+    replace(sections.events, log.elements);
+    // What each section was last drawn from: a poll redraws only what changed, so focus,
+    // clicks and scroll positions survive it.
+    const drawn = {};
+    const changed = (name, value) => {
+      const text = JSON.stringify(value);
+      if (drawn[name] === text) return false;
+      drawn[name] = text;
+      return true;
+    };
     let reportShown = false;
     let chatShown = false;
-    await poll(async () => {
-      const fresh = await api(base, {conditional: true});
-      job = fresh.data;
-      if (fresh.changed || !sections.summary.firstChild) renderSummary(sections.summary, job, base);
-      const curves = await api(`${base}/metrics?resolution=${CHART_POINTS}`, {conditional: true});
-      if (curves.changed || !sections.curves.firstChild) {
-        renderProgress(sections.progress, job, curves.data);
-        renderCurves(sections.curves, curves.data);
+    await poll(mine, async () => {
+      job = (await api(base, {conditional: true})).data;
+      const curves = (await api(`${base}/metrics?resolution=${CHART_POINTS}`, {conditional: true})).data;
+      const events = (await api(`${base}/events?limit=50`, {conditional: true})).data;
+      const checkpoints = (await api(`${base}/checkpoints?limit=100`)).data.data;
+      live(mine);
+      const {status, fine_tuned_model: model, error, safety, finished_at: finished} = job;
+      if (changed('summary', [status, model, error, safety, finished])) {
+        renderSummary(sections.summary, job, base);
       }
-      const events = await api(`${base}/events?limit=50`, {conditional: true});
-      if (events.changed) renderEvents(sections.events, base, events.data);
-      const checkpoints = await api(`${base}/checkpoints?limit=100`);
-      renderCheckpoints(sections.checkpoints, base, checkpoints.data.data);
+      if (changed('progress', [job, curves.last_step])) renderProgress(sections.progress, job, curves);
+      if (changed('curves', curves)) renderCurves(sections.curves, curves);
+      log.update(events);
+      if (changed('checkpoints', checkpoints)) renderCheckpoints(sections.checkpoints, base, checkpoints);
       if (TERMINAL.has(job.status) && !reportShown) {
         reportShown = true;
         await renderReport(sections.safety, base);
-      } else if (!reportShown) {
+      } else if (!reportShown && changed('safety', 'pending')) {
         replace(sections.safety, h('h2', {id: 'safety-h'}, 'Safety report'),
           h('p', {class: 'muted'}, 'Written when the job has been evaluated.'));
       }
@@ -500,7 +568,7 @@
         chatShown = true;
         renderChat(sections.chat, job.fine_tuned_model);
       }
-      ready('job');
+      ready(mine, 'job');
     }, () => !TERMINAL.has(job.status) || !reportShown);
   }
 
@@ -508,13 +576,15 @@
     const cancel = TERMINAL.has(job.status) ? null : h('button', {type: 'button', class: 'danger',
       id: 'cancel', onclick: async (event) => {
         if (!window.confirm(`Cancel job ${job.id}? A running job stops after its current step.`)) return;
-        event.target.disabled = true;
+        const button = event.target;
+        button.disabled = true;
         try {
           await api(`${base}/cancel`, {method: 'POST'});
+          button.textContent = 'Cancelling…';
           announce('Cancellation requested.');
         } catch (error) {
-          event.target.disabled = false;
-          announce(`Could not cancel: ${error.message}`);
+          button.disabled = false;
+          announce(`Could not cancel: ${describe(error)}`);
         }
       }}, job.status === 'running' ? 'Cancel (stops after this step)' : 'Cancel job');
     const hyper = (job.method && job.method[methodOf(job)] && job.method[methodOf(job)].hyperparameters) || {};
@@ -540,7 +610,20 @@
     const eta = job.status === 'running' && left !== null ? `, about ${duration(Math.max(left, 0))} left` : '';
     replace(section, h('h2', {id: 'progress-h'}, 'Progress'),
       total ? h('progress', {max: total, value: step, 'aria-label': 'Training steps done'}) : null,
-      h('p', {id: 'progress-text'}, total ? `Step ${step} of ${total}${eta}` : `No step yet (${job.status.replace('_', ' ')}).`));
+      h('p', {id: 'progress-text'}, total ? `Step ${step} of ${total}${eta}` : `No step yet (${job.status.replaceAll('_', ' ')}).`),
+      h('p', {class: 'muted'}, `Running for ${jobDuration(job)}.`));
+  }
+
+  // The loss chart in words, for screen readers: where it starts, ends and bottoms out.
+  function lossSummary(curves) {
+    const losses = curves.data.filter((p) => Number.isFinite(p.train_loss));
+    if (!losses.length) return 'Train loss: no value yet';
+    const lowest = losses.reduce((a, b) => (b.train_loss < a.train_loss ? b : a));
+    const valid = curves.validation.length
+      ? `; validation loss ${num(curves.validation[curves.validation.length - 1].full_valid_loss, 3)} at the last checkpoint` : '';
+    return `Train loss over ${curves.last_step} steps: ${num(losses[0].train_loss, 3)} at first, ` +
+      `${num(losses[losses.length - 1].train_loss, 3)} at the end, lowest ${num(lowest.train_loss, 3)} ` +
+      `near step ${lowest.step}${valid}`;
   }
 
   function renderCurves(section, curves) {
@@ -561,7 +644,7 @@
       h('figure', {class: 'panel wide', id: 'loss-chart'},
         h('figcaption', {}, 'Loss'),
         legend([['train', 'train loss'], ['valid', 'validation loss (checkpoints)']]),
-        lineChart(`Train loss over ${curves.last_step} steps`,
+        lineChart(lossSummary(curves),
           {series: [loss], band, dots: valid.points.length ? valid : null, width: 1000})));
     if (points.some((p) => p.penalty)) {
       append(grid, h('figure', {class: 'panel', id: 'penalty-chart'}, h('figcaption', {}, 'Penalty'),
@@ -575,20 +658,48 @@
     replace(section, charts);
   }
 
-  function renderEvents(section, base, page_) {
+  // The job's event log: the newest page, merged in on every poll (nothing shown is lost or
+  // repeated), and older pages on request; at most MAX_EVENTS rows stay in the page.
+  const MAX_EVENTS = 500;
+  const LEVEL_WORDS = {warn: 'Warning: ', error: 'Error: '}; // not by colour alone
+
+  function eventLog(base) {
     const list = h('ul');
-    const addEvents = (events) => append(list, events.map((event) => h('li', {class: event.level},
-      h('span', {class: 'muted'}, `${when(event.created_at)} `), event.message)));
-    addEvents(page_.data);
-    let last = page_.last_id;
-    const older = page_.has_more ? h('button', {type: 'button', onclick: async (event) => {
-      const next = (await api(`${base}/events?limit=100&after=${encodeURIComponent(last)}`)).data;
-      addEvents(next.data);
-      last = next.last_id;
-      if (!next.has_more) event.target.remove();
-    }}, 'Older events') : null;
-    replace(section, h('h2', {id: 'events-h'}, 'Events'),
-      h('div', {class: 'events panel', tabindex: '0', 'aria-label': 'Event log, newest first'}, list), older);
+    const seen = new Set();
+    let cursor = null; // the oldest event shown: older pages start after it
+    const item = (event) => h('li', {class: event.level, 'data-id': event.id},
+      h('span', {class: 'muted'}, `${when(event.created_at)} `), LEVEL_WORDS[event.level] || '', event.message);
+    const fresh = (events) => events.filter((event) => !seen.has(event.id) && seen.add(event.id));
+    const older = h('button', {type: 'button', hidden: true, onclick: async () => {
+      try {
+        const next = (await api(`${base}/events?limit=100&after=${encodeURIComponent(cursor)}`)).data;
+        append(list, fresh(next.data).map(item));
+        cursor = next.last_id || cursor;
+        older.hidden = !next.has_more;
+      } catch (error) {
+        announce(`Could not load older events: ${describe(error)}`);
+      }
+    }}, 'Older events');
+    const trim = () => {
+      while (list.children.length > MAX_EVENTS) {
+        list.lastElementChild.remove();
+        cursor = list.lastElementChild.dataset.id;
+        older.hidden = false;
+      }
+    };
+    return {
+      elements: [h('h2', {id: 'events-h'}, 'Events'),
+        h('div', {class: 'events panel', role: 'region', tabindex: '0', 'aria-label': 'Event log, newest first'}, list),
+        older],
+      update(page_) {
+        list.prepend(...fresh(page_.data).map(item));
+        if (cursor === null && page_.last_id) {
+          cursor = page_.last_id;
+          older.hidden = !page_.has_more;
+        }
+        trim();
+      },
+    };
   }
 
   function renderCheckpoints(section, base, checkpoints) {
@@ -627,7 +738,7 @@
       'data-high': c ? c.high : ''}, interval(c));
     const safetyTable = table('Harmful score per category, aligned model and fine-tuned, with 95% intervals',
       ['Category', 'Aligned model', 'Fine-tuned'],
-      rows.map(([name, b, a]) => h('tr', {'data-category': name}, h('th', {scope: 'row'}, name.replace('_', ' ')), cell(b), cell(a))),
+      rows.map(([name, b, a]) => h('tr', {'data-category': name}, h('th', {scope: 'row'}, name.replaceAll('_', ' ')), cell(b), cell(a))),
       {id: 'safety-table'});
     const utility = table('Task accuracy and over-refusal', ['Measure', 'Aligned model', 'Fine-tuned'], [
       h('tr', {'data-measure': 'accuracy'}, h('th', {scope: 'row'}, 'Task accuracy (FA)'),
@@ -684,18 +795,22 @@
       if (!text) return;
       box.value = '';
       send.disabled = true;
-      history.push({role: 'user', content: text});
-      append(log, h('p', {class: 'user'}, text));
+      const asked = h('p', {class: 'user'}, text);
       const reply = h('p', {class: 'assistant'});
-      append(log, reply);
+      append(log, [asked, reply]);
+      // Announced once, whole: not a screen reader's every token.
+      log.setAttribute('aria-busy', 'true');
       try {
-        reply.textContent = await streamChat(model, history, (delta) => { reply.textContent += delta; });
-        history.push({role: 'assistant', content: reply.textContent});
+        const messages = [...history, {role: 'user', content: text}];
+        reply.textContent = await streamChat(model, messages, (delta) => { reply.textContent += delta; });
+        history.push(messages[messages.length - 1], {role: 'assistant', content: reply.textContent});
       } catch (error) {
-        history.pop();
+        // The question did not get an answer: it leaves the conversation, and says why.
+        asked.remove();
         reply.className = 'error';
-        reply.textContent = `${error.message} (${error.code})`;
+        reply.textContent = `“${text}”: ${describe(error)}`;
       } finally {
+        log.setAttribute('aria-busy', 'false');
         send.disabled = false;
         box.focus();
       }
@@ -722,8 +837,8 @@
     let answer = '';
     for (;;) {
       const {value, done} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true});
+      buffer += done ? decoder.decode() : decoder.decode(value, {stream: true});
+      if (done && !buffer.includes('\n\n')) break;
       let end;
       while ((end = buffer.indexOf('\n\n')) >= 0) {
         const event = buffer.slice(0, end);
@@ -732,25 +847,30 @@
           if (!line.startsWith('data:')) continue;
           const data = line.slice(5).trim();
           if (data === '[DONE]') return answer;
-          const chunk = JSON.parse(data);
+          let chunk;
+          try {
+            chunk = JSON.parse(data);
+          } catch (_) {
+            throw new ApiError(502, 'broken_stream', 'the answer stream broke off');
+          }
           if (chunk.error) throw new ApiError(502, chunk.error.code || 'stream_error', chunk.error.message);
-          const delta = (chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content) || '';
+          const delta = chunk.choices?.[0]?.delta?.content || '';
           answer += delta;
           onDelta(delta);
         }
       }
     }
-    return answer;
+    throw new ApiError(502, 'broken_stream', 'the answer stream ended before [DONE]');
   }
 
   // --- compare -----------------------------------------------------------------------------
 
-  async function compareView(params) {
+  async function compareView(mine, params) {
     const ids = (params.get('ids') || '').split(',').filter(Boolean);
     if (ids.length < 2) {
-      page('Compare jobs', h('p', {}, 'Select two or more jobs on the ',
+      page(mine, 'Compare jobs', h('p', {}, 'Select two or more jobs on the ',
         h('a', {href: '#/jobs?status=succeeded'}, 'jobs page'), ' and press “Compare selected”.'));
-      ready('compare');
+      ready(mine, 'compare');
       return;
     }
     const entries = await Promise.all(ids.map(async (id) => {
@@ -761,6 +881,7 @@
           ? await api(`${base}/report`).then((r) => r.data.report, () => null) : null;
         return {id, job, report};
       } catch (error) {
+        if (error.status === 401) throw error; // signed out: the view stops
         return {id, error};
       }
     }));
@@ -786,15 +907,15 @@
       hs: ((side(e, 'fine_tuned').safety || {}).overall || {}).value,
       fa: ((side(e, 'fine_tuned').task || {}).accuracy || {}).value,
     })).filter((p) => p.hs !== undefined && p.fa !== undefined);
-    page('Compare jobs',
+    page(mine, 'Compare jobs',
       entries.filter((e) => e.error).map((e) => h('p', {class: 'error'}, `${e.id}: ${e.error.message}`)),
-      table('Jobs side by side', ['', ...found.map((e) => h('a', {href: `#/jobs/${encodeURIComponent(e.id)}`}, name(e)))],
+      table('Jobs side by side', [h('span', {class: 'visually-hidden'}, 'Measure'), ...found.map((e) => h('a', {href: `#/jobs/${encodeURIComponent(e.id)}`}, name(e)))],
         rows, {id: 'compare-table'}),
       h('h2', {}, 'Harmful score against task accuracy'),
       points.length ? h('figure', {class: 'panel'}, scatter(points),
         h('figcaption', {class: 'muted'}, 'Each job’s fine-tuned model; up and to the left is better.'))
         : h('p', {class: 'muted'}, 'No evaluated job among these.'));
-    ready('compare');
+    ready(mine, 'compare');
   }
 
   function scatter(points) {
@@ -827,7 +948,7 @@
 
   // --- files and models --------------------------------------------------------------------
 
-  async function filesView() {
+  async function filesView(mine) {
     const files = (await api('/v1/files?limit=100')).data.data;
     const scanText = (scan) => {
       if (!scan) return '–';
@@ -844,17 +965,17 @@
           h('summary', {}, 'Flagged lines'),
           h('ul', {}, f.safety_scan.flagged.map((row) => h('li', {}, `line ${row.line}: ${row.category} (${row.score.toFixed(2)})`)))) : null),
       h('td', {}, when(f.created_at))));
-    page('Files', files.length
+    page(mine, 'Files', files.length
       ? table('Files', ['File', 'Status', 'Format or error', 'Rows', 'Safety scan', 'Uploaded'], rows, {id: 'files'})
       : h('p', {}, 'No files yet: upload one with `asft files upload FILE`.'));
-    ready('files');
+    ready(mine, 'files');
   }
 
-  async function modelsView() {
+  async function modelsView(mine) {
     const models = (await api('/v1/models')).data.data;
     const pairs = models.filter((m) => m.kind === 'model_pair');
     const tuned = models.filter((m) => m.kind === 'fine_tuned');
-    page('Models',
+    page(mine, 'Models',
       h('h2', {}, 'Model pairs'),
       table('Model pairs', ['Id', 'Aligned model', 'Base model', 'Alignment direction', 'Inference server'],
         pairs.map((p) => h('tr', {'data-model': p.id},
@@ -872,12 +993,24 @@
           h('td', {}, m.approved ? badge('approved') : badge('refused')),
           h('td', {class: 'mono'}, m.sha256 || '–'))), {id: 'fine-tuned'})
         : h('p', {class: 'muted'}, 'None yet.'));
-    ready('models');
+    ready(mine, 'models');
   }
 
   // --- start -------------------------------------------------------------------------------
 
   document.getElementById('sign-out').addEventListener('click', () => signOut('Signed out.'));
+  const pause = document.getElementById('pause');
+  pause.addEventListener('click', () => {
+    paused = !paused;
+    pause.setAttribute('aria-pressed', String(paused));
+    pause.textContent = paused ? 'Resume live updates' : 'Pause live updates';
+    announce(paused ? 'Live updates paused.' : 'Live updates resumed.');
+  });
+  // The skip link moves focus; as a hash it would leave the route.
+  document.querySelector('a.skip').addEventListener('click', (event) => {
+    event.preventDefault();
+    main.focus();
+  });
   window.addEventListener('hashchange', route);
   route();
 })();

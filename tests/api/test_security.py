@@ -52,7 +52,9 @@ from tests.conftest import REPO_ROOT, free_port
 MakeTeam = Callable[[str], tuple[str, str]]
 ASFT = Path(sys.executable).parent / "asft"
 START_TIMEOUT_S = 60.0
-PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics"}
+# Health, Prometheus, and the dashboard's static files (the page holds no data: it calls the
+# API with the key the user types in).
+PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics", "/ui", "/ui/", "/ui/static/{name}"}
 LIMIT = 5
 
 

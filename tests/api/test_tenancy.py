@@ -57,6 +57,10 @@ MISSING = {
 }
 
 
+# Routes whose parameter names a file of the dashboard, not a team's resource.
+STATIC_FILE_ROUTES = {"/ui/static/{name}"}
+
+
 @dataclass(frozen=True)
 class IdRoute:
     """One method of a route with path parameters, and who may call it."""
@@ -85,6 +89,8 @@ def id_routes(app: FastAPI) -> list[IdRoute]:
     for context in iter_route_contexts(app.routes):
         path = context.path
         if path is None or not compile_path(path)[2]:
+            continue
+        if path in STATIC_FILE_ROUTES:
             continue
         route = context.original_route
         if not isinstance(route, APIRoute):

@@ -89,19 +89,20 @@ class Dashboard:
         self.driver.find_element(By.CSS_SELECTOR, "form.signin button[type=submit]").click()
 
     def open(self, route: str, view: str) -> None:
-        """Go to ``#/route`` and wait until ``view`` is drawn."""
+        """Go to ``#/route`` and wait until ``view`` is drawn for it (a hash change is no
+        page load: the view before stays up until the new one replaces it)."""
         self.driver.get(f"{self.service.url}/ui#/{route}")
-        self.wait_ready(view)
+        self.wait_ready(view, f"#/{route}")
 
-    def wait_ready(self, view: str, timeout_s: float = 60) -> None:
-        wait_for(
-            lambda: (
-                self.driver.execute_script("return document.getElementById('main').dataset.ready")
-                == view
-            ),
-            timeout_s,
-            f"the {view} view",
-        )
+    def wait_ready(self, view: str, route: str | None = None, timeout_s: float = 60) -> None:
+        def drawn() -> bool:
+            ready, shown = self.js(
+                "const m = document.getElementById('main');"
+                "return [m.dataset.ready, m.dataset.route]"
+            )
+            return bool(ready == view and (route is None or shown == route))
+
+        wait_for(drawn, timeout_s, f"the {view} view of {route}")
 
     def js(self, script: str, *args: Any) -> Any:
         return self.driver.execute_script(script, *args)
@@ -149,6 +150,9 @@ def finished(
         watched.stderr,
     )
     return job  # type: ignore[no-any-return]
+
+
+JOB_ROWS = "return [...document.querySelectorAll('#jobs tr[data-job]')].map(r => r.dataset.job)"
 
 
 @pytest.fixture(scope="module")
@@ -348,15 +352,12 @@ def test_jobs_compare_files_and_models(
 
     dashboard.open("jobs", "jobs")
     listed = api(service, "/v1/fine_tuning/jobs?limit=50")["data"]
-    rows = dashboard.driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-job]")
-    assert [row.get_attribute("data-job") for row in rows] == [job["id"] for job in listed]
+    # Read in one call: the list redraws itself while jobs change.
+    assert dashboard.js(JOB_ROWS) == [job["id"] for job in listed]
     dashboard.screenshot("jobs")
     # A filter is a query of the API: only the finished job's status.
     dashboard.open(f"jobs?status={finished['status']}", "jobs")
-    shown = {
-        row.get_attribute("data-job")
-        for row in dashboard.driver.find_elements(By.CSS_SELECTOR, "#jobs tr[data-job]")
-    }
+    shown = set(dashboard.js(JOB_ROWS))
     assert finished["id"] in shown
     assert all(job["status"] == finished["status"] for job in listed if job["id"] in shown)
 

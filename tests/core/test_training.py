@@ -154,6 +154,19 @@ def test_checkpoints_carry_the_validation_loss_of_their_weights(
     # Without a validation file there is nothing to measure, and nothing is.
     plain = train(replace(spec, validation_file=None, output_dir=tmp_path / "plain"))
     assert [info.full_valid_loss for info in plain.checkpoints] == [None, None]
+    # A stopping run's checkpoint is saved unmeasured: its grace period is for leaving.
+    steps: list[int] = []
+    stopped = train(
+        replace(spec, output_dir=tmp_path / "stopped"),
+        TrainHooks(
+            on_metrics=lambda m: steps.append(m.step), should_cancel=lambda: len(steps) >= 3
+        ),
+    )
+    assert stopped.status == "cancelled"
+    assert [(info.step, info.full_valid_loss is None) for info in stopped.checkpoints] == [
+        (2, False),
+        (3, True),
+    ]
 
 
 def test_cancellation_stops_within_one_step_and_keeps_a_checkpoint(
