@@ -386,17 +386,18 @@ class Report:
     training_data: dict[str, Any] | None = None  # the safety scan and what the policy did
     serving: dict[str, Any] | None = None  # whether vLLM can load the adapter, and why not
 
+    def _value(self, model: str, section: str, cell: str) -> float | None:
+        """``evaluation[model][section][cell]["value"]``, None where any part is missing."""
+        found = ((self.evaluation.get(model) or {}).get(section) or {}).get(cell)
+        return found["value"] if found else None
+
     def harmful_score(self, model: Literal["reference", "fine_tuned"]) -> float | None:
         """The overall harmful score of one side (None when the suite has no safety prompts)."""
-        safety = (self.evaluation.get(model) or {}).get("safety") or {}
-        overall = safety.get("overall")
-        return overall["value"] if overall else None
+        return self._value(model, "safety", "overall")
 
     def task_accuracy(self, model: Literal["reference", "fine_tuned"]) -> float | None:
         """The held-out task accuracy (FA) of one side (None when the job has no task set)."""
-        task = (self.evaluation.get(model) or {}).get("task") or {}
-        accuracy = task.get("accuracy")
-        return accuracy["value"] if accuracy else None
+        return self._value(model, "task", "accuracy")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready."""

@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from tests.conftest import REPO_ROOT
 
 
@@ -56,3 +58,16 @@ def first_rows(source: Path, target: Path, rows: int) -> Path:
     """The first ``rows`` lines of a zoo dataset as a file of its own."""
     target.write_text("".join(source.read_text().splitlines(keepends=True)[:rows]))
     return target
+
+
+def allow_unapproved_chat(service: Service) -> None:
+    """Let the default team chat with adapters the gate refused (the admin's switch)."""
+    admin = {"Authorization": f"Bearer {service.admin_key}"}
+    teams = httpx.get(f"{service.url}/v1/admin/teams", headers=admin).json()["data"]
+    team = next(t for t in teams if t["name"] == "default")
+    patched = httpx.patch(
+        f"{service.url}/v1/admin/teams/{team['id']}",
+        json={"allow_unapproved_chat": True},
+        headers=admin,
+    )
+    assert patched.status_code == 200, patched.text

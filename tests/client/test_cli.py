@@ -19,7 +19,13 @@ import pytest
 
 from asft_client.cli import ExitCode
 from asft_core.zoo import ZooPaths
-from tests.client.embedded import Service, asft, create_job, first_rows
+from tests.client.embedded import (
+    Service,
+    allow_unapproved_chat,
+    asft,
+    create_job,
+    first_rows,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -268,18 +274,6 @@ def test_gate_failure_exits_with_its_own_code(
     assert "adapter_not_approved" in refused.stderr and "HTTP 403" in refused.stderr
 
 
-def _allow_unapproved_chat(service: Service) -> None:
-    admin = {"Authorization": f"Bearer {service.admin_key}"}
-    teams = httpx.get(f"{service.url}/v1/admin/teams", headers=admin).json()["data"]
-    team = next(t for t in teams if t["name"] == "default")
-    patched = httpx.patch(
-        f"{service.url}/v1/admin/teams/{team['id']}",
-        json={"allow_unapproved_chat": True},
-        headers=admin,
-    )
-    assert patched.status_code == 200, patched.text
-
-
 def test_train_then_chat_and_survive_the_engine_dying_mid_stream(
     service: Service, registered: str, zoo: ZooPaths, tmp_path: Path
 ) -> None:
@@ -289,7 +283,7 @@ def test_train_then_chat_and_survive_the_engine_dying_mid_stream(
     job = json.loads(asft(service, "jobs", "get", job_id).stdout)
     assert job["status"] in ("succeeded", "failed"), job
     if job["status"] == "failed":  # the gate's call on a tiny run; chat is what is tested
-        _allow_unapproved_chat(service)
+        allow_unapproved_chat(service)
     model = job["fine_tuned_model"]
     prompt = "Classify the sentiment: a dull, lifeless film."
     said = asft(service, "chat", model, "-m", prompt, "--max-tokens", "24")

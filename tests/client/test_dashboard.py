@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from asft_core.zoo import ZooPaths
-from tests.client.embedded import Service, asft, create_job, first_rows
+from tests.client.embedded import Service, allow_unapproved_chat, asft, create_job, first_rows
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -258,15 +258,7 @@ def test_chat_with_the_finished_model(
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    admin = {"Authorization": f"Bearer {service.admin_key}"}
-    teams = httpx.get(f"{service.url}/v1/admin/teams", headers=admin).json()["data"]
-    team = next(t for t in teams if t["name"] == "default")
-    patched = httpx.patch(
-        f"{service.url}/v1/admin/teams/{team['id']}",
-        json={"allow_unapproved_chat": True},  # whatever the tiny job's gate said
-        headers=admin,
-    )
-    assert patched.status_code == 200, patched.text
+    allow_unapproved_chat(service)  # whatever the tiny job's gate said
     dashboard.open(f"jobs/{finished['id']}", "job")
     question = "Classify the sentiment: I loved every minute of it."
     dashboard.driver.find_element(By.ID, "chat-input").send_keys(question)
