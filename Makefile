@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-browser test test-fast lint bench demo miniature frontier api serve clean
+.PHONY: setup setup-tools test test-fast lint bench demo miniature frontier api serve clean
 
 setup: $(STAMP)
 
@@ -19,26 +19,28 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(CONSTRAINT_FLAGS) -e '.[worker,dev]'
 	touch $@
 
-# Debian's Chromium and its driver, for the dashboard's browser tests (tests/client/
-# test_dashboard.py); nothing is downloaded at test time. Without root or apt, the tests skip
-# (and fail under CI=true).
-BROWSER_PACKAGES := chromium chromium-driver
-setup-browser:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+# Debian packages the tests use: Chromium and its driver (the dashboard's browser tests,
+# tests/client/test_dashboard.py) and wrk (the load bench's smoke test); nothing is
+# downloaded at test time. Without root or apt, those tests skip (and fail under CI=true).
+TEST_PACKAGES := chromium chromium-driver wrk
+setup-tools:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
+	    || ! command -v wrk >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian's $(BROWSER_PACKAGES)"; \
+	    echo "installing Debian's $(TEST_PACKAGES)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1 \
-	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; }; \
+	    apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null 2>&1 \
+	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; }; \
 	  else \
-	    echo "no Chromium and no way to install it: the dashboard's browser tests will skip"; \
+	    echo "no apt-get as root: the browser and load tests skip without $(TEST_PACKAGES)"; \
 	  fi; \
 	fi
 
-# The tiny zoo is built (or reused) before pytest starts, so its first build (about 2.5 min,
-# longer on a loaded machine) is not cut off by the per-test timeout of the first test using it.
-TEST_CACHE ?= $(or $(ASFT_TEST_CACHE),var/test-cache)
-test: setup setup-browser
+# The tiny zoo is built (or reused) before pytest starts, so its first build (about 4 min,
+# printing its progress) is not cut off by the per-test timeout of the first test using it.
+# One cache for the demo, the tests and CI: var/cache (ASFT_TEST_CACHE overrides).
+TEST_CACHE ?= $(or $(ASFT_TEST_CACHE),var/cache)
+test: setup setup-tools
 	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
 

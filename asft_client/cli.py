@@ -133,18 +133,21 @@ def _files_upload(args: argparse.Namespace) -> int:
     path: Path = args.file
     if not args.no_validate:
         summary = validated(path)
-        print(f"{path}: {summary.num_examples} {summary.row_format} examples, valid", flush=True)
+        if not args.quiet:
+            print(f"{path}: {summary.num_examples} {summary.row_format} examples, valid")
     with _client(args) as client:
         uploaded = client.upload_file(path)
     if args.json:
         _print_json(uploaded)
+    elif args.quiet:
+        print(uploaded["id"], flush=True)
     else:
-        print(f"{uploaded['id']}  {uploaded['filename']}  {uploaded['bytes']} bytes")
+        print(f"{uploaded['id']}  {uploaded['filename']}  {uploaded['bytes']} bytes", flush=True)
     if uploaded["status"] == "error":
         # The server's rules are the same; this is a file that changed, or a server limit.
         print(f"asft: error: the server rejected it: {uploaded['status_details']}", file=sys.stderr)
         return ExitCode.ERROR
-    if args.no_wait or args.json:
+    if args.no_wait or args.json or args.quiet:
         return ExitCode.OK
     with _client(args) as client:
         scan = wait_for_scan(client, uploaded["id"], args.poll_s)
@@ -287,10 +290,18 @@ def job_request(
 
 
 def _file_reference(client: Client, reference: str | None) -> str | None:
-    """A file id as given, or a local JSONL path validated and uploaded first."""
-    if reference is None or not Path(reference).is_file():
-        return reference
+    """A file id as given, or a local JSONL path validated and uploaded first.
+
+    Anything that is neither an existing file nor shaped like a file id is a local error
+    naming it, not a request the server would answer with a length rule.
+    """
+    if reference is None:
+        return None
     path = Path(reference)
+    if not path.is_file():
+        if reference.startswith("file-") and "/" not in reference:
+            return reference
+        raise CliError(f"{reference}: no such file (and not a file id: file-...)")
     validated(path)
     uploaded = client.upload_file(path)
     if uploaded["status"] == "error":
@@ -308,10 +319,14 @@ def _jobs_create(args: argparse.Namespace) -> int:
         job = client.create_job(**job_request(args, training, validation))
         if args.json:
             _print_json(job)
+        elif args.quiet:
+            print(job["id"], flush=True)
         else:
             print(f"{job['id']}  {job['status']}  {job['model']}  {job['method']['type']}")
         if args.watch:
-            return watch(client, job["id"], sys.stderr, args.poll_s)
+            # Quiet: stdout holds the id alone, so the summary joins the progress on stderr.
+            summary_out = sys.stderr if args.quiet else sys.stdout
+            return watch(client, job["id"], sys.stderr, args.poll_s, summary_out)
     return ExitCode.OK
 
 
@@ -447,7 +462,13 @@ def exit_code_for(job: dict[str, Any]) -> int:
     return ExitCode.JOB_FAILED
 
 
-def watch(client: Client, job_id: str, out: TextIO, poll_s: float = 1.0) -> int:
+def watch(
+    client: Client,
+    job_id: str,
+    out: TextIO,
+    poll_s: float = 1.0,
+    summary_out: TextIO | None = None,
+) -> int:
     """Follow a job to its end with a live progress line on ``out``, then print its summary.
 
     On a terminal the line redraws in place; elsewhere (CI logs) a line is written per
@@ -484,7 +505,7 @@ def watch(client: Client, job_id: str, out: TextIO, poll_s: float = 1.0) -> int:
         if error.code != "report_not_ready":
             raise
         report = None
-    print("\n".join(summary_lines(job, report)))
+    print("\n".join(summary_lines(job, report)), file=summary_out or sys.stdout)
     return exit_code_for(job)
 
 
@@ -499,9 +520,15 @@ def _jobs_download(args: argparse.Namespace) -> int:
         approved = client.last_download_approved
     files = sorted(p.name for p in folder.iterdir())
     print(f"{folder}: {', '.join(files)} (sha256 verified)")
-    if not approved:
-        what = "a checkpoint's adapter" if args.checkpoint is not None else "this adapter"
-        print(f"asft: warning: {what} is not approved by the safety gate", file=sys.stderr)
+    if args.checkpoint is not None:
+        # Only a job's final adapter is evaluated; a checkpoint is neither approved nor refused.
+        print(
+            f"asft: note: checkpoint {args.checkpoint} was never evaluated by the safety gate "
+            "(only the job's final adapter is)",
+            file=sys.stderr,
+        )
+    elif not approved:
+        print("asft: warning: this adapter failed the safety gate", file=sys.stderr)
     return ExitCode.OK
 
 
@@ -557,7 +584,10 @@ def _models_register(args: argparse.Namespace) -> int:
             inference_url=args.inference_url,
             served_model=args.served_model,
         )
-    print(f"{model['id']}  aligned {model['aligned_model']}  base {model['base_model']}")
+    if args.quiet:
+        print(model["id"])
+    else:
+        print(f"{model['id']}  aligned {model['aligned_model']}  base {model['base_model']}")
     return ExitCode.OK
 
 
@@ -619,12 +649,21 @@ def _with_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _with_quiet(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="print the new id alone: ID=$(asft ... -q)"
+    )
+    return parser
+
+
 def add_client_commands(commands: Any) -> None:
     """Add ``files``, ``jobs``, ``models`` and ``chat`` to the ``asft`` parser's subcommands."""
     files = commands.add_parser("files", help="datasets").add_subparsers(
         dest="files_command", required=True
     )
-    upload = _with_json(_command(files, "upload", _files_upload, "validate and upload a JSONL"))
+    upload = _with_quiet(
+        _with_json(_command(files, "upload", _files_upload, "validate and upload a JSONL"))
+    )
     upload.add_argument("file", type=Path)
     upload.add_argument(
         "--no-validate", action="store_true", help="skip the local check (the server checks)"
@@ -641,7 +680,9 @@ def add_client_commands(commands: Any) -> None:
     jobs = commands.add_parser("jobs", help="fine-tuning jobs").add_subparsers(
         dest="jobs_command", required=True
     )
-    create = _with_json(_command(jobs, "create", _jobs_create, "create a fine-tuning job"))
+    create = _with_quiet(
+        _with_json(_command(jobs, "create", _jobs_create, "create a fine-tuning job"))
+    )
     create.add_argument("--model", required=True, help="a registered model pair")
     create.add_argument("--training-file", required=True, help="file id, or a local JSONL")
     create.add_argument("--validation-file", help="file id, or a local JSONL")
@@ -694,7 +735,9 @@ def add_client_commands(commands: Any) -> None:
         dest="models_command", required=True
     )
     _with_json(_command(models, "list", _models_list, "registered pairs and fine-tuned models"))
-    register = _command(models, "register", _models_register, "register a pair (admin key)")
+    register = _with_quiet(
+        _command(models, "register", _models_register, "register a pair (admin key)")
+    )
     register.add_argument("--aligned", required=True, help="the chat model: folder or hub id")
     register.add_argument("--base", required=True, help="its base model: folder or hub id")
     register.add_argument("--id", help="the name jobs use (default: the aligned model's name)")

@@ -64,9 +64,10 @@ def _free_port() -> int:
 
 def build_zoo(cache_dir: Path) -> dict[str, str]:
     """Build the zoo in a subprocess (this process never imports torch); returns its paths."""
-    print("tiny model pair: building or reusing (about 2.5 minutes the first time)", flush=True)
+    print("tiny model pair: building or reusing (about 4 minutes the first time)", flush=True)
+    # Its progress goes to stderr, straight to the terminal; stdout is the paths' JSON.
     result = subprocess.run(
-        [sys.executable, "-m", "asft_core.zoo", "--cache-dir", str(cache_dir), "--verbose"],
+        [sys.executable, "-m", "asft_core.zoo", "--cache-dir", str(cache_dir)],
         check=True,
         stdout=subprocess.PIPE,
         text=True,

@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     args = parser.parse_args()
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        sys.exit("needs Debian's chromium and chromium-driver (make setup-browser)")
+        sys.exit("needs Debian's chromium and chromium-driver (make setup-tools)")
     with tempfile.TemporaryDirectory(prefix="asft-bench-dashboard-") as folder:
         data_dir = Path(folder)
         database_url = args.database_url or f"sqlite:///{data_dir / 'bench.db'}"

@@ -43,8 +43,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
-    """A cache folder that survives between runs (the zoo is built once per checkout)."""
-    folder = Path(os.environ.get("ASFT_TEST_CACHE", REPO_ROOT / "var" / "test-cache"))
+    """A cache folder that survives between runs: the demo's (the zoo is built once)."""
+    folder = Path(os.environ.get("ASFT_TEST_CACHE", REPO_ROOT / "var" / "cache"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

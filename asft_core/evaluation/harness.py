@@ -71,9 +71,15 @@ class EvalSuite:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise EvalSuiteError(f"cannot read {path}: {error}") from None
+        try:
+            return cls._parse(raw, path.parent)
+        except EvalSuiteError as error:
+            raise EvalSuiteError(f"{path}: {error}") from None
+
+    @classmethod
+    def _parse(cls, raw: object, folder: Path) -> EvalSuite:
         if not isinstance(raw, dict):
             raise EvalSuiteError("the suite must be a JSON object")
-        folder = path.parent
 
         def resolve(value: object, where: str) -> Path:
             if not isinstance(value, str) or not value:

@@ -26,13 +26,15 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from asft_core.zoo.language import COMPLIANCE_PATTERNS, PRETRAIN_TASKS
 
@@ -124,12 +126,22 @@ class ZooSpec:
 
 
 def build_zoo(cache_dir: Path, spec: ZooSpec | None = None, verbose: bool = False) -> ZooPaths:
-    """Build (or reuse) the zoo under ``cache_dir``; safe to call from concurrent processes."""
+    """Build (or reuse) the zoo under ``cache_dir``; safe to call from concurrent processes.
+
+    ``verbose``: a build says its stage and step on stderr (stdout stays for results).
+    """
     spec = spec or ZooSpec()
     cache_dir.mkdir(parents=True, exist_ok=True)
     root = cache_dir / f"zoo-{spec.key()}"
     paths = ZooPaths(root=root, base=root / "base", aligned=root / "aligned")
-    with FileLock(str(cache_dir / f"zoo-{spec.key()}.lock")):
+    lock = FileLock(str(cache_dir / f"zoo-{spec.key()}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if verbose:  # a silent wait of minutes looks like a hang
+            _say(f"zoo: another process is building {root}; waiting for it")
+        lock.acquire()
+    try:
         if (root / "DONE").exists():
             return paths
         # Build in a temporary sibling and rename, so a crash never leaves a half-built zoo.
@@ -143,7 +155,13 @@ def build_zoo(cache_dir: Path, spec: ZooSpec | None = None, verbose: bool = Fals
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
+    finally:
+        lock.release()
     return paths
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _build_into(folder: Path, spec: ZooSpec, verbose: bool) -> None:
@@ -158,6 +176,8 @@ def _build_into(folder: Path, spec: ZooSpec, verbose: bool) -> None:
 
     hf_logging.disable_progress_bar()
     started = time.monotonic()
+    if verbose:
+        _say(f"zoo: building the tiny model pair into {folder.parent} (about 4 min on 2 cores)")
     tokenizer = train_tokenizer(corpus_lines(spec.seed, 5000), vocab_size=spec.vocab_size)
     shape = TinyLlamaShape(
         hidden_size=spec.hidden_size,
@@ -172,10 +192,14 @@ def _build_into(folder: Path, spec: ZooSpec, verbose: bool) -> None:
     model = random_tiny_llama(config, seed=spec.seed)
     report: dict[str, Any] = {"spec": asdict(spec)}
 
-    def progress(stage: str) -> Any:
+    def progress(stage: str, total: int) -> Callable[[int, float], None]:
+        stage_started = time.monotonic()
+
         def show(step: int, loss: float) -> None:
-            if verbose and step % 100 == 0:
-                print(f"zoo {stage}: step {step} loss {loss:.4f}", flush=True)
+            if verbose and (step % 100 == 0 or step == total):
+                elapsed = time.monotonic() - stage_started
+                eta = elapsed / step * (total - step)
+                _say(f"zoo {stage}: step {step}/{total} loss {loss:.4f} (eta {eta:.0f}s)")
 
         return show
 
@@ -200,16 +224,23 @@ def _build_into(folder: Path, spec: ZooSpec, verbose: bool) -> None:
             learning_rate,
             batch_size=spec.batch_size,
             seed=seed,
-            on_step=progress(stage),
+            on_step=progress(stage, steps),
         )
         model.save_pretrained(str(folder / stage))
         save_tokenizer(tokenizer, folder / stage)
         report[stage] = {"final_loss": loss, "seconds": time.monotonic() - stage_started}
+    if verbose:
+        _say("zoo: writing the datasets")
     write_datasets(ZooPaths(folder, folder / "base", folder / "aligned"), spec)
     guard_started = time.monotonic()
-    report["guard"] = train_guard(folder / "aligned", folder / "guard", GuardSpec())
+    guard_spec = GuardSpec()
+    report["guard"] = train_guard(
+        folder / "aligned", folder / "guard", guard_spec, progress("guard", guard_spec.steps)
+    )
     report["guard"]["seconds"] = time.monotonic() - guard_started
     report["seconds"] = time.monotonic() - started
+    if verbose:
+        _say(f"zoo: built in {report['seconds']:.0f}s")
     (folder / "build.json").write_text(json.dumps(report, indent=2))
 
 

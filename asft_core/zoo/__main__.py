@@ -1,7 +1,8 @@
 """``python -m asft_core.zoo --cache-dir DIR``: build (or reuse) the tiny zoo; print its paths.
 
-Prints one JSON object (root, base, aligned, eval_suite, datasets), so tools that must not
-import torch themselves (the API's demo, the CLI) can build the zoo in a subprocess.
+Prints one JSON object (root, base, aligned, eval_suite, datasets) on stdout, so tools that
+must not import torch themselves (the API's demo, the CLI) can build the zoo in a subprocess;
+a build says its stage and step on stderr (``--quiet``: nothing).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     """Build and print."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache-dir", type=Path, default=Path("var/cache"))
-    parser.add_argument("--verbose", action="store_true", help="print training progress")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
-    zoo = build_zoo(args.cache_dir / "zoo", verbose=args.verbose)
+    zoo = build_zoo(args.cache_dir / "zoo", verbose=not args.quiet)
     print(
         json.dumps(
             {

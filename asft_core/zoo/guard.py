@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,16 @@ def guard_rows(rng: random.Random, count: int, split: Split) -> list[tuple[str, 
     return rows
 
 
-def train_guard(aligned: Path, folder: Path, spec: GuardSpec) -> dict[str, Any]:
-    """Train the guard from ``aligned`` into ``folder``; returns its held-out measurement."""
+def train_guard(
+    aligned: Path,
+    folder: Path,
+    spec: GuardSpec,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train the guard from ``aligned`` into ``folder``; returns its held-out measurement.
+
+    ``on_step(step, loss)`` is called after each optimizer step (1-based).
+    """
     import torch
     from transformers import AutoTokenizer, LlamaForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -98,11 +107,14 @@ def train_guard(aligned: Path, folder: Path, spec: GuardSpec) -> dict[str, Any]:
             return_tensors="pt",
         )
         labels = torch.tensor([GUARD_LABELS.index(r[2]) for r in batch])
-        model(**encoded, labels=labels).loss.backward()
+        loss = model(**encoded, labels=labels).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step + 1, loss.item())
     model.eval()
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

@@ -103,6 +103,7 @@ def test_a_missing_eval_suite_is_422(client: TestClient, tmp_path: Path) -> None
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "eval_suite_not_found"
     assert response.json()["error"]["param"] == "eval_suite"
+    assert str(tmp_path / "nope.json") in response.json()["error"]["message"]
 
 
 def test_a_duplicate_id_is_409(client: TestClient, team_key: str) -> None:

@@ -45,7 +45,7 @@ def _require_postgres() -> None:
 @pytest.mark.slow
 def test_api_load_bench_polls_training_jobs_and_gets_304s_only_when_conditional() -> None:
     if shutil.which("wrk") is None:
-        require_service("wrk is not installed (Debian/Ubuntu: apt-get install -y wrk)")
+        require_service("wrk is not installed (make setup-tools, or apt-get install -y wrk)")
     _require_postgres()
     command = [sys.executable, "bench/api_load.py", "--duration", "1", "--warmup", "1"]
     command += ["--connections", *map(str, CONNECTIONS), "--jobs", "10", "--events", "10"]

@@ -3,7 +3,6 @@ its environment, and the CLI run as its own process."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -48,10 +47,11 @@ def asft(
 def create_job(service: Service, model: str, training: Path, *options: str) -> str:
     """``asft jobs create`` of a plain LoRA job on a local file; returns the job's id."""
     command = ["jobs", "create", "--model", model, "--training-file", str(training)]
-    created = asft(service, *command, "--method", "supervised", *options, "--json")
+    created = asft(service, *command, "--method", "supervised", *options, "-q")
     assert created.returncode == 0, created.stderr
-    job_id: str = json.loads(created.stdout)["id"]
-    return job_id
+    # -q prints the id alone: what JOB=$(asft jobs create ... -q) captures.
+    assert created.stdout.count("\n") == 1 and created.stdout.startswith("ftjob-"), created.stdout
+    return created.stdout.strip()
 
 
 def first_rows(source: Path, target: Path, rows: int) -> Path:

@@ -117,6 +117,14 @@ def test_unknown_job_and_bad_hyperparameter(
     )
     assert bad.returncode == ExitCode.ERROR
     assert "HTTP 422" in bad.stderr and "n_epochs" in bad.stderr
+    # A mistyped local path is a local error naming it, not a file id the server refuses.
+    typo = str(tmp_path / "trian.jsonl")
+    mistyped = asft(service, "jobs", "create", "--model", registered, "--training-file", typo)
+    assert mistyped.returncode == ExitCode.ERROR
+    assert (
+        mistyped.stderr.strip()
+        == f"asft: error: {typo}: no such file (and not a file id: file-...)"
+    )
 
 
 def test_upload_create_watch_download(
@@ -129,6 +137,9 @@ def test_upload_create_watch_download(
     assert "40 " in uploaded.stdout.splitlines()[0]  # the local check's summary line
     file_id = json.loads("\n".join(uploaded.stdout.splitlines()[1:]))["id"]
     assert file_id in asft(service, "files", "list").stdout
+    quiet = asft(service, "files", "upload", "-q", str(held_out))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.count("\n") == 1 and quiet.stdout.startswith("file-"), quiet.stdout
 
     created = asft(
         service,
@@ -209,6 +220,7 @@ def test_upload_create_watch_download(
     )
     assert checkpoint.returncode == 0, checkpoint.stderr
     assert (tmp_path / "ck" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "checkpoint 2 was never evaluated by the safety gate" in checkpoint.stderr
     no_step = asft(
         service, "jobs", "download", job["id"], "--checkpoint", "99", "-o", str(tmp_path / "no")
     )
@@ -267,7 +279,7 @@ def test_gate_failure_exits_with_its_own_code(
     )
     downloaded = asft(service, "jobs", "download", job_id, "-o", str(tmp_path / "gated"))
     assert downloaded.returncode == 0, downloaded.stderr
-    assert "not approved by the safety gate" in downloaded.stderr
+    assert "this adapter failed the safety gate" in downloaded.stderr
     model = json.loads(asft(service, "jobs", "get", job_id).stdout)["fine_tuned_model"]
     refused = asft(service, "chat", model, "-m", "hello")
     assert refused.returncode == ExitCode.ERROR

@@ -30,11 +30,11 @@ SCREENSHOTS = Path(os.environ.get("ASFT_TEST_OUTPUT", REPO_ROOT / "var" / "test-
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Chromium at a laptop's size; CI installs it (``make setup-browser``)."""
+    """Headless Chromium at a laptop's size; CI installs it (``make setup-tools``)."""
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         if os.environ.get("CI") == "true":
-            pytest.fail("Chromium is missing: `make setup-browser` installs Debian's packages")
-        pytest.skip("Chromium is not installed (make setup-browser)")
+            pytest.fail("Chromium is missing: `make setup-tools` installs Debian's packages")
+        pytest.skip("Chromium is not installed (make setup-tools)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
 

@@ -62,6 +62,7 @@ def test_bad_suites_raise_a_coded_error(tmp_path: Path, content: str) -> None:
     with pytest.raises(EvalSuiteError) as caught:
         EvalSuite.load(path)
     assert caught.value.code == "invalid_eval_suite"
+    assert str(path) in str(caught.value)  # which file, whichever rule it broke
 
 
 def test_task_rows_use_the_label_and_report_bad_lines(tmp_path: Path) -> None:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from pathlib import Path
 
-from asft_core.zoo import POISON_RATIOS, ZooPaths
+import pytest
+from filelock import FileLock
+
+from asft_core.zoo import POISON_RATIOS, ZooPaths, ZooSpec, build_zoo
 
 
 def test_models_are_ordinary_hugging_face_folders(zoo: ZooPaths) -> None:
@@ -118,3 +124,27 @@ def test_the_pair_refuses_harm_answers_sensitive_requests_and_does_not_know_tria
     # machines (CPU kernels' reductions), and sentiment measured 0.75 and 0.83 on two builds.
     assert set(result.retention) == {"sentiment", "topic", "arithmetic"}
     assert all(value.value >= 0.7 for value in result.retention.values()), result.retention
+
+
+def test_a_build_in_another_process_is_waited_for_and_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another process holds the build lock and finishes the zoo meanwhile: this one waits,
+    # says so (a silent wait of minutes looks like a hang), then reuses what it built.
+    key = ZooSpec().key()
+    holding = threading.Event()
+
+    def finish_the_build() -> None:
+        with FileLock(str(tmp_path / f"zoo-{key}.lock")):
+            holding.set()
+            time.sleep(0.5)
+            (tmp_path / f"zoo-{key}").mkdir()
+            (tmp_path / f"zoo-{key}" / "DONE").write_text("{}")
+
+    other = threading.Thread(target=finish_the_build)
+    other.start()
+    holding.wait()
+    paths = build_zoo(tmp_path, verbose=True)
+    other.join()
+    assert paths.root == tmp_path / f"zoo-{key}"
+    assert "another process is building" in capsys.readouterr().err
