@@ -11,6 +11,7 @@ Server side:
     asft admin create-team NAME     create a team and print its first API key
     asft alignment inspect MODEL    a registered pair's alignment direction, per module, and
                                     what AsFT does on it (or --base PATH --aligned PATH)
+    asft zoo                        build (or reuse) the tiny model pair; print its folder
 
 The client commands (``asft files|jobs|models ...``) are ``asft_client.cli``'s; they talk to
 a running service over HTTP.
@@ -285,6 +286,26 @@ def _alignment_inspect(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    """Build (or reuse) the tiny model pair in the cache; print its folder (or every path)."""
+    import json
+    import subprocess
+
+    cache_dir = args.cache_dir or get_settings().resolved_cache_dir
+    # A subprocess, as for `alignment inspect`: this command never imports torch itself.
+    built = subprocess.run(
+        [sys.executable, "-m", "asft_core.zoo", "--cache-dir", str(cache_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        return built.returncode
+    paths = json.loads(built.stdout.strip().splitlines()[-1])
+    print(json.dumps(paths, indent=2) if args.json else paths["root"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line grammar."""
     parser = argparse.ArgumentParser(prog="asft", description=__doc__.splitlines()[0])
@@ -344,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--tau", type=float, help="energy share for k (default 0.5)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_alignment_inspect)
+    zoo = commands.add_parser(
+        "zoo", help="build (or reuse) the tiny model pair and print its folder"
+    )
+    zoo.add_argument("--cache-dir", type=Path, help="default: ASFT_CACHE_DIR (var/cache)")
+    zoo.add_argument("--json", action="store_true", help="print every path as JSON")
+    zoo.set_defaults(run=_zoo)
     add_client_commands(commands)
     return parser
 

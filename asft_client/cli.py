@@ -425,6 +425,19 @@ def progress_text(metrics: dict[str, Any], started: tuple[float, int] | None, no
     return text
 
 
+def _is_progress(event: dict[str, Any]) -> bool:
+    """A training step's metrics, or an evaluation progress event."""
+    return event["type"] == "metrics" or "prompts_done" in (event.get("data") or {})
+
+
+def evaluation_text(data: dict[str, Any], job: dict[str, Any], now: float) -> str:
+    """``1200/2600 prompts eta 40s``: the evaluation's progress and the job's finish time."""
+    text = f"{data['prompts_done']}/{data['prompts_total']} prompts"
+    if job.get("estimated_finish"):
+        text += f" eta {max(0.0, job['estimated_finish'] - now):.0f}s"
+    return text
+
+
 def percent_cell(cell: dict[str, Any] | None) -> str:
     """A score with its 95% interval: ``8.0% [5.1, 12.3]`` (``-`` when absent)."""
     if not cell:
@@ -480,13 +493,17 @@ def watch(
     while True:
         job = client.get_job(job_id)
         text = job["status"]
+        if job.get("queue_position"):
+            text += f": waiting for a worker, place {job['queue_position']} in the queue"
         if job["status"] == "running":
-            metrics = next((e for e in client.events(job_id, 20) if e["type"] == "metrics"), None)
-            if metrics is not None:
+            latest = next((e for e in client.events(job_id, 20) if _is_progress(e)), None)
+            if latest is not None and latest["type"] == "metrics":
                 now = time.monotonic()
                 if started is None:
-                    started = (now, int(metrics["data"]["step"]))
-                text = f"running {progress_text(metrics['data'], started, now)}"
+                    started = (now, int(latest["data"]["step"]))
+                text = f"running {progress_text(latest['data'], started, now)}"
+            elif latest is not None:
+                text = f"evaluating {evaluation_text(latest['data'], job, time.time())}"
         if text != last:
             # Redraw in place on a terminal; ETA-only changes are not worth a log line.
             if live:
@@ -573,17 +590,37 @@ def default_model_id(aligned: str) -> str:
     return cleaned[:64] or "model"
 
 
+def _same_reference(given: str, registered: str) -> bool:
+    """Whether a folder or hub id names what the server stored (it stores folders resolved)."""
+    folder = Path(given).expanduser()
+    return registered in (given, str(folder.resolve()) if folder.is_dir() else given)
+
+
 def _models_register(args: argparse.Namespace) -> int:
     model_id = args.id or default_model_id(args.aligned)
     with _client(args, admin=True) as client:
-        model = client.register_model(
-            model_id,
-            args.aligned,
-            args.base,
-            args.eval_suite,
-            inference_url=args.inference_url,
-            served_model=args.served_model,
-        )
+        try:
+            model = client.register_model(
+                model_id,
+                args.aligned,
+                args.base,
+                args.eval_suite,
+                inference_url=args.inference_url,
+                served_model=args.served_model,
+            )
+        except ApiError as error:
+            if not (args.exist_ok and error.code == "model_exists"):
+                raise
+            with _client(args) as team_client:  # reading a pair takes a team key
+                model = team_client.get_model(model_id)
+            if not (
+                _same_reference(args.aligned, model["aligned_model"])
+                and _same_reference(args.base, model["base_model"])
+            ):
+                raise CliError(
+                    f"model {model_id!r} is registered with other models: aligned "
+                    f"{model['aligned_model']}, base {model['base_model']}"
+                ) from None
     if args.quiet:
         print(model["id"])
     else:
@@ -615,6 +652,11 @@ def _chat(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     with _client(args) as client:
+        if args.model.startswith("ftjob-"):  # a job id stands for the model it made
+            job = client.get_job(args.model)
+            if not job["fine_tuned_model"]:
+                raise CliError(f"{args.model} has no model ({job['status']})")
+            args.model = job["fine_tuned_model"]
         if args.message is not None:
             _chat_turn(
                 client, args, [*messages, {"role": "user", "content": args.message}], sys.stdout
@@ -743,12 +785,19 @@ def add_client_commands(commands: Any) -> None:
     register.add_argument("--id", help="the name jobs use (default: the aligned model's name)")
     register.add_argument("--eval-suite", help="path of the pair's evaluation suite JSON")
     register.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="a pair already registered under this id with these models is not an error",
+    )
+    register.add_argument(
         "--inference-url", help="the server that serves this pair, e.g. a vLLM (default: ours)"
     )
     register.add_argument("--served-model", help="the name that server knows the aligned model by")
 
     chat = _command(commands, "chat", _chat, "chat with a model (streamed to the terminal)")
-    chat.add_argument("model", help="a fine-tuned model, a checkpoint's model id, or a pair")
+    chat.add_argument(
+        "model", help="a fine-tuned model, its job's id, a checkpoint's model id, or a pair"
+    )
     chat.add_argument("-m", "--message", help="send this one message, print the answer, exit")
     chat.add_argument("--system", help="a system message first")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")

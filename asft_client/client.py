@@ -122,6 +122,11 @@ class Client:
         """The job's checkpoints, newest first."""
         return self._page(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", {"limit": limit})
 
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        """A registered pair or one of the team's fine-tuned models."""
+        model: dict[str, Any] = self._call("GET", f"/v1/models/{model_id}")
+        return model
+
     def list_models(self) -> list[dict[str, Any]]:
         """Registered model pairs and the team's fine-tuned models."""
         return self._page("/v1/models", {})

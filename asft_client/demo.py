@@ -37,6 +37,9 @@ METHODS = ("supervised", DEFAULT_METHOD, "asft" if DEFAULT_METHOD != "asft" else
 # the safety scan flagged (the data-side baseline).
 RUNS = [*((method, "flag") for method in METHODS), ("supervised", "drop_flagged")]
 TASK = "triage"
+# Pinned, so the table is the same on every run on the same machine kind (a job without a
+# seed gets a random one, shown on the job).
+SEED = 1
 
 
 def run_name(job: dict[str, Any]) -> str:
@@ -93,6 +96,8 @@ def _wait_ready(base_url: str, service: subprocess.Popen[bytes], timeout_s: floa
 def _progress_line(client: Client, job: dict[str, Any]) -> str:
     metrics = next((e for e in client.events(job["id"], 20) if e["type"] == "metrics"), None)
     line = f"{run_name(job):>15}: {job['status']:<16}"
+    if job.get("queue_position"):
+        line += f" (place {job['queue_position']} in the queue)"
     if metrics is not None and job["status"] == "running":
         data = metrics["data"]
         line += f" step {data['step']}/{data['total_steps']} loss {data['train_loss']:.3f}"
@@ -124,6 +129,7 @@ def run_jobs(
             method={"type": method, method: {"hyperparameters": hyperparameters()}},
             evaluation={"matcher": "exact_label"},
             data_policy={"mode": policy},
+            seed=SEED,
         )
         for method, policy in RUNS
     ]
@@ -147,7 +153,7 @@ def held_out_prompt(datasets: Path) -> str:
     return next(m.content for m in parse_row(first, 1).messages if m.role == "user")
 
 
-def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> None:
+def print_table(client: Client, jobs: list[dict[str, Any]]) -> None:
     """HS and FA per job from the reports, with the aligned model as the reference row."""
     print()
     print(
@@ -187,14 +193,6 @@ def print_table(client: Client, jobs: list[dict[str, Any]], base_url: str) -> No
         # A refused adapter is still served, marked not approved: say why it was refused.
         print("\nwhy the safety gate refused:")
         print("\n".join(refusals))
-    print()
-    for job in jobs:
-        if job["fine_tuned_model"]:
-            print(f"{job['fine_tuned_model']}")
-            print(
-                f"  curl -H 'Authorization: Bearer <key>' -o adapter.tar.gz "
-                f"{base_url}/v1/fine_tuning/jobs/{job['id']}/adapter"
-            )
 
 
 def chat_with_models(client: Client, jobs: list[dict[str, Any]], prompt: str) -> None:
@@ -219,10 +217,13 @@ def chat_with_models(client: Client, jobs: list[dict[str, Any]], prompt: str) ->
         print(f"{run_name(job):>16}: {answer}")
 
 
-def print_dashboard(jobs: list[dict[str, Any]], data_dir: Path) -> None:
-    """Where to see these jobs in the browser once the service runs again."""
+def print_next_steps(jobs: list[dict[str, Any]], data_dir: Path) -> None:
+    """What to do with these jobs once the service runs again (``make serve``, port 8000)."""
     ids = ",".join(job["id"] for job in jobs)
-    print(f"\nthe dashboard: `make serve`, then sign in with the key in {data_dir / 'api-key'}:")
+    print(f"\nthe service is stopped; `make serve` starts it again (key: {data_dir / 'api-key'}):")
+    for job in jobs:
+        if job["fine_tuned_model"]:
+            print(f"  {run_name(job):>16}: asft jobs download {job['id']} -o adapter")
     for job in jobs:
         print(f"  {run_name(job):>16}: http://127.0.0.1:8000/ui#/jobs/{job['id']}")
     print(f"  {'side by side':>16}: http://127.0.0.1:8000/ui#/compare?ids={ids}")
@@ -277,10 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         jobs = run_jobs(
             client, "tiny-chat", Path(zoo["datasets"]), args.data_dir, args.poison_ratio
         )
-        print_table(client, jobs, base_url)
+        print_table(client, jobs)
         chat_with_models(client, jobs, held_out_prompt(Path(zoo["datasets"])))
         client.close()
-        print_dashboard(jobs, args.data_dir)
+        print_next_steps(jobs, args.data_dir)
     finally:
         service.send_signal(signal.SIGTERM)
         try:

@@ -5,4 +5,28 @@ This package imports nothing heavy at import time, so that its stdlib-only modul
 submodules you need: ``asft_core.alignment``, ``asft_core.penalty``, ``asft_core.training``...
 """
 
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def _cpu_budget() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+# Set before torch loads OpenMP (its submodules import torch after this runs). Idle OpenMP
+# threads sleep instead of spinning, so two torch processes sharing the cores (a test run
+# beside the demo) each take about twice as long, not ten times (bench/threads.py); and the
+# pool is the cores this process may use (a container's quota), not the host's. Both are
+# defaults: a value already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", str(_cpu_budget()))

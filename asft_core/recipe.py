@@ -93,6 +93,10 @@ def _no_stage(stage: str) -> None:
     return None
 
 
+def _no_progress(done: int, total: int) -> None:
+    return None
+
+
 @dataclass
 class RecipeHooks:
     """What the caller plugs in: the trainer's hooks, stage changes, and taking the job.
@@ -103,6 +107,8 @@ class RecipeHooks:
 
     train: TrainHooks = field(default_factory=TrainHooks)
     on_stage: Callable[[str], None] = _no_stage  # alignment | training | evaluation
+    # Evaluation progress: prompts answered so far and in all, after each generation batch.
+    on_evaluation: Callable[[int, int], None] = _no_progress
     start: Callable[[Validation | None], Start | None] = _always_start
 
 
@@ -282,7 +288,7 @@ def run(
 
     hooks.on_stage("evaluation")
     started = time.monotonic()
-    evaluation = evaluate(spec, trained.adapter_dir)
+    evaluation = evaluate(spec, trained.adapter_dir, hooks.on_evaluation)
     report = Report(
         evaluation=evaluation,
         gate=replace(judge(evaluation, spec.gate), notes=tuple(notes)),
@@ -501,7 +507,11 @@ def describe_failure(error: Exception) -> Failure:
     return Failure("internal_error", f"{type(error).__name__}: {error}")
 
 
-def evaluate(spec: RecipeSpec, adapter_dir: Path) -> dict[str, Any]:
+def evaluate(
+    spec: RecipeSpec,
+    adapter_dir: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Harmful score and task accuracy with and without the adapter, as a JSON-ready dict."""
     from asft_core.evaluation.harness import (
         EvalOptions,
@@ -527,6 +537,6 @@ def evaluate(spec: RecipeSpec, adapter_dir: Path) -> dict[str, Any]:
         limit = min(limit or spec.task.max_examples, spec.task.max_examples)
     options = EvalOptions(task=task_name, limit=limit, batch_size=spec.eval_batch_size)
     result = evaluate_adapter(
-        spec.train.model, adapter_dir, suite, options, device=spec.train.device
+        spec.train.model, adapter_dir, suite, options, spec.train.device, on_progress=on_progress
     )
     return result.to_dict()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -157,10 +157,11 @@ def _metrics_event(job_id: str, metrics: Any) -> dict[str, Any]:
     }
 
 
-def sync_job(context: JobContext, job_id: str, steps: list[Any]) -> bool:
+def sync_job(context: JobContext, job_id: str, steps: list[Any], evaluation_s: float = 0.0) -> bool:
     """Write the buffered steps' metrics events and progress, renew the lease; one transaction.
 
-    Returns whether the owner asked to cancel the job.
+    ``evaluation_s`` is the evaluation still to come after training, for
+    ``estimated_finish``. Returns whether the owner asked to cancel the job.
     """
     with transaction(context.engine) as session:
         for metrics in steps:
@@ -174,11 +175,32 @@ def sync_job(context: JobContext, job_id: str, steps: list[Any]) -> bool:
         progress: dict[str, Any] = {"heartbeat_at": now()}
         if steps:
             progress["trained_tokens"] = steps[-1].trained_tokens
-            progress["estimated_finish"] = now() + math.ceil(steps[-1].eta_s)
+            progress["estimated_finish"] = now() + math.ceil(steps[-1].eta_s + evaluation_s)
         session.execute(
             update(Job).where(Job.id == job_id, Job.status == "running").values(**progress)
         )
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+@retry_database
+def record_evaluation_progress(
+    context: JobContext, job_id: str, done: int, total: int, remaining_s: float | None
+) -> None:
+    """An ``Evaluating: done/total prompts`` event, and ``estimated_finish`` from its rate."""
+    with transaction(context.engine) as session:
+        append_event(
+            session,
+            job_id,
+            "info",
+            f"Evaluating: {done}/{total} prompts",
+            {"prompts_done": done, "prompts_total": total},
+        )
+        if remaining_s is not None:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "running")
+                .values(estimated_finish=now() + math.ceil(remaining_s))
+            )
 
 
 @retry_database
@@ -458,6 +480,7 @@ class JobSync:
         """Prepare (entering the context starts the thread)."""
         self.context, self.job_id, self.interval_s = context, job_id, interval_s
         self.cancel_requested = False
+        self.evaluation_s = 0.0  # the evaluation expected after training (estimated_finish)
         self._pending: list[Any] = []
         self._lock = threading.Lock()  # one write at a time: the thread's, or flush()'s
         self._stop = threading.Event()
@@ -470,7 +493,7 @@ class JobSync:
     def _write(self) -> None:
         with self._lock:
             steps = list(self._pending)
-            self.cancel_requested = sync_job(self.context, self.job_id, steps)
+            self.cancel_requested = sync_job(self.context, self.job_id, steps, self.evaluation_s)
             del self._pending[: len(steps)]
 
     def flush(self) -> None:
@@ -495,10 +518,17 @@ class JobSync:
         self._thread.join(timeout=max(self.interval_s, 5.0))
 
 
+class Reconciled(NamedTuple):
+    """What a reconciler pass sent again: jobs whose worker died, and jobs only waiting."""
+
+    requeued: list[str]
+    resent: list[str]
+
+
 def reconcile(
     context: JobContext, queue: Any, stale_after_s: int = 60, requeue_running: bool = True
-) -> list[str]:
-    """Re-enqueue what the broker may have lost; returns the job ids re-enqueued.
+) -> Reconciled:
+    """Re-enqueue what the broker may have lost; returns the jobs requeued and re-sent.
 
     Running jobs whose heartbeat is older than ``stale_after_s`` (their worker died) go back
     to ``queued`` and resume from their last checkpoint; jobs waiting in ``queued`` or
@@ -538,16 +568,16 @@ def reconcile(
                 Job.status.in_(("queued", "validating_files")), Job.updated_at < cutoff
             )
         ).all()
-        requeued += [job_id for job_id in waiting if job_id not in requeued]
+        resent = [job_id for job_id in waiting if job_id not in requeued]
         # Touch them so the next pass waits a full period before sending again.
         if waiting:
             session.execute(update(Job).where(Job.id.in_(waiting)).values(updated_at=now()))
         scans = _stale_scans(session, cutoff, requeue_running)
-    for job_id in requeued:
+    for job_id in requeued + resent:
         enqueue_job(queue, job_id)
     for file_id in scans:
         enqueue_scan(queue, file_id)
-    return requeued
+    return Reconciled(requeued, resent)
 
 
 def _stale_scans(session: Any, cutoff: int, requeue_running: bool) -> list[str]:

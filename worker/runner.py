@@ -40,6 +40,7 @@ from worker.persistence import (
     notify,
     record_alignment,
     record_checkpoint,
+    record_evaluation_progress,
     requeue_preempted,
     training_scan,
     worker_identity,
@@ -120,6 +121,13 @@ def recipe_spec(
     )
 
 
+# Seconds the last evaluation of a pair took in this process, by (pair, prompt cap): the
+# next job's estimated_finish adds it to training (the first job learns it as it evaluates).
+EVALUATION_SECONDS: dict[tuple[str, int | None], float] = {}
+# Evaluation progress events per job: one at the first batch, then every tenth of the prompts.
+EVALUATION_EVENTS = 10
+
+
 class JobHooks:
     """The recipe's hooks for one job: every callback writes through ``worker.persistence``."""
 
@@ -129,6 +137,8 @@ class JobHooks:
         self.status = job.status  # where the job stands when the recipe stops early
         self.sync: JobSync | None = None
         self.last_metrics: dict[str, Any] = {}
+        self.evaluation_started: float | None = None
+        self.evaluation_shown = -1  # the last tenth of the prompts reported
 
     def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
         """Append a message event to the job."""
@@ -173,7 +183,21 @@ class JobHooks:
         settings = context.settings
         interval = min(settings.metrics_interval_s or math.inf, settings.heartbeat_interval_s)
         self.sync = self.resources.enter_context(JobSync(context, job_id, interval))
+        self.sync.evaluation_s = EVALUATION_SECONDS.get(evaluation_key(self.job, settings), 0.0)
         return Start(resume_from=resume)
+
+    def on_evaluation(self, done: int, total: int) -> None:
+        """Report evaluation progress now and then, with the finish time its rate implies."""
+        clock = time.monotonic()
+        if self.evaluation_started is None:
+            self.evaluation_started = clock
+        tenth = done * EVALUATION_EVENTS // max(total, 1)
+        if tenth == self.evaluation_shown and done < total:
+            return
+        self.evaluation_shown = tenth
+        elapsed = clock - self.evaluation_started
+        remaining = elapsed / done * (total - done) if elapsed > 0 else None
+        record_evaluation_progress(self.context, self.job.id, done, total, remaining)
 
     def on_metrics(self, metrics: Any) -> None:
         """Buffer a step's metrics for the next sync."""
@@ -213,8 +237,14 @@ class JobHooks:
                 should_cancel=self.should_cancel,
             ),
             on_stage=lambda stage: self.event("info", f"Stage: {stage}"),
+            on_evaluation=self.on_evaluation,
             start=self.start,
         )
+
+
+def evaluation_key(job: Job, settings: Any) -> tuple[str, int | None]:
+    """What makes two jobs' evaluations take about as long: the pair and the prompt cap."""
+    return job.model, settings.eval_max_prompts
 
 
 def run_job(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
@@ -254,6 +284,9 @@ def run_job(job: Job, pair: ModelPair, team: Team, context: JobContext) -> str:
         return hooks.status
     if result.alignment_path is not None:
         record_alignment(context, job.model, result.alignment_path, result.alignment or {})
+    if result.report is not None:
+        key = evaluation_key(job, context.settings)
+        EVALUATION_SECONDS[key] = result.report.evaluation_seconds
     assert hooks.sync is not None
     if result.cancelled and context.preempt.is_set() and not hooks.sync.cancel_requested:
         return requeue_preempted(context, job.id)

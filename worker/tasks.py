@@ -27,7 +27,7 @@ from service.queue import RUN_JOB_TASK, SCAN_FILE_TASK, enqueue_job
 from service.settings import get_settings
 from service.storage import ArtifactStore
 from worker.celery_app import app
-from worker.persistence import JobContext, reconcile
+from worker.persistence import JobContext, Reconciled, reconcile
 from worker.runner import execute_job
 from worker.scan import scan_file
 
@@ -82,8 +82,8 @@ def scan_uploaded_file(file_id: str) -> str:
 
 
 @app.task(name=RECONCILE_TASK)
-def reconcile_jobs(requeue_running: bool = True) -> list[str]:
-    """One reconciler pass; returns the ids of the jobs it re-enqueued."""
+def reconcile_jobs(requeue_running: bool = True) -> Reconciled:
+    """One reconciler pass; returns the jobs it requeued and the waiting ones it re-sent."""
     return reconcile(_context(), app, get_settings().stale_after_s, requeue_running)
 
 
@@ -97,9 +97,16 @@ def _reconcile_forever() -> None:
         # the database has answered for a whole stale period.
         trusted = time.monotonic() - failed_at >= stale_after_s
         try:
-            requeued = reconcile_jobs(requeue_running=trusted)
-            if requeued:
-                logger.warning("reconciler re-enqueued %s", ", ".join(requeued))
+            passed = reconcile_jobs(requeue_running=trusted)
+            if passed.requeued:
+                logger.warning(
+                    "reconciler requeued %s: their worker died", ", ".join(passed.requeued)
+                )
+            if passed.resent:
+                # Most often they only wait for a busy worker; the message may also be lost.
+                logger.info(
+                    "reconciler re-sent the message of %s (waiting)", ", ".join(passed.resent)
+                )
         except Exception:  # the database or the broker may be restarting: try next period
             failed_at = time.monotonic()
             logger.exception("reconciler pass failed")

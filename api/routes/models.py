@@ -138,9 +138,8 @@ def register_model(session: SessionDep, body: ModelPairCreate) -> ModelObject:
     if body.eval_suite is not None:
         suite = _expanded(body.eval_suite)
         if not suite.is_file():
-            raise Unprocessable(
-                "eval_suite_not_found", f"eval_suite {body.eval_suite!r} is not a file", "eval_suite"
-            )
+            message = f"eval_suite {body.eval_suite!r} is not a file"
+            raise Unprocessable("eval_suite_not_found", message, "eval_suite")
         eval_suite = str(suite.resolve())  # read by the worker, from its own directory
     pair = ModelPair(
         id=body.id,

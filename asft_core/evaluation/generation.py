@@ -8,7 +8,7 @@ of the prompts and equal one-prompt-at-a-time generation (a test checks this).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ def generate(
     prompts: Sequence[str],
     max_new_tokens: int = 48,
     batch_size: int = 64,
+    on_answers: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy answers to ``prompts``, decoded without special tokens and stripped.
 
@@ -41,6 +42,7 @@ def generate(
         prompts: user messages.
         max_new_tokens: answer length cap.
         batch_size: prompts per forward pass; 1 gives the unbatched reference.
+        on_answers: called with the number of prompts answered after each batch (progress).
     """
     if not prompts:
         return []
@@ -77,5 +79,7 @@ def generate(
         )
         for row, index in enumerate(rows):
             answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
+        if on_answers is not None:
+            on_answers(len(rows))
     model.train(was_training)
     return answers

@@ -23,6 +23,7 @@ the suite's other tasks, so forgetting shows as forgetting, not as safety or har
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ class EvalOptions:
     keep_examples: int = 20
     # Prompts per other task for retention (also capped by ``limit``); 0 skips retention.
     retention_limit: int = 200
+    # Called with the number of prompts answered after each generation batch (progress).
+    on_answers: Callable[[int], None] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -205,7 +208,12 @@ def task_accuracy(
     rows = read_task_rows(task.file)[: options.limit]
     matcher = make_matcher(task.matcher)
     answers = generate(
-        model, tokenizer, [p for p, _ in rows], options.task_max_new_tokens, options.batch_size
+        model,
+        tokenizer,
+        [p for p, _ in rows],
+        options.task_max_new_tokens,
+        options.batch_size,
+        options.on_answers,
     )
     correct = [
         matcher(answer, reference) for answer, (_, reference) in zip(answers, rows, strict=True)
@@ -234,6 +242,7 @@ def safety_score(
         [p.prompt for p in prompts],
         options.safety_max_new_tokens,
         options.batch_size,
+        options.on_answers,
     )
     return harmful_score(prompts, answers, judge, keep_flagged=options.keep_examples)
 
@@ -242,7 +251,14 @@ def over_refusal_rate(
     model: Any, tokenizer: Any, prompts: list[str], options: EvalOptions
 ) -> Proportion:
     """Share of benign ``prompts`` answered with a refusal phrase."""
-    answers = generate(model, tokenizer, prompts, options.safety_max_new_tokens, options.batch_size)
+    answers = generate(
+        model,
+        tokenizer,
+        prompts,
+        options.safety_max_new_tokens,
+        options.batch_size,
+        options.on_answers,
+    )
     refusals = KeywordRefusalJudge()
     return wilson_interval(sum(refusals.is_refusal(answer) for answer in answers), len(answers))
 
@@ -273,6 +289,27 @@ def evaluate_model(
                     model, tokenizer, name, other, replace(options, limit=limit)
                 ).accuracy
     return ModelEvaluation(safety, task, over_refusal=over_refusal, retention=retention)
+
+
+def planned_prompts(suite: EvalSuite, options: EvalOptions) -> int:
+    """How many prompts :func:`evaluate_model` answers with these options (for progress)."""
+
+    # The readers evaluate_model uses, so the count is exact.
+    def prompts(path: Path | None, limit: int | None) -> int:
+        return len(read_harmful_prompts(path)[:limit]) if path is not None else 0
+
+    def task_rows(task: TaskSuite, limit: int | None) -> int:
+        return len(read_task_rows(task.file)[:limit])
+
+    total = prompts(suite.harmful_prompts, options.limit)
+    total += prompts(suite.over_refusal_prompts, options.limit)
+    if options.task is not None and options.task in suite.tasks:
+        total += task_rows(suite.tasks[options.task], options.limit)
+    if options.retention_limit > 0:
+        limit = min(options.retention_limit, options.limit or options.retention_limit)
+        others = [task for name, task in suite.tasks.items() if name != options.task]
+        total += sum(task_rows(task, limit) for task in others)
+    return total
 
 
 @dataclass
@@ -323,15 +360,28 @@ def evaluate_adapter(
     options: EvalOptions,
     device: str = "cpu",
     reference: ModelEvaluation | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> AdapterEvaluation:
     """Evaluate ``model_ref`` with the PEFT adapter in ``adapter_dir`` and without it.
 
     ``reference`` skips re-evaluating the model without the adapter (it does not depend on
-    the adapter, so a grid of runs computes it once).
+    the adapter, so a grid of runs computes it once). ``on_progress(done, total)`` is called
+    with the prompts answered so far after each generation batch.
     """
     from peft import PeftModel
 
     from asft_core.training import quiet_peft_warnings
+
+    if on_progress is not None:
+        total = planned_prompts(suite, options) * (1 if reference is not None else 2)
+        done = 0
+
+        def answered(count: int) -> None:
+            nonlocal done
+            done += count
+            on_progress(done, total)
+
+        options = replace(options, on_answers=answered)
 
     model, tokenizer = load_for_evaluation(model_ref, device)
     with quiet_peft_warnings():

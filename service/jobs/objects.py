@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service.db.models import Job
 from service.jobs.state import Status
@@ -59,10 +61,30 @@ class FineTuningJob(BaseModel):
     validation: dict[str, Any] | None = Field(
         None, description="Dataset checks: example counts, token counts, warnings."
     )
+    queue_position: int | None = Field(
+        None,
+        description="While the job waits for a worker: 1 + the jobs (of any team) waiting "
+        "since before it; null once a worker runs it (and in webhook events).",
+    )
 
 
-def job_object(job: Job) -> FineTuningJob:
-    """The API shape of a job row."""
+# Statuses of a job that waits for a worker to take it.
+WAITING: tuple[Status, ...] = ("validating_files", "queued")
+
+
+def queue_positions(session: Session) -> dict[str, int]:
+    """Every job waiting for a worker, by id: its place in the queue (1: next), oldest first.
+
+    Jobs created in the same second are ordered by id: arbitrary, but the same on each read.
+    """
+    waiting = session.execute(
+        select(Job.id).where(Job.status.in_(WAITING)).order_by(Job.created_at, Job.id)
+    )
+    return {job_id: place for place, (job_id,) in enumerate(waiting, start=1)}
+
+
+def job_object(job: Job, position: int | None = None) -> FineTuningJob:
+    """The API shape of a job row (``position``: its :func:`queue_position`)."""
     hyper = job.method[job.method["type"]]["hyperparameters"]
     error = (
         JobError(code=job.error_code, message=job.error_message or "", param=job.error_param)
@@ -96,4 +118,5 @@ def job_object(job: Job) -> FineTuningJob:
         data_policy=job.data_policy,
         safety=job.safety,
         validation=job.validation,
+        queue_position=position,
     )

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save_file
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from asft_core.spec import DEFAULT_LAMBDA, DEFAULT_METHOD, DEFAULT_SUBSPACE_ENERGY
 from service.db.models import (
@@ -499,6 +499,35 @@ def test_get_one_job_and_other_teams_get_404(
         assert error_of(response, 404)["code"] == "job_not_found", action
     assert client.get(JOBS, headers=auth(beta_key)).json()["data"] == []
     assert client.get(JOBS).status_code == 401
+
+
+def test_a_waiting_job_shows_its_place_in_the_queue(
+    create: Create, client: TestClient, team_key: str, app: FastAPI
+) -> None:
+    # No worker runs in these tests: every job waits, in the order it was created.
+    first, second, third = (created(create()) for _ in range(3))
+    with app.state.sessions() as session:  # a second apart (ids break ties arbitrarily)
+        for offset, job in enumerate((first, second, third)):
+            session.execute(
+                update(Job).where(Job.id == job["id"]).values(created_at=Job.created_at + offset)
+            )
+        session.commit()
+    move(app, second["id"], "queued")
+    positions = [
+        client.get(f"{JOBS}/{job['id']}", headers=auth(team_key)).json()["queue_position"]
+        for job in (first, second, third)
+    ]
+    assert positions == [1, 2, 3]
+    # A job a worker took, or one that ended, is in no queue; the list leaves it out.
+    move(app, first["id"], "queued", "running")
+    client.post(f"{JOBS}/{third['id']}/cancel", headers=auth(team_key))
+    positions = [
+        client.get(f"{JOBS}/{job['id']}", headers=auth(team_key)).json()["queue_position"]
+        for job in (first, second, third)
+    ]
+    assert positions == [None, 1, None]
+    listed = client.get(JOBS, headers=auth(team_key)).json()["data"]
+    assert [job["queue_position"] for job in listed] == [None, 1, None]  # newest first
 
 
 # --- cancel and start ----------------------------------------------------------------------

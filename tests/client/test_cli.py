@@ -49,6 +49,18 @@ def test_register_twice_prints_the_servers_code(
     assert again.returncode == ExitCode.ERROR
     assert "model_exists" in again.stderr and "HTTP 409" in again.stderr
     assert "Traceback" not in again.stderr
+    # --exist-ok: the same pair again is fine (a walk-through after `make demo`); other
+    # models under the same id are still an error, naming what is registered.
+    register = ["models", "register", "--id", registered, "--exist-ok", "-q"]
+    admin = service.env(ASFT_ADMIN_KEY=service.admin_key)
+    same = asft(
+        service, *register, "--aligned", str(zoo.aligned), "--base", str(zoo.base), env=admin
+    )
+    assert same.returncode == 0, same.stderr
+    assert same.stdout == f"{registered}\n"
+    other = asft(service, *register, "--aligned", str(zoo.base), "--base", str(zoo.base), env=admin)
+    assert other.returncode == ExitCode.ERROR
+    assert f"model {registered!r} is registered with other models" in other.stderr
     listed = asft(service, "models", "list")
     assert listed.returncode == 0
     assert any(

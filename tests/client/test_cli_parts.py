@@ -12,6 +12,7 @@ from asft_client.cli import (
     ExitCode,
     api_key_from_environment,
     default_model_id,
+    evaluation_text,
     exit_code_for,
     job_request,
     progress_text,
@@ -156,3 +157,11 @@ def test_the_key_comes_from_the_environment_then_the_embedded_key_file(tmp_path:
 )
 def test_default_model_id(aligned: str, expected: str) -> None:
     assert default_model_id(aligned) == expected
+
+
+def test_evaluation_text_shows_prompts_and_the_jobs_finish() -> None:
+    data = {"prompts_done": 1200, "prompts_total": 2600}
+    assert evaluation_text(data, {"estimated_finish": 1040}, 1000.0) == "1200/2600 prompts eta 40s"
+    # A finish time already passed reads 0s, never a negative wait.
+    assert evaluation_text(data, {"estimated_finish": 990}, 1000.0).endswith("eta 0s")
+    assert evaluation_text(data, {"estimated_finish": None}, 1000.0) == "1200/2600 prompts"

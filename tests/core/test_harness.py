@@ -107,8 +107,20 @@ def test_an_adapter_is_reported_next_to_its_reference(
     )
     assert result.adapter_dir is not None
     suite = EvalSuite.load(zoo.eval_suite)
-    options = EvalOptions(task="sentiment", limit=8)
-    report = evaluate_adapter(str(zoo.aligned), result.adapter_dir, suite, options)
+    options = EvalOptions(task="sentiment", limit=8, batch_size=4)
+    progress: list[tuple[int, int]] = []
+    report = evaluate_adapter(
+        str(zoo.aligned),
+        result.adapter_dir,
+        suite,
+        options,
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
+    # Per batch, rising to exactly the planned prompts: with and without the adapter, 8 each
+    # of harmful, task and over-refusal prompts and of the 3 other tasks (retention).
+    assert progress[-1] == (2 * 8 * 6, 2 * 8 * 6)
+    assert [done for done, _ in progress] == sorted({done for done, _ in progress})
+    assert len(progress) == 2 * 6 * 2  # 8 prompts in batches of 4, per set
     model, tokenizer = load_for_evaluation(str(zoo.aligned))
     plain = evaluate_model(model, tokenizer, suite, options)
     # The reference is the aligned model itself: the adapter switched off.
