@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-tools test test-fast lint bench demo miniature frontier api serve clean
+.PHONY: setup setup-tools test try test-fast lint bench demo miniature frontier api serve clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ TEST_CACHE ?= $(or $(ASFT_TEST_CACHE),var/cache)
 test: setup setup-tools
 	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The README's walk-through, run as written on a fresh var/ (a newcomer's first commands).
+try: setup
+	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
+	$(PY) -m pytest tests/client/test_walkthrough.py $(PYTEST_ARGS)
 
 # The edit-test loop: what is not marked slow, on SQLite only (the full suite is `make test`).
 test-fast: setup

@@ -200,6 +200,8 @@ def print_scan(
 
 def _files_scan(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if args.wait:
+            wait_for_scan(client, args.file_id, args.poll_s)
         page = client.safety_scan(args.file_id)
         rows = list(page["data"])
         while page["has_more"]:
@@ -425,7 +427,7 @@ def progress_text(metrics: dict[str, Any], started: tuple[float, int] | None, no
     return text
 
 
-def _is_progress(event: dict[str, Any]) -> bool:
+def is_progress(event: dict[str, Any]) -> bool:
     """A training step's metrics, or an evaluation progress event."""
     return event["type"] == "metrics" or "prompts_done" in (event.get("data") or {})
 
@@ -496,7 +498,7 @@ def watch(
         if job.get("queue_position"):
             text += f": waiting for a worker, place {job['queue_position']} in the queue"
         if job["status"] == "running":
-            latest = next((e for e in client.events(job_id, 20) if _is_progress(e)), None)
+            latest = next((e for e in client.events(job_id, 20) if is_progress(e)), None)
             if latest is not None and latest["type"] == "metrics":
                 now = time.monotonic()
                 if started is None:
@@ -716,6 +718,8 @@ def add_client_commands(commands: Any) -> None:
     upload.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
     scan = _with_json(_command(files, "scan", _files_scan, "a file's safety scan, every line"))
     scan.add_argument("file_id")
+    scan.add_argument("--wait", action="store_true", help="until the scan has ended")
+    scan.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
     listing = _with_json(_command(files, "list", _files_list, "the team's files"))
     listing.add_argument("--limit", type=int, default=100)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from asft_client.cli import percent_cell, print_scan, wait_for_scan
+from asft_client.cli import is_progress, percent_cell, print_scan, wait_for_scan
 from asft_client.client import ApiError, Client, chat_stream
 from asft_core.experiments.frontier import TUNING_PATH
 from asft_core.formats import parse_row
@@ -94,13 +94,18 @@ def _wait_ready(base_url: str, service: subprocess.Popen[bytes], timeout_s: floa
 
 
 def _progress_line(client: Client, job: dict[str, Any]) -> str:
-    metrics = next((e for e in client.events(job["id"], 20) if e["type"] == "metrics"), None)
     line = f"{run_name(job):>15}: {job['status']:<16}"
     if job.get("queue_position"):
         line += f" (place {job['queue_position']} in the queue)"
-    if metrics is not None and job["status"] == "running":
-        data = metrics["data"]
+    if job["status"] != "running":
+        return line
+    latest = next((e for e in client.events(job["id"], 20) if is_progress(e)), None)
+    if latest is not None and latest["type"] == "metrics":
+        data = latest["data"]
         line += f" step {data['step']}/{data['total_steps']} loss {data['train_loss']:.3f}"
+    elif latest is not None:
+        data = latest["data"]
+        line += f" evaluating {data['prompts_done']}/{data['prompts_total']} prompts"
     return line
 
 

@@ -205,6 +205,8 @@ class Engine:
         """
         from peft import PeftModel
 
+        from asft_core.training import quiet_peft_warnings
+
         if name in self._bases:
             raise EngineError("invalid_adapter", f"{name!r} names a base model", 400, "lora_name")
         folder = Path(path)
@@ -226,12 +228,13 @@ class Engine:
             self._loaded += 1
             key = f"adapter_{self._loaded}"
             try:
-                if isinstance(target.model, PeftModel):
-                    target.model.load_adapter(str(folder), adapter_name=key)
-                else:
-                    target.model = PeftModel.from_pretrained(
-                        target.model, str(folder), adapter_name=key
-                    )
+                with quiet_peft_warnings():
+                    if isinstance(target.model, PeftModel):
+                        target.model.load_adapter(str(folder), adapter_name=key)
+                    else:
+                        target.model = PeftModel.from_pretrained(
+                            target.model, str(folder), adapter_name=key
+                        )
             except (ValueError, OSError, RuntimeError, KeyError) as error:
                 raise EngineError("invalid_adapter", f"cannot load {path!r}: {error}") from error
             target.model.eval()

@@ -73,12 +73,9 @@ WAITING: tuple[Status, ...] = ("validating_files", "queued")
 
 
 def queue_positions(session: Session) -> dict[str, int]:
-    """Every job waiting for a worker, by id: its place in the queue (1: next), oldest first.
-
-    Jobs created in the same second are ordered by id: arbitrary, but the same on each read.
-    """
+    """Every job waiting for a worker, by id: its place in the queue (1: next), oldest first."""
     waiting = session.execute(
-        select(Job.id).where(Job.status.in_(WAITING)).order_by(Job.created_at, Job.id)
+        select(Job.id).where(Job.status.in_(WAITING)).order_by(Job.created_ns, Job.id)
     )
     return {job_id: place for place, (job_id,) in enumerate(waiting, start=1)}
 

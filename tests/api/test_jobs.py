@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save_file
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from asft_core.spec import DEFAULT_LAMBDA, DEFAULT_METHOD, DEFAULT_SUBSPACE_ENERGY
 from service.db.models import (
@@ -505,13 +505,7 @@ def test_a_waiting_job_shows_its_place_in_the_queue(
     create: Create, client: TestClient, team_key: str, app: FastAPI
 ) -> None:
     # No worker runs in these tests: every job waits, in the order it was created.
-    first, second, third = (created(create()) for _ in range(3))
-    with app.state.sessions() as session:  # a second apart (ids break ties arbitrarily)
-        for offset, job in enumerate((first, second, third)):
-            session.execute(
-                update(Job).where(Job.id == job["id"]).values(created_at=Job.created_at + offset)
-            )
-        session.commit()
+    first, second, third = (created(create()) for _ in range(3))  # most often in one second
     move(app, second["id"], "queued")
     positions = [
         client.get(f"{JOBS}/{job['id']}", headers=auth(team_key)).json()["queue_position"]
@@ -526,8 +520,8 @@ def test_a_waiting_job_shows_its_place_in_the_queue(
         for job in (first, second, third)
     ]
     assert positions == [None, 1, None]
-    listed = client.get(JOBS, headers=auth(team_key)).json()["data"]
-    assert [job["queue_position"] for job in listed] == [None, 1, None]  # newest first
+    listed = {job["id"]: job for job in client.get(JOBS, headers=auth(team_key)).json()["data"]}
+    assert [listed[job["id"]]["queue_position"] for job in (first, second, third)] == positions
 
 
 # --- cancel and start ----------------------------------------------------------------------
