@@ -30,7 +30,8 @@ setup-tools:
 	    echo "installing Debian's $(TEST_PACKAGES)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
 	    apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null 2>&1 \
-	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; }; \
+	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; } \
+	      || echo "could not install $(TEST_PACKAGES): the tests that need them skip (fail under CI=true)"; \
 	  else \
 	    echo "no apt-get as root: the browser and load tests skip without $(TEST_PACKAGES)"; \
 	  fi; \

@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 def _cpu_budget() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota."""
-    cores = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":

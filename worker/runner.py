@@ -197,7 +197,10 @@ class JobHooks:
         self.evaluation_shown = tenth
         elapsed = clock - self.evaluation_started
         remaining = elapsed / done * (total - done) if elapsed > 0 else None
-        record_evaluation_progress(self.context, self.job.id, done, total, remaining)
+        try:
+            record_evaluation_progress(self.context, self.job.id, done, total, remaining)
+        except Exception:  # progress is news, not the job: a lost write must not fail it
+            logger.warning("job %s: evaluation progress not recorded", self.job.id, exc_info=True)
 
     def on_metrics(self, metrics: Any) -> None:
         """Buffer a step's metrics for the next sync."""

@@ -62,7 +62,7 @@ from service.jobs import create as creation
 from service.jobs.create import NewJob, Refused, check_active_limit
 from service.jobs.curves import job_curves
 from service.jobs.events import append_event
-from service.jobs.objects import FineTuningJob, job_object, queue_positions
+from service.jobs.objects import FineTuningJob, job_object, queue_position
 from service.jobs.state import TERMINAL, Status, fine_tuned_name, transition
 from service.queue import enqueue_job
 from service.storage import ID_PATTERN, adapter_archive
@@ -130,7 +130,7 @@ def create_job(
             enqueue_job(queue, job.id)
         except Exception:  # the broker is down: the reconciler re-enqueues jobs it never got
             logger.exception("could not enqueue job %s", job.id)
-    return job_object(job, queue_positions(session).get(job.id))
+    return job_object(job, queue_position(session, job))
 
 
 def _metadata_filters(request: Request) -> list[tuple[str, str]]:
@@ -191,8 +191,7 @@ def list_jobs(
     jobs, has_more = newest_first(
         session, statement, Job, after, limit, cursor_scope=team_rows(Job, team_id)
     )
-    positions = queue_positions(session)
-    encoded = [_encoded(job, positions.get(job.id)) for job in jobs]
+    encoded = [_encoded(job, queue_position(session, job)) for job in jobs]
     body = json_page(encoded, [job.id for job in jobs], has_more)
     return conditional_json(request, body)
 
@@ -205,7 +204,7 @@ def _encoded(job: Job, position: int | None = None) -> bytes:
 def _read_job(session: Session, *, team_id: str, job_id: str) -> bytes:
     """The job's answer as sent (raises the 404 for another team's job)."""
     job = get_team_job(session, team_id, job_id)
-    position = queue_positions(session).get(job.id)
+    position = queue_position(session, job)
     session.commit()
     return _encoded(job, position)
 
@@ -246,7 +245,7 @@ def cancel_job(team: CurrentTeam, session: SessionDep, fine_tuning_job_id: str) 
     # sent, so a client's next request (a second cancel) could still see the old status.
     session.commit()
     session.refresh(job)
-    return job_object(job, queue_positions(session).get(job.id))
+    return job_object(job, queue_position(session, job))
 
 
 @router.post(
@@ -279,7 +278,7 @@ def start_job(
     except Exception:
         logger.exception("could not enqueue job %s", job.id)
     session.refresh(job)
-    return job_object(job, queue_positions(session).get(job.id))
+    return job_object(job, queue_position(session, job))
 
 
 @router.get(

@@ -180,8 +180,9 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
     heartbeat_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[int] = mapped_column(Integer, default=now)
-    # Creation to the nanosecond: the queue's order among jobs created in the same second.
-    created_ns: Mapped[int | None] = mapped_column(BigInteger, default=time.time_ns, nullable=True)
+    # When the job last joined the queue (created, started, requeued), to the nanosecond:
+    # the order of the jobs waiting for a worker, as the broker hands them out.
+    queued_ns: Mapped[int | None] = mapped_column(BigInteger, default=time.time_ns, nullable=True)
     started_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[int] = mapped_column(Integer, default=now, onupdate=now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.models import Job
@@ -72,12 +72,18 @@ class FineTuningJob(BaseModel):
 WAITING: tuple[Status, ...] = ("validating_files", "queued")
 
 
-def queue_positions(session: Session) -> dict[str, int]:
-    """Every job waiting for a worker, by id: its place in the queue (1: next), oldest first."""
-    waiting = session.execute(
-        select(Job.id).where(Job.status.in_(WAITING)).order_by(Job.created_ns, Job.id)
+def queue_position(session: Session, job: Job) -> int | None:
+    """Where ``job`` waits for a worker (1: next), or None when it does not wait.
+
+    The order is when each job last joined the queue, as the broker hands jobs out.
+    """
+    if job.status not in WAITING or job.queued_ns is None:
+        return None
+    ahead = (Job.queued_ns < job.queued_ns) | ((Job.queued_ns == job.queued_ns) & (Job.id < job.id))
+    count = session.scalar(
+        select(func.count()).select_from(Job).where(Job.status.in_(WAITING), ahead)
     )
-    return {job_id: place for place, (job_id,) in enumerate(waiting, start=1)}
+    return 1 + int(count or 0)
 
 
 def job_object(job: Job, position: int | None = None) -> FineTuningJob:

@@ -8,6 +8,7 @@ job twice; an illegal change raises instead of silently overwriting.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal, get_args
 
 from sqlalchemy import update
@@ -51,6 +52,8 @@ def transition(session: Session, job_id: str, current: str, target: str, **value
     check_transition(current, target)
     if target in TERMINAL:
         values.setdefault("finished_at", now())
+    if target == "queued":  # sent to the broker again: it waits behind what is there
+        values.setdefault("queued_ns", time.time_ns())
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == current)

@@ -504,14 +504,16 @@ def test_get_one_job_and_other_teams_get_404(
 def test_a_waiting_job_shows_its_place_in_the_queue(
     create: Create, client: TestClient, team_key: str, app: FastAPI
 ) -> None:
-    # No worker runs in these tests: every job waits, in the order it was created.
+    # No worker runs in these tests: every job waits, in the order it joined the queue.
     first, second, third = (created(create()) for _ in range(3))  # most often in one second
     move(app, second["id"], "queued")
     positions = [
         client.get(f"{JOBS}/{job['id']}", headers=auth(team_key)).json()["queue_position"]
         for job in (first, second, third)
     ]
-    assert positions == [1, 2, 3]
+    # Each waits in the order it joined the queue; the second was sent again (started after
+    # a dry run, or requeued), so it waits behind the third.
+    assert positions == [1, 3, 2]
     # A job a worker took, or one that ended, is in no queue; the list leaves it out.
     move(app, first["id"], "queued", "running")
     client.post(f"{JOBS}/{third['id']}/cancel", headers=auth(team_key))

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect, text
+from sqlalchemy import MetaData, Table, inspect, text
 
 from api.main import create_app
-from service.db.migrate import current_revision, head_revision, upgrade_head
+from service.db.migrate import alembic_config, current_revision, head_revision, upgrade_head
 from service.db.models import Base
 from service.db.session import SQLITE_BUSY_TIMEOUT_MS, engine_for, make_engine
 from service.settings import Settings
@@ -68,6 +69,42 @@ def test_upgrading_twice_is_a_noop(fresh_url: str, tmp_path: Path) -> None:
         assert connection.execute(text("SELECT name FROM teams")).scalars().all() == ["kept"]
         versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
     assert versions == [(head_revision(),)]
+
+
+def test_a_job_from_before_0009_gets_its_queue_time(fresh_url: str, tmp_path: Path) -> None:
+    # A backfill runs on real rows: in PostgreSQL, seconds * 10^9 must not be 32-bit.
+    command.upgrade(alembic_config(fresh_url), "0008")
+    engine = engine_for(fresh_url)
+    jobs = Table("jobs", MetaData(), autoload_with=engine)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO teams (id, name, created_at) VALUES ('t', 't', 1)"))
+        connection.execute(
+            text(
+                "INSERT INTO model_pairs (id, aligned_model, base_model, created_at) "
+                "VALUES ('m', 'a', 'b', 1)"
+            )
+        )
+        connection.execute(
+            jobs.insert().values(
+                id="ftjob-old",
+                team_id="t",
+                model="m",
+                training_file="file-x",
+                status="queued",
+                method={"type": "supervised"},
+                seed=1,
+                auto_start=True,
+                result_files=[],
+                cancel_requested=False,
+                attempt=0,
+                created_at=1_700_000_000,
+                updated_at=1_700_000_005,
+            )
+        )
+    assert upgrade_head(fresh_url, tmp_path) == head_revision()
+    with engine.connect() as connection:
+        queued_ns = connection.execute(text("SELECT queued_ns FROM jobs")).scalar_one()
+    assert queued_ns == 1_700_000_005 * 10**9
 
 
 def test_concurrent_upgrades_take_turns(fresh_url: str, tmp_path: Path) -> None:
