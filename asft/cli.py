@@ -377,10 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code."""
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
     if args.command in CLIENT_COMMANDS:
         return run_client_command(args)
-    code: int = args.run(args)
+    try:
+        code: int = args.run(args)
+    except ValidationError as error:  # a bad ASFT_* setting: one line each, no traceback
+        for problem in error.errors():
+            name = "ASFT_" + "_".join(str(part) for part in problem["loc"]).upper()
+            print(f"asft: {name}={problem.get('input')!r}: {problem['msg']}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -55,23 +55,29 @@ class CheckpointInfo:
     full_valid_loss: float | None = None
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def _rng_tensors(device: torch.device | None) -> dict[str, torch.Tensor]:
+    """The CPU generator, and the training GPU's alone: a resume may land on another host."""
     states = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"rng.cuda.{index}"] = state
+    if device is not None and device.type == "cuda":
+        states["rng.device"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+def _restore_rng(tensors: dict[str, torch.Tensor], device: torch.device | None) -> None:
+    """Restore onto the training device, whatever GPUs this host has.
+
+    Checkpoints from before kept one state per visible GPU (``rng.cuda.<index>``); the
+    training device's index is used when present, else the first.
+    """
     torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = sorted(
-        (int(key.rsplit(".", 1)[1]), value)
-        for key, value in tensors.items()
-        if key.startswith("rng.cuda.")
-    )
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state for _, state in cuda_states])
+    if device is None or device.type != "cuda":
+        return  # a CPU run draws nothing from a GPU generator
+    state = tensors.get("rng.device")
+    if state is None:
+        legacy = sorted(key for key in tensors if key.startswith("rng.cuda."))
+        state = tensors.get(f"rng.cuda.{device.index or 0}", tensors[legacy[0]] if legacy else None)
+    if state is not None:
+        torch.cuda.set_rng_state(state, device)
 
 
 def _json_safe(value: Any) -> Any:
@@ -137,17 +143,19 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     base_model_id: str | None = None,
     chat_template: str | None = None,
+    device: torch.device | None = None,
 ) -> CheckpointInfo:
     """Write a complete checkpoint into ``folder`` atomically and return its description.
 
     ``model`` is a PEFT model; only its adapter is saved, since the base weights never change.
+    ``device`` is the training device, whose RNG state is kept (None: the CPU's only).
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         _save_adapter_files(model, staging / ADAPTER_DIR, base_model_id, chat_template)
         optimizer_state = optimizer.state_dict()
-        tensors = _rng_tensors()
+        tensors = _rng_tensors(device)
         for index, state in optimizer_state["state"].items():
             for key, value in state.items():
                 tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
@@ -172,11 +180,13 @@ def load_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device | None = None,
 ) -> TrainingPosition:
     """Restore adapter weights, optimizer, scheduler and RNG states; return the position.
 
     Call it after the model, optimizer and scheduler are built, since building them draws
-    from the RNG that this restores.
+    from the RNG that this restores. ``device`` is the training device now (its generator
+    gets the saved one, whichever GPU index the checkpoint was written on).
     """
     from peft import set_peft_model_state_dict
 
@@ -195,5 +205,5 @@ def load_checkpoint(
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": sidecar["optimizer_param_groups"]})
     scheduler.load_state_dict(sidecar["scheduler"])
-    _restore_rng(tensors)
+    _restore_rng(tensors, device)
     return TrainingPosition(**sidecar["position"])

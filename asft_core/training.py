@@ -179,19 +179,52 @@ class TrainResult:
         return data
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (CUDA compute capability 8+).
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulation (slow on V100 and T4) and asks
+    about the current device, not this one.
+    """
+    if device.type != "cuda":
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def check_device(device: str) -> torch.device:
+    """The device ``device`` (auto, cpu, cuda or cuda:N) names on this host.
+
+    Raises :class:`TrainingError` (``device_unavailable``) when it asks for a GPU this host
+    does not have, so a worker stops at start instead of failing every job.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise TrainingError("device_unavailable", f"{device!r} is not a device") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise TrainingError(
+                "device_unavailable", f"{device!r}: this host has {count} usable CUDA devices"
+            )
+    elif resolved.type != "cpu":
+        raise TrainingError("device_unavailable", f"{device!r}: use auto, cpu or cuda[:N]")
+    return resolved
+
+
 def pick_device(device: str, precision: Precision) -> tuple[torch.device, torch.dtype]:
-    """The device and the base-weight dtype: bf16 on CUDA where supported, else fp32.
+    """The device and the base-weight dtype: bf16 on GPUs that compute it natively, else fp32.
 
     LoRA weights and the penalty stay fp32 whatever the base dtype.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    resolved = check_device(device)
     if precision == "fp32":
         return resolved, torch.float32
-    bf16_ok = resolved.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16_ok = native_bf16(resolved)
     if precision == "bf16" and not bf16_ok and resolved.type == "cuda":
-        raise TrainingError("bf16_unsupported", "this GPU does not support bfloat16")
+        raise TrainingError("bf16_unsupported", "this GPU does not compute bfloat16 natively")
     if precision == "bf16" or (precision == "auto" and bf16_ok):
         return resolved, torch.bfloat16
     return resolved, torch.float32
@@ -343,6 +376,9 @@ def train(
     hooks = hooks or TrainHooks()
     device, base_dtype = pick_device(spec.device, spec.precision)
     torch.manual_seed(spec.seed)
+    # Say what runs: a CUDA host that fell back to the CPU is visible in the job's log.
+    dtype_name = str(base_dtype).removeprefix("torch.")
+    hooks.on_event("info", f"Training on {device}, base weights in {dtype_name}")
 
     # Data.
     model, tokenizer = load_model_and_tokenizer(spec.model, base_dtype, device)
@@ -399,7 +435,7 @@ def train(
     )
     position = TrainingPosition()
     if spec.resume_from is not None:
-        position = load_checkpoint(spec.resume_from, model, optimizer, scheduler)
+        position = load_checkpoint(spec.resume_from, model, optimizer, scheduler, device)
         hooks.on_event("info", f"resumed from checkpoint at step {position.step}")
 
     # Loop.
@@ -421,6 +457,7 @@ def train(
             position,
             base_model_id=spec.base_model_id,
             chat_template=tokenizer.chat_template,
+            device=device,
         )
         if measure and valid_data is not None:
             # At checkpoints only: a pass over the validation rows costs about as much as a

@@ -59,7 +59,11 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None, description="Bearer key of the admin endpoints (/v1/admin, POST /v1/models)."
     )
-    device: str = Field("auto", description="Worker training device: auto, cpu or cuda[:N].")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Worker training device: auto, cpu or cuda[:N].",
+    )
     visibility_timeout_s: int = Field(
         172_800, ge=60, description="Redis redelivers an unacknowledged job after this (2 days)."
     )
@@ -71,6 +75,11 @@ class Settings(BaseSettings):
         ge=0,
         description="How often a worker writes a training job's step metrics and reads its "
         "cancel flag, off the training thread; 0: in every step, before the next one.",
+    )
+    max_worker_losses: int = Field(
+        3,
+        ge=1,
+        description="A job whose worker died under it this many times fails with worker_lost.",
     )
     stale_after_s: int = Field(
         60,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from asft_core.spec import DataScan
@@ -519,10 +519,49 @@ class JobSync:
 
 
 class Reconciled(NamedTuple):
-    """What a reconciler pass sent again: jobs whose worker died, and jobs only waiting."""
+    """What a reconciler pass did: jobs whose worker died (requeued, or failed as poison
+    after too many losses), and waiting jobs whose message it sent again."""
 
     requeued: list[str]
     resent: list[str]
+    lost: list[str]
+
+
+def _worker_lost(session: Any, job: Job, max_losses: int) -> str | None:
+    """Count a dead worker against ``job``: requeue it, or fail it once it killed
+    ``max_losses`` workers (a poison job: most often out of memory).
+
+    Returns ``"queued"`` or ``"failed"``, or None when the job had moved on meanwhile.
+    """
+    losses = job.worker_losses + 1
+    last_step = session.scalar(
+        select(func.max(JobEvent.step)).where(JobEvent.job_id == job.id, JobEvent.type == "metrics")
+    )
+    where = f"worker {job.lease_owner or 'unknown'}, after step {last_step or 0}"
+    data = {"worker": job.lease_owner, "last_step": last_step, "loss": losses, "of": max_losses}
+    if losses < max_losses:
+        if transition(session, job.id, "running", "queued", lease_owner=None, worker_losses=losses):
+            message = f"The worker running this job died ({where}; loss {losses} of {max_losses})"
+            append_event(session, job.id, "warn", message + "; requeued", data)
+            return "queued"
+        return None
+    message = (
+        f"the job's worker died {losses} times (last: {where}); most often a job that outgrows "
+        "the device's memory: try a smaller batch_size or max_seq_len"
+    )
+    if transition(
+        session,
+        job.id,
+        "running",
+        "failed",
+        lease_owner=None,
+        worker_losses=losses,
+        error_code="worker_lost",
+        error_message=message,
+    ):
+        append_event(session, job.id, "error", f"worker_lost: {message}", data)
+        return "failed"
+    return None
 
 
 def reconcile(
@@ -543,10 +582,11 @@ def reconcile(
 
     cutoff = now() - stale_after_s
     requeued: list[str] = []
+    lost: list[str] = []
     with transaction(context.engine) as session:
         stale = (
             session.scalars(
-                select(Job.id).where(
+                select(Job).where(
                     Job.status == "running",
                     (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff),
                 )
@@ -554,15 +594,10 @@ def reconcile(
             if requeue_running
             else []
         )
-        for job_id in stale:
-            if transition(session, job_id, "running", "queued", lease_owner=None):
-                append_event(
-                    session,
-                    job_id,
-                    "warn",
-                    "The worker running this job stopped answering; requeued",
-                )
-                requeued.append(job_id)
+        for job in stale:
+            outcome = _worker_lost(session, job, context.settings.max_worker_losses)
+            if outcome is not None:
+                (lost if outcome == "failed" else requeued).append(job.id)
         waiting = session.scalars(
             select(Job.id).where(
                 Job.status.in_(("queued", "validating_files")), Job.updated_at < cutoff
@@ -577,7 +612,9 @@ def reconcile(
         enqueue_job(queue, job_id)
     for file_id in scans:
         enqueue_scan(queue, file_id)
-    return Reconciled(requeued, resent)
+    for job_id in lost:
+        notify(context, job_id)
+    return Reconciled(requeued, resent, lost)
 
 
 def _stale_scans(session: Any, cutoff: int, requeue_running: bool) -> list[str]:

@@ -15,6 +15,7 @@ import time
 
 from celery.signals import (
     setup_logging,
+    worker_init,
     worker_process_init,
     worker_ready,
     worker_shutdown,
@@ -98,6 +99,8 @@ def _reconcile_forever() -> None:
         trusted = time.monotonic() - failed_at >= stale_after_s
         try:
             passed = reconcile_jobs(requeue_running=trusted)
+            if passed.lost:
+                logger.error("reconciler failed %s: worker_lost, too often", ", ".join(passed.lost))
             if passed.requeued:
                 logger.warning(
                     "reconciler requeued %s: their worker died", ", ".join(passed.requeued)
@@ -112,6 +115,19 @@ def _reconcile_forever() -> None:
             logger.exception("reconciler pass failed")
         if _stop_reconciler.wait(interval):
             return
+
+
+@worker_init.connect
+def _check_device(**_: object) -> None:
+    # A worker that cannot use its device would fail every job it takes: stop it at once.
+    from asft_core.training import TrainingError, check_device
+
+    device = get_settings().device
+    try:
+        resolved = check_device(device)
+    except TrainingError as error:
+        raise SystemExit(f"asft worker: ASFT_DEVICE={device}: {error}") from None
+    logger.info("worker trains on %s (ASFT_DEVICE=%s)", resolved, device)
 
 
 @worker_ready.connect

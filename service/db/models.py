@@ -175,6 +175,9 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Workers that died under the job (not cancels, SIGTERM requeues or database outages):
+    # at ASFT_MAX_WORKER_LOSSES it fails with worker_lost instead of taking down another.
+    worker_losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The lease of the worker running the job, renewed by its heartbeat thread; a stale
     # heartbeat lets the reconciler hand the job to another worker.
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)

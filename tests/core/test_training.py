@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from asft_core.checkpoints import STATE_FILE
 from asft_core.penalty import asft_penalty
 from asft_core.recipe import post_hoc_projection
 from asft_core.spec import HYPERPARAMETER_NAMES, JobSpec, SpecError, json_name
@@ -20,6 +21,9 @@ from asft_core.training import (
     TrainingError,
     TrainSpec,
     adapter_validation_loss,
+    check_device,
+    native_bf16,
+    pick_device,
     train,
 )
 from asft_core.zoo import ZooPaths
@@ -113,6 +117,12 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(
     suffixes = {p.suffix for p in checkpoint.path.rglob("*") if p.is_file()}
     assert suffixes <= {".safetensors", ".json", ".md", ".jinja"}
     assert {".safetensors", ".json"} <= suffixes
+    # As if written on a host with four GPUs in the earlier format (one RNG state per GPU,
+    # by index): this host, with none, resumes from it all the same.
+    state_file = checkpoint.path / STATE_FILE
+    tensors = load_file(str(state_file))
+    tensors.update({f"rng.cuda.{index}": torch.zeros(16, dtype=torch.uint8) for index in range(4)})
+    save_file(tensors, str(state_file))
 
     resumed = train(
         make_spec(
@@ -343,3 +353,17 @@ def test_asft_projector_needs_an_alignment_artifact(
     assert caught.value.code == "alignment_required"
     with pytest.raises(SpecError, match="subspace_energy"):
         make_spec(zoo, train_file, tmp_path, None, method="asft_projector", subspace_energy=1.5)
+
+
+def test_the_device_is_checked_before_any_work() -> None:
+    assert check_device("cpu") == torch.device("cpu")
+    assert check_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any host
+    with pytest.raises(TrainingError) as caught:
+        check_device(missing)
+    assert caught.value.code == "device_unavailable" and "usable CUDA devices" in str(caught.value)
+    with pytest.raises(TrainingError):
+        check_device("tpu")
+    # bf16 only where the hardware computes it: never on a CPU, whatever torch emulates.
+    assert not native_bf16(torch.device("cpu"))
+    assert pick_device("cpu", "auto") == (torch.device("cpu"), torch.float32)

@@ -175,7 +175,7 @@ def test_a_postgresql_restart_under_a_running_job_pauses_it_and_loses_nothing(
     assert "database unreachable" in (tmp_path / "worker-0.log").read_text()
     # ...and its lease was not taken away, though its heartbeat had gone stale.
     messages = [e["message"] for e in _events(client, team_key, running)]
-    assert not [m for m in messages if "stopped answering" in m], messages
+    assert not [m for m in messages if "worker running this job died" in m], messages
     assert recovery_s < 30
 
 
