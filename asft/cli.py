@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from asft_client.cli import add_client_commands, run_client_command
@@ -164,26 +164,48 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# A child that exits with an error within this long of its first start has a problem a
+# restart will not fix (a port in use, a bad setting): asft serve stops and says so.
+FIRST_START_S = 10.0
+# Restart delays double from 1 s up to this; a child that ran this long starts over at 1 s.
+MAX_BACKOFF_S = 30.0
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Migrate, then run the API, one worker and the inference server until Ctrl-C.
 
-    The inference server is restarted when it dies (a model can take it down); the API or
-    the worker ending stops everything.
+    Each is supervised: one that dies (a job that ran out of memory takes its worker down) is
+    restarted with backoff and a line saying why, while the others go on; ``/readyz`` says
+    which is down meanwhile (``service.supervision``). One that exits with an error right at
+    its first start stops everything, with its exit code.
     """
     import signal
     import subprocess
     import time
 
+    from service.supervision import describe_exit, status_path, write_status
+
     if _db_upgrade(args) != 0:
         return 1
-    processes = [
-        subprocess.Popen(_worker_command("gpu", 1)),
-        subprocess.Popen(
-            [sys.executable, "-m", "asft.cli", "api", "--host", args.host, "--port", str(args.port)]
-        ),
-    ]
-    infer_command = [sys.executable, "-m", "asft.cli", "infer"]
-    engine = None if args.no_engine else subprocess.Popen(infer_command)
+    api = [sys.executable, "-m", "asft.cli", "api", "--host", args.host, "--port", str(args.port)]
+    commands = {"worker": _worker_command("gpu", 1), "api": api}
+    if not args.no_engine:
+        commands["inference"] = [sys.executable, "-m", "asft.cli", "infer"]
+    status_file = status_path(get_settings().data_dir)
+    processes: dict[str, subprocess.Popen[bytes] | None] = {}
+    started: dict[str, float] = {}
+    restart_at: dict[str, float] = {}
+    state: dict[str, dict[str, Any]] = {name: {"restarts": -1} for name in commands}
+    backoff = dict.fromkeys(commands, 1.0)
+
+    def start(name: str) -> None:
+        process = subprocess.Popen(commands[name])
+        processes[name], started[name] = process, time.monotonic()
+        state[name].update(up=True, pid=process.pid, restarts=state[name]["restarts"] + 1)
+
+    for name in commands:
+        start(name)
+    write_status(status_file, state)
     stopping = False
 
     def stop(*_: object) -> None:
@@ -194,26 +216,43 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     code = 0
     try:
-        while not stopping and all(p.poll() is None for p in processes):
-            if engine is not None and engine.poll() is not None:
-                print(f"asft serve: inference server exited ({engine.returncode}); restarting")
-                time.sleep(1)
-                engine = subprocess.Popen(infer_command)
-            try:
-                processes[0].wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                continue
+        while not stopping:
+            now = time.monotonic()
+            for name, process in processes.items():
+                if stopping or (process is not None and process.poll() is None):
+                    continue
+                if process is not None:  # it just died
+                    why = describe_exit(process.returncode)
+                    first = state[name]["restarts"] == 0 and now - started[name] < FIRST_START_S
+                    if first and process.returncode > 0:  # an error exit, not a kill
+                        print(f"asft serve: {name} exited at start ({why})", flush=True)
+                        code, stopping = process.returncode or 1, True
+                        break
+                    ran = now - started[name]
+                    doubled = min(2 * backoff[name], MAX_BACKOFF_S)
+                    backoff[name] = 1.0 if ran >= MAX_BACKOFF_S else doubled
+                    wait = backoff[name]
+                    print(
+                        f"asft serve: {name} exited ({why}); restarting in {wait:.0f}s", flush=True
+                    )
+                    state[name].update(up=False, last_exit=why)
+                    write_status(status_file, state)
+                    processes[name] = None
+                    restart_at[name] = now + backoff[name]
+                elif now >= restart_at[name]:
+                    start(name)
+                    write_status(status_file, state)
+            time.sleep(0.2)
     finally:
-        code = next((p.returncode for p in processes if p.returncode), 0) if not stopping else 0
-        everything = processes + ([engine] if engine is not None else [])
-        for process in everything:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in everything:
+        running = [p for p in processes.values() if p is not None and p.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        for process in running:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        status_file.unlink(missing_ok=True)
     print("asft serve: stopped")
     return code
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.metrics import REGISTRY, WORKER_GAUGES, refresh_job_gauges
 from service.db.migrate import schema_status
+from service.supervision import children_down, status_path
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("asft.api")
@@ -45,18 +46,36 @@ def _check_broker(request: Request) -> str | None:
     return None
 
 
+def _check_supervised(request: Request) -> str | None:
+    """Under ``asft serve``: a child it is restarting (the worker, the inference engine)."""
+    down = children_down(status_path(request.app.state.settings.data_dir))
+    if not down:
+        return None
+    return "; ".join(
+        f"{name} down ({child.get('last_exit', 'not started')}), restarting"
+        for name, child in sorted(down.items())
+    )
+
+
 @router.get(
     "/readyz",
     responses={
-        503: {"description": "The database or broker is unreachable, or the schema is old."}
+        503: {
+            "description": "The database or broker is unreachable, the schema is old, or "
+            "asft serve is restarting a process it supervises."
+        }
     },
 )
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when the database answers at the current schema and the broker is reachable."""
+    """Ready when the database answers at the current schema, the broker is reachable and
+    (under ``asft serve``) the worker and the inference engine run."""
     checks = {
         "database": await run_in_threadpool(_check_database, request),
         "broker": await run_in_threadpool(_check_broker, request),
     }
+    supervised = _check_supervised(request)
+    if supervised is not None:  # named only while asft serve restarts something
+        checks["supervised"] = supervised
     ready = all(problem is None for problem in checks.values())
     body = {
         "status": "ready" if ready else "not_ready",

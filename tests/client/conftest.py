@@ -17,12 +17,9 @@ from tests.client.embedded import Service, asft
 from tests.conftest import REPO_ROOT, free_port, wait_until_answering
 
 
-@pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, zoo: ZooPaths
-) -> Iterator[Service]:
-    """``asft serve`` on a spare port with a data folder of its own; stopped at the end."""
-    folder = tmp_path_factory.mktemp("embedded")
+def run_service(folder: Path, cache_dir: Path, **settings: str) -> Iterator[Service]:
+    """``asft serve`` on a spare port with its data in ``folder``, ``settings`` (ASFT_*) added;
+    stopped when the generator closes."""
     data_dir = folder / "data"
     admin_key = secrets.token_urlsafe(16)
     port = free_port()
@@ -37,6 +34,7 @@ def service(
         "ASFT_LOG_LEVEL": "WARNING",
         "ASFT_INFERENCE_URL": f"http://127.0.0.1:{free_port()}",
         "OMP_NUM_THREADS": "1",
+        **settings,
     }
     log = (folder / "serve.log").open("wb")
     process = subprocess.Popen(
@@ -59,6 +57,14 @@ def service(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, zoo: ZooPaths
+) -> Iterator[Service]:
+    """``asft serve`` on a spare port with a data folder of its own; stopped at the end."""
+    yield from run_service(tmp_path_factory.mktemp("embedded"), cache_dir)
 
 
 @pytest.fixture(scope="module")
