@@ -24,10 +24,9 @@ def _cpu_budget() -> int:
     return cores
 
 
-# Set before torch loads OpenMP (its submodules import torch after this runs). Idle OpenMP
-# threads sleep instead of spinning, so two torch processes sharing the cores (a test run
-# beside the demo) each take about twice as long, not ten times (bench/threads.py); and the
-# pool is the cores this process may use (a container's quota), not the host's. Both are
-# defaults: a value already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Set before torch loads OpenMP (its submodules import torch after this runs): the pool is
+# the cores this process may use (a container's quota), not the host's. A value already in
+# the environment wins. OpenMP's wait policy is left alone: sleeping idle threads
+# (OMP_WAIT_POLICY=PASSIVE) keep two torch processes on the same cores from spinning
+# against each other, but cost a process alone 1.8x on the zoo's models (bench/threads.py).
 os.environ.setdefault("OMP_NUM_THREADS", str(_cpu_budget()))
