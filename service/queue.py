@@ -6,12 +6,23 @@ never imports ``worker`` or torch; the worker builds its app from the same funct
 
 from __future__ import annotations
 
+import os
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import redis
 from celery import Celery
+from sqlalchemy import Connection, Engine, update
 
 from service.broker import TRANSPORT
+from service.db.models import Job, now
+from service.db.session import transaction
 from service.settings import Settings
 
 RUN_JOB_TASK = "asft.run_job"
+# The Redis key (and broker-folder file) naming the broker's current contents.
+EPOCH_KEY = "asft:broker-epoch"
 SCAN_FILE_TASK = "asft.scan_file"
 GPU_QUEUE = "gpu"
 
@@ -51,9 +62,70 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: str) -> None:
-    """Put ``job_id`` on the GPU queue; call only after the job's row is committed."""
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE)
+def broker_epoch(app: Celery) -> str | None:
+    """An id of the broker's contents, which changes when the broker loses its messages.
+
+    A Redis restarted without persistence or flushed loses the key with the messages, and a
+    removed broker folder loses its marker file; the next call names a new epoch. None for a
+    broker it cannot tell (a message there counts as lost only after the visibility timeout).
+    """
+    if app.conf.broker_transport == TRANSPORT:
+        folder = Path(app.conf.broker_transport_options["data_folder_in"]).parent
+        return _folder_epoch(folder / "epoch")
+    url = str(app.conf.broker_url)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    client = _redis(url)
+    client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
+    value = client.get(EPOCH_KEY)
+    return value.decode() if isinstance(value, bytes) else None
+
+
+@lru_cache(maxsize=4)
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=10)
+
+
+def _folder_epoch(marker: Path) -> str:
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        draft = marker.with_name(f".epoch-{uuid.uuid4().hex}")
+        draft.write_text(uuid.uuid4().hex)
+        try:
+            os.link(draft, marker)  # never replaces a marker another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return marker.read_text()
+
+
+def send_job(
+    app: Celery, engine: Engine | Connection, job_id: str, epoch: str | None = None
+) -> None:
+    """Put ``job_id`` on the GPU queue, recording when and in which :func:`broker_epoch`.
+
+    The reconciler re-sends a waiting job's message only when it can have been lost (see
+    ``worker.persistence.reconcile``). The record comes first and is undone if sending fails,
+    so a worker that takes the message always finds it. Call after the job's row is committed;
+    ``epoch``: the broker's, when the caller has just read it.
+    """
+    epoch = broker_epoch(app) if epoch is None else epoch
+    _record_sent(engine, job_id, now(), epoch)
+    try:
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE)
+    except Exception:
+        _record_sent(engine, job_id, None, None)
+        raise
+
+
+def _record_sent(
+    engine: Engine | Connection, job_id: str, sent_at: int | None, epoch: str | None
+) -> None:
+    with transaction(engine) as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(sent_at=sent_at, sent_epoch=epoch)
+        )
 
 
 def enqueue_scan(app: Celery, file_id: str) -> None:

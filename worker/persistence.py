@@ -42,7 +42,7 @@ from service.db.session import transaction
 from service.db.upsert import upsert
 from service.jobs.events import append_event
 from service.jobs.state import TERMINAL, fine_tuned_name, transition
-from service.scans import data_scan
+from service.scans import SCANNING, data_scan
 from service.settings import Settings
 from service.storage import ArtifactStore, adapter_archive, job_key
 
@@ -276,6 +276,14 @@ def load_job(context: JobContext, job_id: str) -> tuple[Job, ModelPair | None, T
         if job is None:
             return None
         return job, session.get(ModelPair, job.model), session.get(Team, job.team_id)
+
+
+@retry_database
+def took_message(context: JobContext, job_id: str) -> None:
+    """Record that this worker took the job's message: none is outstanding any more, so
+    the reconciler sends another if the job is still waiting a period later."""
+    with transaction(context.engine) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(sent_at=None, sent_epoch=None))
 
 
 @retry_database
@@ -520,10 +528,10 @@ class JobSync:
 
 class Reconciled(NamedTuple):
     """What a reconciler pass did: jobs whose worker died (requeued, or failed as poison
-    after too many losses), and waiting jobs whose message it sent again."""
+    after too many losses), and waiting jobs whose message it sent again, with why."""
 
     requeued: list[str]
-    resent: list[str]
+    resent: dict[str, str]
     lost: list[str]
 
 
@@ -570,19 +578,22 @@ def reconcile(
     """Re-enqueue what the broker may have lost; returns the jobs requeued and re-sent.
 
     Running jobs whose heartbeat is older than ``stale_after_s`` (their worker died) go back
-    to ``queued`` and resume from their last checkpoint; jobs waiting in ``queued`` or
-    ``validating_files`` for longer than that get a fresh message (the filesystem broker
-    deletes a message when it is taken, and a flushed Redis loses them all). A duplicate
-    message is harmless: the conditional status changes let one worker run the job.
+    to ``queued`` and resume from their last checkpoint. A job waiting in ``queued`` or
+    ``validating_files`` for longer than that gets a fresh message only when its last one can
+    have been lost (see :func:`lost_message`); one that only waits for a busy worker does not,
+    so a long queue puts no duplicates on the broker. A duplicate is harmless all the same: the
+    conditional status changes let one worker run the job.
 
     ``requeue_running=False`` skips the stale leases: right after a database outage every
     heartbeat looks old, although the workers holding them are alive.
     """
-    from service.queue import enqueue_job, enqueue_scan
+    from service.queue import broker_epoch, enqueue_scan, send_job
 
+    epoch = broker_epoch(queue)  # read before sending: a message sent in a new epoch is safe
     cutoff = now() - stale_after_s
     requeued: list[str] = []
     lost: list[str] = []
+    resent: dict[str, str] = {}
     with transaction(context.engine) as session:
         stale = (
             session.scalars(
@@ -599,22 +610,39 @@ def reconcile(
             if outcome is not None:
                 (lost if outcome == "failed" else requeued).append(job.id)
         waiting = session.scalars(
-            select(Job.id).where(
-                Job.status.in_(("queued", "validating_files")), Job.updated_at < cutoff
+            select(Job).where(
+                Job.status.in_(("queued", "validating_files")),
+                Job.updated_at < cutoff,
+                Job.id.not_in(requeued),
             )
         ).all()
-        resent = [job_id for job_id in waiting if job_id not in requeued]
-        # Touch them so the next pass waits a full period before sending again.
-        if waiting:
-            session.execute(update(Job).where(Job.id.in_(waiting)).values(updated_at=now()))
+        for job in waiting:
+            reason = lost_message(session, job, epoch, context.settings.visibility_timeout_s)
+            if reason is not None:
+                resent[job.id] = reason
         scans = _stale_scans(session, cutoff, requeue_running)
-    for job_id in requeued + resent:
-        enqueue_job(queue, job_id)
+    for job_id in [*requeued, *resent]:
+        send_job(queue, context.engine, job_id, epoch)
     for file_id in scans:
         enqueue_scan(queue, file_id)
     for job_id in lost:
         notify(context, job_id)
     return Reconciled(requeued, resent, lost)
+
+
+def lost_message(session: Any, job: Job, epoch: str | None, visibility_s: int) -> str | None:
+    """Why the message of waiting ``job`` can have been lost, or None while it is still on
+    the broker (``epoch``: the broker's now, from ``service.queue.broker_epoch``)."""
+    if job.sent_at is None:
+        file = session.get(File, job.training_file) if job.status == "validating_files" else None
+        if file is not None and file.scan_status in SCANNING:
+            return None  # the scan sends it when it ends (and is itself reconciled)
+        return "no message is outstanding: the worker that took it may have died"
+    if job.sent_epoch != epoch:
+        return "the broker lost its messages (restarted or flushed)"
+    if job.sent_at < now() - visibility_s:
+        return "no worker took it within the visibility timeout"
+    return None
 
 
 def _stale_scans(session: Any, cutoff: int, requeue_running: bool) -> list[str]:

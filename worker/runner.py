@@ -42,6 +42,7 @@ from worker.persistence import (
     record_checkpoint,
     record_evaluation_progress,
     requeue_preempted,
+    took_message,
     training_scan,
     worker_identity,
 )
@@ -63,6 +64,7 @@ def execute_job(job_id: str, context: JobContext) -> str:
     if job.status not in ("validating_files", "queued"):
         return job.status
     assert pair is not None and team is not None
+    took_message(context, job_id)
     token = logs.job_id.set(job_id)
     try:
         add_event(context, job_id, "info", f"Picked up by worker {worker_identity()}")

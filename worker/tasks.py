@@ -24,7 +24,7 @@ from celery.signals import (
 
 from service.db.session import engine_for
 from service.logs import configure_logging
-from service.queue import RUN_JOB_TASK, SCAN_FILE_TASK, enqueue_job
+from service.queue import RUN_JOB_TASK, SCAN_FILE_TASK, send_job
 from service.settings import get_settings
 from service.storage import ArtifactStore
 from worker.celery_app import app
@@ -61,11 +61,12 @@ def _file_size_limit_is_an_error(**_: object) -> None:
 
 def _context() -> JobContext:
     settings = get_settings()
+    engine = engine_for(settings.resolved_database_url)
     return JobContext(
         settings=settings,
-        engine=engine_for(settings.resolved_database_url),
+        engine=engine,
         store=ArtifactStore(settings.resolved_artifact_dir),
-        requeue=lambda job_id: enqueue_job(app, job_id),
+        requeue=lambda job_id: send_job(app, engine, job_id),
         preempt=_preempt,
     )
 
@@ -105,11 +106,8 @@ def _reconcile_forever() -> None:
                 logger.warning(
                     "reconciler requeued %s: their worker died", ", ".join(passed.requeued)
                 )
-            if passed.resent:
-                # Most often they only wait for a busy worker; the message may also be lost.
-                logger.info(
-                    "reconciler re-sent the message of %s (waiting)", ", ".join(passed.resent)
-                )
+            for job_id, why in passed.resent.items():
+                logger.info("reconciler re-sent the message of %s: %s", job_id, why)
         except Exception:  # the database or the broker may be restarting: try next period
             failed_at = time.monotonic()
             logger.exception("reconciler pass failed")

@@ -62,9 +62,9 @@ from service.jobs import create as creation
 from service.jobs.create import NewJob, Refused, check_active_limit
 from service.jobs.curves import job_curves
 from service.jobs.events import append_event
-from service.jobs.objects import FineTuningJob, job_object, queue_position
+from service.jobs.objects import FineTuningJob, job_object, queue_position, queue_positions
 from service.jobs.state import TERMINAL, Status, fine_tuned_name, transition
-from service.queue import enqueue_job
+from service.queue import send_job
 from service.storage import ID_PATTERN, adapter_archive
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
@@ -127,7 +127,7 @@ def create_job(
         raise refused(error) from None
     if created:
         try:
-            enqueue_job(queue, job.id)
+            send_job(queue, session.get_bind(), job.id)
         except Exception:  # the broker is down: the reconciler re-enqueues jobs it never got
             logger.exception("could not enqueue job %s", job.id)
     return job_object(job, queue_position(session, job))
@@ -191,7 +191,8 @@ def list_jobs(
     jobs, has_more = newest_first(
         session, statement, Job, after, limit, cursor_scope=team_rows(Job, team_id)
     )
-    encoded = [_encoded(job, queue_position(session, job)) for job in jobs]
+    positions = queue_positions(session, jobs)
+    encoded = [_encoded(job, positions.get(job.id)) for job in jobs]
     body = json_page(encoded, [job.id for job in jobs], has_more)
     return conditional_json(request, body)
 
@@ -274,7 +275,7 @@ def start_job(
     append_event(session, job.id, "info", "Job queued")
     session.commit()
     try:
-        enqueue_job(queue, job.id)
+        send_job(queue, session.get_bind(), job.id)
     except Exception:
         logger.exception("could not enqueue job %s", job.id)
     session.refresh(job)

@@ -186,6 +186,10 @@ class Job(Base):
     # When the job last joined the queue (created, started, requeued), to the nanosecond:
     # the order of the jobs waiting for a worker, as the broker hands them out.
     queued_ns: Mapped[int | None] = mapped_column(BigInteger, default=time.time_ns, nullable=True)
+    # When the job's message was last sent and in which broker epoch (service.queue); null
+    # when none is outstanding (a worker took it): the reconciler re-sends only a lost one.
+    sent_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sent_epoch: Mapped[str | None] = mapped_column(String(64), nullable=True)
     started_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[int] = mapped_column(Integer, default=now, onupdate=now)

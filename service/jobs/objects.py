@@ -72,18 +72,26 @@ class FineTuningJob(BaseModel):
 WAITING: tuple[Status, ...] = ("validating_files", "queued")
 
 
-def queue_position(session: Session, job: Job) -> int | None:
-    """Where ``job`` waits for a worker (1: next), or None when it does not wait.
+def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """Where each of ``jobs`` that waits for a worker stands in the queue (1: next).
 
-    The order is when each job last joined the queue, as the broker hands jobs out.
+    The order is when each job last joined the queue, as the broker hands jobs out. One
+    query ranks every waiting job, however many of ``jobs`` wait; none when none waits.
     """
-    if job.status not in WAITING or job.queued_ns is None:
-        return None
-    ahead = (Job.queued_ns < job.queued_ns) | ((Job.queued_ns == job.queued_ns) & (Job.id < job.id))
-    count = session.scalar(
-        select(func.count()).select_from(Job).where(Job.status.in_(WAITING), ahead)
+    wanted = {job.id for job in jobs if job.status in WAITING and job.queued_ns is not None}
+    if not wanted:
+        return {}
+    rank = func.row_number().over(order_by=(Job.queued_ns, Job.id)).label("rank")
+    ranked = (
+        select(Job.id, rank).where(Job.status.in_(WAITING), Job.queued_ns.is_not(None)).subquery()
     )
-    return 1 + int(count or 0)
+    rows = session.execute(select(ranked.c.id, ranked.c.rank).where(ranked.c.id.in_(wanted)))
+    return {job_id: int(position) for job_id, position in rows}
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """Where ``job`` waits for a worker (1: next), or None when it does not wait."""
+    return queue_positions(session, [job]).get(job.id)
 
 
 def job_object(job: Job, position: int | None = None) -> FineTuningJob:

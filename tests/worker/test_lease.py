@@ -13,7 +13,7 @@ from asft_core.recipe import describe_failure
 from asft_core.zoo import ZooPaths
 from service.db.models import AlignmentArtifactRow
 from service.db.session import make_engine
-from service.queue import enqueue_job
+from service.queue import send_job
 from tests.worker.conftest import create_job, upload_rows, wait_for_job
 
 
@@ -29,7 +29,8 @@ def test_a_job_delivered_twice_to_two_workers_trains_once(
     start_worker()
     start_worker()
     job_id = create_job(client, team_key, training, "asft", {"n_epochs": 1})
-    enqueue_job(client.app.state.queue, job_id)  # type: ignore[attr-defined]
+    app = client.app.state  # type: ignore[attr-defined]
+    send_job(app.queue, app.engine, job_id)  # a duplicate, as a re-sending reconciler makes
     job = wait_for_job(client, team_key, job_id, {"succeeded", "failed", "cancelled"})
     assert job["status"] in ("succeeded", "failed")
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=500", headers=headers).json()
