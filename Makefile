@@ -8,7 +8,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-tools test try test-fast lint bench demo miniature frontier api serve clean
+.PHONY: setup setup-tools test try test-fast lint bench chaos demo miniature frontier api serve clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,17 @@ bench: setup
 	$(PY) bench/eval.py
 	$(PY) bench/dispatch.py
 	$(PY) bench/api_load.py
+
+# The chaos soak on PostgreSQL + Redis + 2 workers, loopback only: 50 jobs while a component
+# is killed every few seconds (30 kills; a few minutes); figures in var/chaos.json. make test
+# runs a reduced one (10 jobs, 6 kills).
+CHAOS_JOBS ?= 50
+CHAOS_KILLS ?= 30
+chaos: setup
+	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
+	mkdir -p var
+	ASFT_CHAOS_JOBS=$(CHAOS_JOBS) ASFT_CHAOS_KILLS=$(CHAOS_KILLS) ASFT_CHAOS_REPORT=var/chaos.json \
+	  $(PY) -m pytest tests/worker/test_chaos.py -s $(PYTEST_ARGS)
 
 # The service end to end: zoo, asft serve, three jobs through the API, the table, stop.
 demo: setup

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from collections.abc import AsyncIterator
@@ -102,6 +103,21 @@ class ArtifactStore:
             Path(temporary).unlink(missing_ok=True)
             raise
         return size, digest.hexdigest()
+
+    def remove_temporaries(self, key: str) -> int:
+        """Remove the dot-named files and folders under ``key`` that a killed writer left
+        (every write here goes through one); returns how many. Call only while no live
+        process writes there, e.g. under the job's lease."""
+        folder = self.path(key)
+        if not folder.is_dir():
+            return 0
+        leftovers = [path for path in folder.rglob(".*") if path.exists()]
+        for path in sorted(leftovers, key=lambda p: len(p.parts)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return len(leftovers)
 
     def delete(self, key: str) -> None:
         """Remove a file or a whole folder; a missing one is fine."""

@@ -626,6 +626,7 @@ def reconcile(
     for file_id in scans:
         enqueue_scan(queue, file_id)
     for job_id in lost:
+        context.store.remove_temporaries(job_key(job_id))  # no worker holds it any more
         notify(context, job_id)
     return Reconciled(requeued, resent, lost)
 

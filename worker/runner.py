@@ -172,6 +172,14 @@ class JobHooks:
         taken, self.status = claim(context, job_id)
         if not taken:
             return None
+        # A worker killed mid-write leaves a temporary file, and one killed after archiving
+        # its adapter an archive this attempt's adapter replaces; the lease is ours now.
+        leftovers = context.store.remove_temporaries(job_key(job_id))
+        if leftovers:
+            self.event("info", f"Removed {leftovers} temporary files a killed worker left")
+        adapter = context.store.path(job_key(job_id, "adapter"))
+        for archive in (".tar.gz", ".tar.gz.sha256"):
+            adapter.with_name(adapter.name + archive).unlink(missing_ok=True)
         resume = latest_checkpoint(context, job_id)
         if resume is not None:
             clear_job_outputs(context, job_id)
