@@ -325,6 +325,40 @@ def _alignment_inspect(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """Resolve the pair, then run ``asft_core.memory`` in a subprocess (torch)."""
+    import subprocess
+
+    model = args.aligned
+    if (args.model is None) == (model is None):
+        print("asft: give a registered model id, or --aligned", file=sys.stderr)
+        return 2
+    if args.model is not None:
+        from service.db.models import ModelPair
+        from service.db.session import transaction
+
+        engine, problem = _open_database(get_settings())
+        if problem is not None:
+            print(f"asft: {problem}", file=sys.stderr)
+            return 2
+        with transaction(engine) as session:
+            pair = session.get(ModelPair, args.model)
+            if pair is None:
+                print(f"asft: no registered model {args.model!r}", file=sys.stderr)
+                return 1
+            model = pair.aligned_model
+    command = [sys.executable, "-m", "asft_core.memory", model, "--method", args.method]
+    for item in args.hyperparameter:
+        command += ["--hyperparameter", item]
+    command += ["--precision", args.precision]
+    memory = args.device_memory_gb or get_settings().device_memory_gb
+    if memory is not None:
+        command += ["--device-memory-gb", str(memory)]
+    if args.json:
+        command.append("--json")
+    return subprocess.run(command, check=False).returncode
+
+
 def _zoo(args: argparse.Namespace) -> int:
     """Build (or reuse) the tiny model pair in the cache; print its folder (or every path)."""
     import json
@@ -404,6 +438,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--tau", type=float, help="energy share for k (default 0.5)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_alignment_inspect)
+    plan = commands.add_parser(
+        "plan", help="a job's peak device memory, planned before any GPU time"
+    )
+    plan.add_argument("model", nargs="?", help="a registered model id")
+    plan.add_argument("--aligned", help="a model folder (instead of a model id)")
+    plan.add_argument("--method", default="asft")
+    plan.add_argument(
+        "--hyperparameter",
+        "-p",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="as in a job's request: -p batch_size=4 -p max_seq_len=1024",
+    )
+    plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    plan.add_argument(
+        "--device-memory-gb", type=float, help="default: ASFT_DEVICE_MEMORY_GB, if set"
+    )
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.set_defaults(run=_plan)
     zoo = commands.add_parser(
         "zoo", help="build (or reuse) the tiny model pair and print its folder"
     )

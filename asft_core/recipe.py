@@ -1,9 +1,9 @@
 """The job recipe: ``run(spec, hooks)`` takes a job from its files to a gated adapter.
 
-data policy -> validate -> limits -> (the caller takes the job) -> alignment -> train -> Safe
-LoRA projection -> validation loss -> evaluate -> gate. The worker plugs in hooks and persists
-what comes back; it never re-implements the flow. ``describe_failure`` names any error as a
-job error.
+data policy -> validate -> limits -> memory plan -> (the caller takes the job) -> alignment ->
+train -> Safe LoRA projection -> validation loss -> evaluate -> gate. The worker plugs in
+hooks and persists what comes back; it never re-implements the flow. ``describe_failure``
+names any error as a job error.
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ class RecipeSpec:
     eval_limit: int | None = None  # cap on evaluation prompts (the test-size profile)
     eval_batch_size: int = 64
     max_lora_rank: int = 16  # the serving check's vLLM --max-lora-rank
+    # The training device's memory for the memory plan (None: the CUDA device's own, no
+    # limit on a CPU).
+    device_memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,33 @@ def validate(spec: TrainSpec) -> Validation:
     )
 
 
+def plan_device_memory(spec: TrainSpec, available: int | None, hooks: TrainHooks) -> TrainSpec:
+    """Plan the job's peak device memory before any GPU time (``asft_core.memory``).
+
+    A job that fits only with gradient checkpointing gets it; one that cannot fit raises
+    ``PlanError`` naming the settings that would. ``available``: the device's bytes (None:
+    a CUDA device's total, no limit on a CPU).
+    """
+    import torch
+
+    from asft_core.memory import fitting_hyperparameters, plan_memory, size_text
+    from asft_core.training import pick_device
+
+    device, dtype = pick_device(spec.device, spec.precision)
+    if available is None and device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    changes: list[str] = []
+    if available is None:
+        plan = plan_memory(spec.model, spec.job, dtype)
+    else:
+        plan, changes = fitting_hyperparameters(spec.model, spec.job, dtype, available)
+    limit = size_text(available) if available is not None else "no limit"
+    hooks.on_event("info", f"Memory plan on {device} ({limit}): {plan.describe()}")
+    if changes:
+        hooks.on_event("info", f"Turned {', '.join(changes)} so that the job fits")
+    return replace(spec, gradient_checkpointing=plan.gradient_checkpointing)
+
+
 def judge(evaluation: dict[str, Any], gate: Gate) -> GateVerdict:
     """The gate's verdict; each failure names its category and scores, overall first."""
     reference = (evaluation.get("reference") or {}).get("safety")
@@ -240,6 +270,7 @@ def run(
     if not validated:
         checked = validate(train_spec)
         check_limits(spec.limits, checked.total_steps, checked.estimated_tokens)
+    train_spec = plan_device_memory(train_spec, spec.device_memory_bytes, hooks.train)
     start = hooks.start(checked)
     if start is None:
         return RecipeResult("stopped")
@@ -480,6 +511,7 @@ def describe_failure(error: Exception) -> Failure:
     from asft_core.alignment import AlignmentError
     from asft_core.evaluation.harness import EvalSuiteError
     from asft_core.formats import DatasetFormatError
+    from asft_core.memory import PlanError
     from asft_core.spec import SpecError
     from asft_core.training import TrainingError
 
@@ -495,6 +527,8 @@ def describe_failure(error: Exception) -> Failure:
         return Failure(error.code, str(error), error.param)
     if isinstance(error, DataPolicyError):
         return Failure(error.code, str(error), "training_file")
+    if isinstance(error, PlanError):
+        return Failure(error.code, str(error), "batch_size")
     if isinstance(error, TrainingError | AlignmentError | EvalSuiteError | JobLimitExceeded):
         return Failure(error.code, str(error))
     if "out of memory" in str(error).lower():

@@ -94,6 +94,9 @@ class TrainSpec:
     precision: Precision = "auto"
     # Written into adapter_config.json as base_model_name_or_path (e.g. the registered id).
     base_model_id: str | None = None
+    # Recompute each layer's activations in the backward pass instead of keeping them: far
+    # less memory for about a third more step time (the memory plan turns it on to fit).
+    gradient_checkpointing: bool = False
 
     @property
     def hyper(self) -> Hyperparameters:
@@ -403,6 +406,10 @@ def train(
         target_modules=list(spec.hyper.target_modules),
         task_type="CAUSAL_LM",
     )
+    if spec.gradient_checkpointing:
+        # Non-reentrant: gradients reach the LoRA weights though the inputs need none.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     with quiet_peft_warnings():
         model = get_peft_model(model, lora_config)
     lora_pairs = lora_weight_pairs(model)

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Worker training device: auto, cpu or cuda[:N].",
     )
+    device_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of the worker's training device for the memory plan (unset: a "
+        "CUDA device's own; no limit on a CPU). Jobs that cannot fit fail before training.",
+    )
     visibility_timeout_s: int = Field(
         172_800, ge=60, description="Redis redelivers an unacknowledged job after this (2 days)."
     )

@@ -120,6 +120,9 @@ def recipe_spec(
         data_scan=scan,
         eval_limit=settings.eval_max_prompts,
         max_lora_rank=settings.max_lora_rank,
+        device_memory_bytes=(
+            int(settings.device_memory_gb * 1024**3) if settings.device_memory_gb else None
+        ),
     )
 
 
