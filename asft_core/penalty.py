@@ -21,8 +21,11 @@ singular vectors, or from Haar-random subspaces (``top_basis``, ``random_singula
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -143,6 +146,24 @@ def asft_penalty_low_rank(
     return (x_rows @ x_rows.T * (a @ a.T)).sum() * scaling**2
 
 
+Call = TypeVar("Call", bound=Callable[..., Tensor])
+
+
+def outside_autocast(call: Call) -> Call:
+    """Run ``call`` with autocast off: an outer ``torch.autocast`` would run the penalty's
+    products in bf16 or fp16 and undo its fp32 casts."""
+
+    @functools.wraps(call)
+    def without_autocast(*args: object, **kwargs: object) -> Tensor:
+        with ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return call(*args, **kwargs)
+
+    return without_autocast  # type: ignore[return-value]
+
+
 class AsftRegularizer:
     """lambda * sum over modules of the AsFT penalty, ready to add to the task loss.
 
@@ -181,6 +202,7 @@ class AsftRegularizer:
         """Per module: the bound on |approximate - exact| relative to ||B A||_F^2."""
         return {name: lr.relative_bound * self.scaling**2 for name, lr in self._low_rank.items()}
 
+    @outside_autocast
     def __call__(self, lora_weights: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
         """Sum the penalty over ``lora_weights`` (module name -> (A: (r, d_in), B: (d_out, r)))."""
         if not lora_weights:
@@ -367,6 +389,7 @@ class ProjectorRegularizer:
         """Module names this regularizer has a basis for."""
         return list(self._bases)
 
+    @outside_autocast
     def __call__(self, lora_weights: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
         """Sum the penalty over ``lora_weights`` (module name -> (A: (r, d_in), B: (d_out, r)))."""
         if not lora_weights:

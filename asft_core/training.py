@@ -354,8 +354,11 @@ def load_model_and_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     # safetensors only: registered models come from the hub or a user's folder, and a
     # pytorch_model.bin is a pickle (loading one can run code).
-    model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype, use_safetensors=True)
-    return model.to(device), tokenizer
+    # Straight onto the device: no CPU copy of the weights on the way.
+    model = AutoModelForCausalLM.from_pretrained(
+        model_ref, dtype=dtype, use_safetensors=True, device_map=device
+    )
+    return model, tokenizer
 
 
 def train(

@@ -117,6 +117,19 @@ def test_regularizer_sums_modules_times_lambda_and_names_missing_ones() -> None:
         regularizer({"layer.0.q_proj": (torch.zeros(2, 5), torch.zeros(16, 2))})
 
 
+def test_an_outer_autocast_does_not_lower_the_penalty_s_precision() -> None:
+    lora_A, lora_B, v = (t.detach().float() for t in random_module(64, 48, 4, seed=3))
+    regularizer = AsftRegularizer({"q_proj": v}, lambda_=1.0)
+    projector = l2_regularizer({"q_proj": 64}, lambda_=1.0)
+    plain = (regularizer({"q_proj": (lora_A, lora_B)}), projector({"q_proj": (lora_A, lora_B)}))
+    # A training loop under bf16 autocast: its products would run in bf16 otherwise.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.mm(lora_B, lora_A).dtype == torch.bfloat16
+        cast = (regularizer({"q_proj": (lora_A, lora_B)}), projector({"q_proj": (lora_A, lora_B)}))
+    for before, under in zip(plain, cast, strict=True):
+        assert under.dtype == torch.float32 and torch.equal(before, under)
+
+
 # (d_out, d_in, r, k): k = 0 (plain L2), k = 1, k = d_out (the whole space), r = 1.
 PROJECTOR_SHAPES = [
     (16, 12, 4, 0),

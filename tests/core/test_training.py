@@ -137,6 +137,35 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(
         assert torch.equal(expected[name], actual[name]), name
 
 
+@pytest.mark.slow
+def test_bf16_base_weights_train_resume_bit_identically_and_match_fp32(
+    zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path
+) -> None:
+    def spec(name: str, precision: str, **changes: Any) -> TrainSpec:
+        made = make_spec(zoo, train_file, tmp_path / name, alignment_artifact, **changes)
+        return replace(made, device="cpu", precision=precision)  # type: ignore[arg-type]
+
+    events: list[str] = []
+    straight = train(spec("straight", "bf16"), TrainHooks(on_event=lambda _, m: events.append(m)))
+    assert "Training on cpu, base weights in bfloat16" in events
+    steps: list[int] = []
+    interrupted = train(
+        spec("interrupted", "bf16"),
+        TrainHooks(
+            on_metrics=lambda m: steps.append(m.step), should_cancel=lambda: len(steps) >= 3
+        ),
+    )
+    resumed = train(spec("resumed", "bf16", resume_from=interrupted.checkpoints[-1].path))
+    expected = adapter_tensors(straight.adapter_dir)  # type: ignore[arg-type]
+    actual = adapter_tensors(resumed.adapter_dir)  # type: ignore[arg-type]
+    for name in expected:
+        assert expected[name].dtype == torch.float32  # LoRA weights stay fp32
+        assert torch.equal(expected[name], actual[name]), name
+    full = train(spec("fp32", "fp32"))
+    assert straight.final_train_loss is not None and full.final_train_loss is not None
+    assert straight.final_train_loss == pytest.approx(full.final_train_loss, rel=0.05)
+
+
 def test_checkpoints_carry_the_validation_loss_of_their_weights(
     zoo: ZooPaths, train_file: Path, alignment_artifact: Path, tmp_path: Path
 ) -> None:
