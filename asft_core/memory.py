@@ -137,14 +137,14 @@ def _target_shapes(model: Any, targets: tuple[str, ...]) -> dict[str, tuple[int,
 
 
 def _alignment_bytes(job: JobSpec, targets: dict[str, tuple[int, int]]) -> int:
-    """V on the device through training: fp32, every target module; the low-rank penalty
-    adds its factors (``penalty_rank`` columns on each side)."""
+    """V on the device through training, fp32, every target module; with a low-rank penalty
+    only its top-k basis and eigenvalues (V itself stays on the host)."""
     if not job.uses_asft:
         return 0
-    full = sum(out * inp for out, inp in targets.values())
     rank = job.hyperparameters.penalty_rank
-    factors = sum(rank * (out + inp) for out, inp in targets.values()) if rank else 0
-    return 4 * (full + factors)
+    if rank:
+        return 4 * sum(min(rank, out, inp) * (out + 1) for out, inp in targets.values())
+    return 4 * sum(out * inp for out, inp in targets.values())
 
 
 def _activation_bytes(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -186,11 +186,18 @@ class AsftRegularizer:
         self._exact: dict[str, tuple[Tensor, Tensor]] = {}
         self._low_rank: dict[str, LowRankDirection] = {}
         for name, direction in directions.items():
-            v = direction.to(device=device or direction.device, dtype=_compute_dtype(direction))
+            target = device or direction.device
             if low_rank is None:
+                v = direction.to(device=target, dtype=_compute_dtype(direction))
                 self._exact[name] = (v, torch.linalg.matrix_norm(v))
             else:
-                self._low_rank[name] = low_rank_direction(v, low_rank)
+                # Factored where V is (the host, for training), so V never reaches the device.
+                factors = low_rank_direction(direction, low_rank)
+                self._low_rank[name] = replace(
+                    factors,
+                    basis=factors.basis.to(target),
+                    eigenvalues=factors.eigenvalues.to(target),
+                )
 
     @property
     def modules(self) -> list[str]:

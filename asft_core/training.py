@@ -419,14 +419,19 @@ def train(
     if not lora_pairs:
         raise TrainingError("missing_module", "no LoRA target module was found in the model")
 
-    # Penalty: the alignment directions, loaded once onto the training device in fp32.
+    # Penalty: the alignment directions in fp32, on the training device; with a low-rank
+    # penalty they stay on the host and only their top-k factors reach the device.
     directions = None
     if spec.alignment_path is not None and spec.job.uses_asft:
         directions = load_alignment_directions(
-            spec.alignment_path, device=device, dtype=torch.float32, modules=list(lora_pairs)
+            spec.alignment_path,
+            device="cpu" if spec.hyper.penalty_rank else device,
+            dtype=torch.float32,
+            modules=list(lora_pairs),
         )
     if regularizer is None:
         regularizer = method_regularizer(spec, lora_pairs, directions, device)
+    directions = None  # the regularizer holds what it needs
 
     # Optimizer and schedule.
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -605,7 +610,11 @@ def method_regularizer(
         assert directions is not None
         scaling = effective if spec.penalty_scale_by_alpha else 1.0
         return AsftRegularizer(
-            directions, lambda_=lambda_, scaling=scaling, low_rank=hyper.penalty_rank
+            directions,
+            lambda_=lambda_,
+            scaling=scaling,
+            low_rank=hyper.penalty_rank,
+            device=device,
         )
     if spec.job.method == "asft_projector":
         assert spec.alignment_path is not None and hyper.subspace_energy is not None

@@ -68,6 +68,11 @@ def test_a_7b_job_plans_as_its_shapes_say() -> None:
     assert checkpointed.total < 24 * GIB
     supervised = plan_for_config(LLAMA_7B, JobSpec.resolve("supervised", {}), torch.bfloat16)
     assert supervised.alignment == 0
+    # A low-rank penalty keeps only V's top-k basis (and eigenvalues) on the device.
+    low_rank = plan_for_config(
+        LLAMA_7B, JobSpec.resolve("asft", {"penalty_rank": 64}), torch.bfloat16
+    )
+    assert low_rank.alignment == 32 * 2 * 64 * (4096 + 1) * 4
 
 
 def test_a_job_that_fits_only_with_gradient_checkpointing_gets_it(tmp_path: Path) -> None:

@@ -117,6 +117,18 @@ def test_regularizer_sums_modules_times_lambda_and_names_missing_ones() -> None:
         regularizer({"layer.0.q_proj": (torch.zeros(2, 5), torch.zeros(16, 2))})
 
 
+def test_a_low_rank_penalty_moves_only_v_s_factors_to_the_device() -> None:
+    v = random_module(64, 48, 4, seed=5)[2].detach()
+    # "meta" stands in for a GPU: whatever reaches it is visible, and V itself never does.
+    regularizer = AsftRegularizer({"q_proj": v}, lambda_=1.0, low_rank=6, device="meta")
+    factors = regularizer._low_rank["q_proj"]
+    assert factors.basis.device.type == "meta" and tuple(factors.basis.shape) == (64, 6)
+    assert tuple(factors.eigenvalues.shape) == (6,)
+    assert regularizer._exact == {}
+    exact = AsftRegularizer({"q_proj": v}, lambda_=1.0, device="meta")
+    assert exact._exact["q_proj"][0].device.type == "meta"
+
+
 def test_an_outer_autocast_does_not_lower_the_penalty_s_precision() -> None:
     lora_A, lora_B, v = (t.detach().float() for t in random_module(64, 48, 4, seed=3))
     regularizer = AsftRegularizer({"q_proj": v}, lambda_=1.0)
