@@ -287,6 +287,24 @@ def _create_team(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registered_pair(model_id: str) -> tuple[str, str] | int:
+    """A registered model's (base, aligned) references, or the exit code after saying why
+    there are none."""
+    from service.db.models import ModelPair
+    from service.db.session import transaction
+
+    engine, problem = _open_database(get_settings())
+    if problem is not None:
+        print(f"asft: {problem}", file=sys.stderr)
+        return 2
+    with transaction(engine) as session:
+        pair = session.get(ModelPair, model_id)
+        if pair is None:
+            print(f"asft: no registered model {model_id!r}", file=sys.stderr)
+            return 1
+        return pair.base_model, pair.aligned_model
+
+
 def _alignment_inspect(args: argparse.Namespace) -> int:
     """Resolve the pair, then run ``asft_core.alignment_inspect`` in a subprocess (torch)."""
     import subprocess
@@ -297,19 +315,10 @@ def _alignment_inspect(args: argparse.Namespace) -> int:
         return 2
     settings = get_settings()
     if args.model is not None:
-        from service.db.models import ModelPair
-        from service.db.session import transaction
-
-        engine, problem = _open_database(settings)
-        if problem is not None:
-            print(f"asft: {problem}", file=sys.stderr)
-            return 2
-        with transaction(engine) as session:
-            pair = session.get(ModelPair, args.model)
-            if pair is None:
-                print(f"asft: no registered model {args.model!r}", file=sys.stderr)
-                return 1
-            base, aligned = pair.base_model, pair.aligned_model
+        pair = _registered_pair(args.model)
+        if isinstance(pair, int):
+            return pair
+        base, aligned = pair
     else:
         base, aligned = args.base, args.aligned
     # The worker's cache folder, so the artifact a job computed is the one inspected.
@@ -334,19 +343,10 @@ def _plan(args: argparse.Namespace) -> int:
         print("asft: give a registered model id, or --aligned", file=sys.stderr)
         return 2
     if args.model is not None:
-        from service.db.models import ModelPair
-        from service.db.session import transaction
-
-        engine, problem = _open_database(get_settings())
-        if problem is not None:
-            print(f"asft: {problem}", file=sys.stderr)
-            return 2
-        with transaction(engine) as session:
-            pair = session.get(ModelPair, args.model)
-            if pair is None:
-                print(f"asft: no registered model {args.model!r}", file=sys.stderr)
-                return 1
-            model = pair.aligned_model
+        pair = _registered_pair(args.model)
+        if isinstance(pair, int):
+            return pair
+        model = pair[1]
     command = [sys.executable, "-m", "asft_core.memory", model, "--method", args.method]
     for item in args.hyperparameter:
         command += ["--hyperparameter", item]

@@ -93,10 +93,9 @@ def plan_for_config(
     config: Any, job: JobSpec, dtype: torch.dtype, gradient_checkpointing: bool = False
 ) -> MemoryPlan:
     """:func:`plan_memory` for a ``transformers`` config object."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from asft_core.training import quiet_peft_warnings
+    from asft_core.training import with_lora
 
     hyper = job.hyperparameters
     with torch.device("meta"):
@@ -104,15 +103,7 @@ def plan_for_config(
     element = torch.empty((), dtype=dtype).element_size()
     weights = sum(p.numel() for p in model.parameters()) * element
     targets = _target_shapes(model, hyper.target_modules)
-    lora = LoraConfig(
-        r=hyper.rank,
-        lora_alpha=hyper.alpha,
-        lora_dropout=hyper.dropout,
-        target_modules=list(hyper.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    with quiet_peft_warnings():
-        model = get_peft_model(model, lora)
+    model = with_lora(model, hyper)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batch, length = hyper.batch_size, hyper.max_seq_len
     vocab = int(config.get_text_config().vocab_size)

@@ -341,6 +341,21 @@ def quiet_peft_warnings() -> Iterator[None]:
         yield
 
 
+def with_lora(model: Any, hyper: Hyperparameters) -> Any:
+    """``model`` with LoRA on ``hyper``'s target modules, its base frozen, as training has it."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=hyper.rank,
+        lora_alpha=hyper.alpha,
+        lora_dropout=hyper.dropout,
+        target_modules=list(hyper.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    with quiet_peft_warnings():
+        return get_peft_model(model, config)
+
+
 def load_model_and_tokenizer(
     model_ref: str, dtype: torch.dtype, device: torch.device
 ) -> tuple[Any, Any]:
@@ -374,8 +389,6 @@ def train(
     replaces the method's penalty (the frontier study's controls); it maps the LoRA pairs
     (module -> (A, B)) to the scalar added to the task loss.
     """
-    from peft import LoraConfig, get_peft_model
-
     from asft_core.alignment import load_alignment_directions
 
     spec.validate()
@@ -402,19 +415,11 @@ def train(
         )
 
     # Model: LoRA on the target modules; the base weights stay frozen.
-    lora_config = LoraConfig(
-        r=spec.hyper.rank,
-        lora_alpha=spec.hyper.alpha,
-        lora_dropout=spec.hyper.dropout,
-        target_modules=list(spec.hyper.target_modules),
-        task_type="CAUSAL_LM",
-    )
     if spec.gradient_checkpointing:
         # Non-reentrant: gradients reach the LoRA weights though the inputs need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    with quiet_peft_warnings():
-        model = get_peft_model(model, lora_config)
+    model = with_lora(model, spec.hyper)
     lora_pairs = lora_weight_pairs(model)
     if not lora_pairs:
         raise TrainingError("missing_module", "no LoRA target module was found in the model")

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -46,8 +45,8 @@ from asft_core.training import (
     TrainSpec,
     batch_loss_sum,
     lora_weight_pairs,
-    quiet_peft_warnings,
     train,
+    with_lora,
 )
 from asft_core.zoo.language import corpus_lines, task_rows
 from asft_core.zoo.models import TinyLlamaShape, random_tiny_llama, tiny_llama_config
@@ -128,15 +127,7 @@ def seven_b_shapes(device: torch.device, layers: int, hidden: int, steps: int) -
         baseline = torch.cuda.memory_allocated(device)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
-    lora = LoraConfig(
-        r=hyper.rank,
-        lora_alpha=hyper.alpha,
-        lora_dropout=hyper.dropout,
-        target_modules=list(hyper.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    with quiet_peft_warnings():
-        model = get_peft_model(model, lora)
+    model = with_lora(model, hyper)
     model.train()
     pairs = lora_weight_pairs(model)
     directions = {

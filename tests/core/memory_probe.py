@@ -12,12 +12,11 @@ import json
 import sys
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from asft_core.memory import plan_for_config
 from asft_core.spec import JobSpec
-from asft_core.training import batch_loss_sum
+from asft_core.training import batch_loss_sum, with_lora
 
 
 def _status(field: str) -> int:
@@ -49,14 +48,7 @@ def main() -> None:
     rows = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     gc.collect()
     before = _status("VmRSS")
-    lora = LoraConfig(
-        r=hyper.rank,
-        lora_alpha=hyper.alpha,
-        lora_dropout=hyper.dropout,
-        target_modules=list(hyper.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(LlamaForCausalLM(config), lora)
+    model = with_lora(LlamaForCausalLM(config), hyper)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for _ in range(2):

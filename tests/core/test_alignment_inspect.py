@@ -170,3 +170,25 @@ def test_asft_alignment_inspect_resolves_a_registered_model_in_the_service_cache
     assert both.returncode == 2 and "--base and --aligned" in both.stderr
     neither = asft("alignment", "inspect", "--base", "x", data_dir=data_dir)
     assert neither.returncode == 2 and "--base and --aligned" in neither.stderr
+
+
+def test_asft_plan_resolves_a_registered_model_and_says_what_fits(
+    tiny_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    assert asft("db", "upgrade", data_dir=data_dir).returncode == 0
+    engine = engine_for(f"sqlite:///{data_dir / 'asft.db'}")
+    with transaction(engine) as session:
+        session.add(
+            ModelPair(id="tiny", base_model=str(tiny_pair[0]), aligned_model=str(tiny_pair[1]))
+        )
+    engine.dispose()
+
+    planned = asft("plan", "tiny", "-p", "batch_size=2", "--json", data_dir=data_dir)
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["total"] > plan["weights"] > 0 and plan["changes"] == []
+    refused = asft("plan", "tiny", "--device-memory-gb", "0.000001", data_dir=data_dir)
+    assert refused.returncode == 1 and "insufficient_device_memory" in refused.stderr
+    unknown = asft("plan", "nope", data_dir=data_dir)
+    assert unknown.returncode == 1 and "no registered model 'nope'" in unknown.stderr
