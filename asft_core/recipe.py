@@ -206,17 +206,23 @@ def plan_device_memory(spec: TrainSpec, available: int | None, hooks: TrainHooks
     """
     import torch
 
-    from asft_core.memory import fitting_hyperparameters, plan_memory, size_text
+    from asft_core.memory import PlanError, fitting_hyperparameters, plan_memory, size_text
     from asft_core.training import pick_device
 
     device, dtype = pick_device(spec.device, spec.precision)
     if available is None and device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory
     changes: list[str] = []
-    if available is None:
-        plan = plan_memory(spec.model, spec.job, dtype)
-    else:
-        plan, changes = fitting_hyperparameters(spec.model, spec.job, dtype, available)
+    try:
+        if available is None:
+            plan = plan_memory(spec.model, spec.job, dtype)
+        else:
+            plan, changes = fitting_hyperparameters(spec.model, spec.job, dtype, available)
+    except PlanError:
+        raise
+    except Exception as error:  # an architecture the meta device cannot build: train anyway
+        hooks.on_event("warn", f"No memory plan for this model ({type(error).__name__}: {error})")
+        return spec
     limit = size_text(available) if available is not None else "no limit"
     hooks.on_event("info", f"Memory plan on {device} ({limit}): {plan.describe()}")
     if changes:

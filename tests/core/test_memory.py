@@ -128,3 +128,29 @@ def test_the_plan_command_prints_the_plan_and_what_makes_a_job_fit(
     assert "insufficient_device_memory" in capsys.readouterr().err
     assert main([str(tmp_path), "--hyperparameter", "batch_size=0"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_a_model_the_planner_cannot_build_still_trains_with_a_warning(
+    zoo: ZooPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asft_core.memory
+    from asft_core.recipe import plan_device_memory
+    from asft_core.training import TrainHooks
+
+    def unbuildable(*_: object, **__: object) -> None:
+        raise NotImplementedError("custom code the meta device cannot run")
+
+    monkeypatch.setattr(asft_core.memory, "plan_memory", unbuildable)
+    events: list[tuple[str, str]] = []
+    spec = TrainSpec(
+        model=str(zoo.aligned), training_file=tmp_path / "t.jsonl", output_dir=tmp_path
+    )
+    planned = plan_device_memory(spec, None, TrainHooks(on_event=lambda *e: events.append(e)))
+    assert planned == spec
+    assert events == [
+        (
+            "warn",
+            "No memory plan for this model (NotImplementedError: custom code the meta "
+            "device cannot run)",
+        )
+    ]
