@@ -280,6 +280,10 @@ def test_gate_failure_exits_with_its_own_code(
         "8",
         "--learning-rate",
         "3e-3",
+        # Pinned: on 8 evaluation prompts a random seed now and then keeps the score under
+        # the gate's limits, and this test is about what the CLI does when the gate fails.
+        "--seed",
+        "1",
     )
     watched = asft(service, "jobs", "watch", job_id)
     assert watched.returncode == ExitCode.GATE_FAILED, (watched.stdout, watched.stderr)
