@@ -129,6 +129,16 @@ def asft(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def registered_as_tiny(pair: tuple[Path, Path], data_dir: Path) -> Path:
+    """A service data folder whose database has ``pair`` registered as ``tiny``."""
+    assert asft("db", "upgrade", data_dir=data_dir).returncode == 0
+    engine = engine_for(f"sqlite:///{data_dir / 'asft.db'}")
+    with transaction(engine) as session:
+        session.add(ModelPair(id="tiny", base_model=str(pair[0]), aligned_model=str(pair[1])))
+    engine.dispose()
+    return data_dir
+
+
 def test_asft_alignment_inspect_with_paths_prints_the_regime(
     tiny_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -146,14 +156,7 @@ def test_asft_alignment_inspect_with_paths_prints_the_regime(
 def test_asft_alignment_inspect_resolves_a_registered_model_in_the_service_cache(
     tiny_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    data_dir = tmp_path / "data"
-    assert asft("db", "upgrade", data_dir=data_dir).returncode == 0
-    engine = engine_for(f"sqlite:///{data_dir / 'asft.db'}")
-    with transaction(engine) as session:
-        session.add(
-            ModelPair(id="tiny", base_model=str(tiny_pair[0]), aligned_model=str(tiny_pair[1]))
-        )
-    engine.dispose()
+    data_dir = registered_as_tiny(tiny_pair, tmp_path / "data")
 
     result = asft("alignment", "inspect", "tiny", "--json", data_dir=data_dir)
     assert result.returncode == 0, result.stderr
@@ -175,14 +178,7 @@ def test_asft_alignment_inspect_resolves_a_registered_model_in_the_service_cache
 def test_asft_plan_resolves_a_registered_model_and_says_what_fits(
     tiny_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    data_dir = tmp_path / "data"
-    assert asft("db", "upgrade", data_dir=data_dir).returncode == 0
-    engine = engine_for(f"sqlite:///{data_dir / 'asft.db'}")
-    with transaction(engine) as session:
-        session.add(
-            ModelPair(id="tiny", base_model=str(tiny_pair[0]), aligned_model=str(tiny_pair[1]))
-        )
-    engine.dispose()
+    data_dir = registered_as_tiny(tiny_pair, tmp_path / "data")
 
     planned = asft("plan", "tiny", "-p", "batch_size=2", "--json", data_dir=data_dir)
     assert planned.returncode == 0, planned.stderr
