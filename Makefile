@@ -93,7 +93,7 @@ miniature: setup
 	$(PY) -m asft_core.experiments --profile $(PROFILE) --data-dir var
 
 # The safety-utility frontier (pre-registered in asft_core/experiments/frontier.json):
-# PROFILE=full (about 65 min on 2 cores; resumable), ci (a few minutes) or test.
+# PROFILE=full (486 cells, about 110 min on 2 cores; resumable), ci (a few minutes) or test.
 frontier: setup
 	$(PY) -m asft_core.experiments.frontier --profile $(PROFILE) --data-dir var
 
