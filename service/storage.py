@@ -141,14 +141,26 @@ def _sync_and_rename(out: BinaryIO, temporary: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
+def _archive_paths(folder: Path) -> tuple[Path, Path]:
+    """Where :func:`adapter_archive` caches the archive of ``folder`` and its sha256."""
+    return folder.with_name(folder.name + ".tar.gz"), folder.with_name(
+        folder.name + ".tar.gz.sha256"
+    )
+
+
+def forget_adapter_archive(folder: Path) -> None:
+    """Remove the cached archive of ``folder`` (its adapter is about to be replaced)."""
+    for path in _archive_paths(folder):
+        path.unlink(missing_ok=True)
+
+
 def adapter_archive(folder: Path) -> tuple[Path, str]:
     """A tar.gz of the adapter in ``folder`` and its sha256, built once and cached beside it.
 
     The archive holds ``adapter/`` with the PEFT files (and the report when present), so
     ``tar xzf`` gives a folder that ``PeftModel.from_pretrained`` and vLLM load as is.
     """
-    archive = folder.with_name(folder.name + ".tar.gz")
-    checksum = folder.with_name(folder.name + ".tar.gz.sha256")
+    archive, checksum = _archive_paths(folder)
     if archive.exists() and checksum.exists():
         return archive, checksum.read_text().strip()
     handle, temporary = tempfile.mkstemp(prefix=".archive-", dir=folder.parent)

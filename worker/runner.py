@@ -23,7 +23,7 @@ from service.db.models import Job, ModelPair, Team
 from service.db.session import transaction
 from service.jobs.state import TERMINAL
 from service.scans import SCANNING
-from service.storage import file_key, job_key
+from service.storage import file_key, forget_adapter_archive, job_key
 from service.teams import team_gate
 from worker.persistence import (
     JobContext,
@@ -180,9 +180,7 @@ class JobHooks:
         leftovers = context.store.remove_temporaries(job_key(job_id))
         if leftovers:
             self.event("info", f"Removed {leftovers} temporary files a killed worker left")
-        adapter = context.store.path(job_key(job_id, "adapter"))
-        for archive in (".tar.gz", ".tar.gz.sha256"):
-            adapter.with_name(adapter.name + archive).unlink(missing_ok=True)
+        forget_adapter_archive(context.store.path(job_key(job_id, "adapter")))
         resume = latest_checkpoint(context, job_id)
         if resume is not None:
             clear_job_outputs(context, job_id)
