@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from asft_client.cli import add_client_commands, run_client_command
+from asft_core.spec import DIRECTION_STORAGES
 from service.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -351,6 +352,7 @@ def _plan(args: argparse.Namespace) -> int:
     for item in args.hyperparameter:
         command += ["--hyperparameter", item]
     command += ["--precision", args.precision]
+    command += ["--direction-storage", args.direction_storage or get_settings().direction_storage]
     memory = args.device_memory_gb or get_settings().device_memory_gb
     if memory is not None:
         command += ["--device-memory-gb", str(memory)]
@@ -455,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     plan.add_argument(
         "--device-memory-gb", type=float, help="default: ASFT_DEVICE_MEMORY_GB, if set"
+    )
+    plan.add_argument(
+        "--direction-storage",
+        choices=DIRECTION_STORAGES,
+        help="where an exact AsFT penalty keeps V; default: ASFT_DIRECTION_STORAGE (fp32)",
     )
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(run=_plan)

@@ -18,6 +18,11 @@ The metadata also holds sigma_1, the stable rank ||V||_F^2 / sigma_1^2 and the n
 singular directions holding half of ||V||_F^2. :func:`alignment_subspaces` gives those top-k
 left singular vectors U_k themselves (for the projector penalties), computed once by exact SVD
 and cached in a sidecar file beside the artifact.
+
+Beside each V the artifact stores its top ``SPECTRUM_RANK`` left singular vectors and singular
+values (``<module>/basis``, ``<module>/sigma``), computed once as V is written: by exact SVD up
+to EXACT_SPECTRUM_MAX_DIM, by a randomized one beyond. A low-rank penalty
+(:func:`alignment_low_rank`) reads those and never the full V, nor runs an SVD at each start.
 """
 
 from __future__ import annotations
@@ -27,17 +32,20 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from asft_core.penalty import energy_rank
+from asft_core.penalty import LowRankDirection, energy_rank
 from asft_core.spec import DEFAULT_SUBSPACE_ENERGY
 
-FORMAT_VERSION = 1
+# 2 added each module's stored spectrum; artifacts of format 1 still load (without it), but
+# the cache key changes, so a cache recomputes its directions once, spectrum included.
+FORMAT_VERSION = 2
+_READABLE_FORMATS = ("1", "2")
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 # Top eigenvalue of C below which C shrinks no direction by more than 1%: the penalty is then
 # within about 2% of plain L2 on the update.
@@ -46,6 +54,13 @@ DEGENERATE_EIGENVALUE = 1e-2
 # that size takes about 2 s on one CPU core; larger modules get sigma_1 by power iteration and
 # k from :func:`alignment_subspaces` instead.
 EXACT_SPECTRUM_MAX_DIM = 2048
+# Singular directions stored per module beside V: a penalty_rank up to this never reads V.
+# At 4096 x 4096 that is 4 MiB per module next to V's 64 MiB.
+SPECTRUM_RANK = 256
+# Randomized SVD: extra sampled directions and power iterations (Halko et al.'s defaults are 10
+# and 2; more iterations because alignment spectra decay slowly).
+_RANDOMIZED_OVERSAMPLE = 16
+_RANDOMIZED_ITERATIONS = 6
 # A direction u_i of C is penalised (1 - lambda_i)^2 times as much as an orthogonal one.
 # Below 0.5 every direction keeps at least 25% of its L2 weight: AsFT reweights, frees nothing.
 L2_LIKE_EIGENVALUE = 0.5
@@ -262,6 +277,15 @@ class AlignmentArtifact:
     base_fingerprint: str
     aligned_fingerprint: str
     stats: dict[str, ModuleStats]
+    # Singular directions stored per module beside V (``min(this, d_out, d_in)``); None for
+    # artifacts written before the spectrum was stored.
+    spectrum_rank: int | None = None
+
+    def stored_rank(self, module: str) -> int:
+        """How many singular directions of ``module``'s V the artifact stores (0: none)."""
+        if self.spectrum_rank is None:
+            return 0
+        return min(self.spectrum_rank, *self.shapes[module])
 
     @property
     def max_top_eigenvalue(self) -> float:
@@ -278,7 +302,7 @@ class AlignmentArtifact:
         """Read an artifact's metadata (the header only, no tensor data)."""
         _, header = read_header(path)
         meta = header.get("__metadata__", {})
-        if meta.get("asft_format") != str(FORMAT_VERSION):
+        if meta.get("asft_format") not in _READABLE_FORMATS:
             raise AlignmentError("invalid_artifact", f"{path} is not an AsFT alignment artifact")
         stats = {
             name: ModuleStats.from_metadata(values)
@@ -295,6 +319,7 @@ class AlignmentArtifact:
             base_fingerprint=meta["base_fingerprint"],
             aligned_fingerprint=meta["aligned_fingerprint"],
             stats=stats,
+            spectrum_rank=int(meta["spectrum_rank"]) if "spectrum_rank" in meta else None,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -503,6 +528,7 @@ def compute_alignment_direction(
         base_fingerprint=checkpoint_fingerprint(base_path),
         aligned_fingerprint=checkpoint_fingerprint(aligned_path),
         stats={},
+        spectrum_rank=SPECTRUM_RANK,
     )
     return _write_artifact(template, differences())
 
@@ -511,20 +537,35 @@ def _write_artifact(
     template: AlignmentArtifact, directions: Iterable[tuple[str, torch.Tensor]]
 ) -> AlignmentArtifact:
     """Stream ``directions`` ((module, V in fp32), in ``template.modules`` order) to
-    ``template.path`` in ``template.dtype``; returns the artifact with its statistics.
+    ``template.path`` in ``template.dtype``, each V followed by its stored spectrum; returns
+    the artifact with its statistics.
     """
     out_dtype = _TORCH_DTYPES[template.dtype]
+    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    for module in template.modules:
+        shape = tuple(template.shapes[module])
+        entries.append((module, _DTYPE_NAMES[out_dtype], shape))
+        rank = template.stored_rank(module)
+        if rank:
+            basis_name, sigma_name = spectrum_names(module)
+            entries.append((basis_name, "F32", (shape[0], rank)))
+            entries.append((sigma_name, "F64", (min(rank + 1, *shape),)))
     writer = StreamingSafetensorsWriter(
         template.path,
-        [(m, _DTYPE_NAMES[out_dtype], tuple(template.shapes[m])) for m in template.modules],
+        entries,
         # Each module name appears three times (modules, shapes, stats), next to its numbers.
         metadata_reserve=2048 + sum(3 * len(m) + 448 for m in template.modules),
     )
     stats: dict[str, ModuleStats] = {}
     try:
         for module, direction in directions:
-            stats[module] = _module_stats(direction)
+            rank = template.stored_rank(module)
+            stats[module], spectrum = _module_stats(direction, rank)
             writer.write(module, direction.to(out_dtype))
+            if spectrum is not None:
+                basis_name, sigma_name = spectrum_names(module)
+                writer.write(basis_name, spectrum[0])
+                writer.write(sigma_name, spectrum[1])
             del direction
         artifact = replace(template, stats=stats)
         writer.close(_metadata(artifact))
@@ -534,21 +575,39 @@ def _write_artifact(
     return artifact
 
 
-def _module_stats(direction: torch.Tensor) -> ModuleStats:
+def spectrum_names(module: str) -> tuple[str, str]:
+    """The artifact's tensor names of ``module``'s stored basis and singular values."""
+    return f"{module}/basis", f"{module}/sigma"
+
+
+def _module_stats(
+    direction: torch.Tensor, rank: int = 0
+) -> tuple[ModuleStats, tuple[torch.Tensor, torch.Tensor] | None]:
+    """V's statistics and, with ``rank``, its top-``rank`` left singular vectors (fp32,
+    (d_out, rank)) and top ``rank + 1`` singular values (fp64; fewer when V is smaller)."""
     small = direction.numel() < 1 << 20
     norm = float(torch.linalg.matrix_norm(direction.double() if small else direction))
+    spectrum = None
+    if rank:
+        spectrum = _top_spectrum(direction, rank)
     if norm == 0.0:
-        return ModuleStats(0.0, 0.0, 0.0, sigma_1=0.0, stable_rank=0.0, k=0, energy_top_k=0.0)
+        zero = ModuleStats(0.0, 0.0, 0.0, sigma_1=0.0, stable_rank=0.0, k=0, energy_top_k=0.0)
+        return zero, spectrum
     k: int | None = None
     energy: float | None = None
     if min(direction.shape) <= EXACT_SPECTRUM_MAX_DIM:
-        singular_values = torch.linalg.svdvals(direction.double() if small else direction.float())
+        # The exact spectrum's singular values are all there: reuse them when computed.
+        singular_values = (
+            spectrum[1]
+            if spectrum is not None and spectrum[1].numel() == min(direction.shape)
+            else torch.linalg.svdvals(direction.double() if small else direction.float())
+        )
         sigma = float(singular_values[0])
         k = energy_rank(singular_values, DEFAULT_SUBSPACE_ENERGY)
         energy = _energy_share(singular_values, k)
     else:
         sigma = top_singular_value(direction)
-    return ModuleStats(
+    stats = ModuleStats(
         frobenius_norm=norm,
         top_eigenvalue=sigma**2 / norm,
         top_energy_share=sigma**2 / norm**2,
@@ -557,6 +616,31 @@ def _module_stats(direction: torch.Tensor) -> ModuleStats:
         k=k,
         energy_top_k=energy,
     )
+    return stats, spectrum
+
+
+def _top_spectrum(direction: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` left singular vectors and top ``rank + 1`` singular values of V: exact SVD
+    up to EXACT_SPECTRUM_MAX_DIM (fp64 for small V), randomized beyond."""
+    smallest = min(direction.shape)
+    if smallest <= EXACT_SPECTRUM_MAX_DIM:
+        small = direction.numel() < 1 << 20
+        u, singular_values, _ = torch.linalg.svd(
+            direction.double() if small else direction.float(), full_matrices=False
+        )
+    else:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # the same artifact bytes for the same pair
+        try:
+            u, singular_values, _ = torch.svd_lowrank(
+                direction.float(),
+                q=min(rank + 1 + _RANDOMIZED_OVERSAMPLE, smallest),
+                niter=_RANDOMIZED_ITERATIONS,
+            )
+        finally:
+            torch.random.set_rng_state(generator_state)
+    basis = u[:, :rank].float().contiguous()
+    return basis, singular_values[: rank + 1].double().contiguous()
 
 
 def _energy_share(singular_values: torch.Tensor, k: int) -> float:
@@ -591,6 +675,11 @@ def _metadata(artifact: AlignmentArtifact) -> dict[str, str]:
         ),
         "max_top_eigenvalue": floats(artifact.max_top_eigenvalue),
         "degenerate": json.dumps(artifact.degenerate),
+        **(
+            {"spectrum_rank": str(artifact.spectrum_rank)}
+            if artifact.spectrum_rank is not None
+            else {}
+        ),
     }
 
 
@@ -675,6 +764,77 @@ def load_alignment_directions(
     return {name: read_tensor(entries[name]).to(device=device, dtype=dtype) for name in wanted}
 
 
+class DirectionReader(Mapping[str, torch.Tensor]):
+    """Module name -> V read from the artifact when asked for, so one V at a time is in
+    memory (Safe LoRA's projection, an exact penalty kept on the host)."""
+
+    def __init__(
+        self,
+        path: Path,
+        modules: Iterable[str] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Checks that every one of ``modules`` (default: all) is in the artifact."""
+        artifact = AlignmentArtifact.load(path)
+        self._modules = list(modules) if modules is not None else artifact.modules
+        missing = sorted(set(self._modules) - set(artifact.modules))
+        if missing:
+            raise AlignmentError(
+                "missing_module",
+                f"the alignment artifact has no direction for: {', '.join(missing[:5])}",
+            )
+        self._entries = tensor_index_of_file(path)
+        self._device, self._dtype = device, dtype
+
+    def __getitem__(self, module: str) -> torch.Tensor:
+        if module not in self._modules:
+            raise KeyError(module)
+        return read_tensor(self._entries[module]).to(device=self._device, dtype=self._dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def alignment_low_rank(
+    path: Path, k: int, modules: Iterable[str] | None = None
+) -> dict[str, LowRankDirection]:
+    """Module name -> the top-``k`` eigenpairs of its C (a low-rank penalty's factors), fp32.
+
+    Read from the spectrum the artifact stores beside each V, so V itself is not read. A
+    module whose stored spectrum is shorter than ``k`` (or an artifact written before spectra
+    were stored) has its V read and decomposed, one module at a time.
+    """
+    from asft_core.penalty import low_rank_direction
+
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    reader = DirectionReader(path, modules)
+    artifact = AlignmentArtifact.load(path)
+    entries = tensor_index_of_file(path)
+    factors = {}
+    for module in reader:
+        stored = artifact.stored_rank(module)
+        if k > stored and stored < min(artifact.shapes[module]):
+            factors[module] = low_rank_direction(reader[module], k)
+            continue
+        basis_name, sigma_name = spectrum_names(module)
+        keep = min(k, stored)
+        singular_values = read_tensor(entries[sigma_name])
+        norm = artifact.stats[module].frobenius_norm
+        eigenvalues = singular_values**2 / norm if norm > 0 else torch.zeros_like(singular_values)
+        factors[module] = LowRankDirection(
+            basis=read_tensor(entries[basis_name])[:, :keep].contiguous(),
+            eigenvalues=eigenvalues[:keep].float().contiguous(),
+            spectral_error=float(eigenvalues[keep]) if keep < eigenvalues.numel() else 0.0,
+            top_eigenvalue=float(eigenvalues[0]) if eigenvalues.numel() else 0.0,
+        )
+    return factors
+
+
 def tensor_index_of_file(path: Path) -> dict[str, TensorEntry]:
     """Tensor name -> location for a single safetensors file."""
     raw, header = read_header(path)
@@ -706,6 +866,7 @@ def save_directions(
         modules=list(directions),
         shapes={m: list(v.shape) for m, v in directions.items()},
         stats={},
+        spectrum_rank=SPECTRUM_RANK,
     )
     return _write_artifact(template, ((m, v.float()) for m, v in directions.items()))
 

@@ -8,15 +8,18 @@ counted as the fused kernels training uses keep it (queries, keys, values, outpu
 log-sum-exp per head and token), not as the meta device's unfused fallback would.
 
 The plan: weights (the frozen base, in its dtype), the alignment direction V on the device
-(fp32, for the methods whose penalty reads it during training), the adapter (LoRA weights,
-gradients and AdamW's two moments, fp32), activations (the saved tensors; with gradient
-checkpointing, each layer's input plus one layer recomputed) and the loss over the logits
-(the fp32 log-softmax and its gradients at the start of the backward pass).
+(for the methods whose penalty reads it during training: fp32, bf16, or one module's fp32
+copy at a time when V stays on the host; with a low-rank penalty its top-k basis), the
+adapter (LoRA weights, gradients and AdamW's two moments, fp32), activations (the saved
+tensors; with gradient checkpointing, each layer's input plus one layer recomputed) and the
+loss over the logits (the fp32 log-softmax and its gradients at the start of the backward
+pass).
 
 ``asft plan`` runs this module in a subprocess (the API side never imports torch)::
 
     python -m asft_core.memory MODEL_FOLDER [--method asft] [--hyperparameter batch_size=4]
-        [--precision bf16|fp32] [--device-memory-gb 24] [--json]
+        [--precision bf16|fp32] [--device-memory-gb 24] [--direction-storage fp32|bf16|host]
+        [--json]
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 import torch
 
-from asft_core.spec import JobSpec, SpecError
+from asft_core.spec import DIRECTION_STORAGES, DirectionStorage, JobSpec, SpecError
 
 GIB = 1024**3
 # AdamW keeps two fp32 moments per trainable weight, beside the weight and its gradient.
@@ -47,6 +50,7 @@ class MemoryPlan:
     activations: int
     logits: int
     gradient_checkpointing: bool
+    direction_storage: DirectionStorage = "fp32"
 
     @property
     def total(self) -> int:
@@ -62,7 +66,10 @@ class MemoryPlan:
         parts = ("weights", "alignment", "adapter", "activations", "logits")
         detail = ", ".join(f"{name} {size_text(getattr(self, name))}" for name in parts)
         checkpointing = ", with gradient checkpointing" if self.gradient_checkpointing else ""
-        return f"{size_text(self.total)} ({detail}){checkpointing}"
+        storage = {"fp32": "", "bf16": ", V in bf16", "host": ", V on the host"}[
+            self.direction_storage
+        ]
+        return f"{size_text(self.total)} ({detail}){checkpointing}{storage}"
 
 
 def size_text(size: float) -> str:
@@ -81,16 +88,21 @@ def plan_memory(
     job: JobSpec,
     dtype: torch.dtype = torch.bfloat16,
     gradient_checkpointing: bool = False,
+    direction_storage: DirectionStorage = "fp32",
 ) -> MemoryPlan:
     """Plan the peak device memory of training ``job`` on the model in folder ``model``."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
-    return plan_for_config(config, job, dtype, gradient_checkpointing)
+    return plan_for_config(config, job, dtype, gradient_checkpointing, direction_storage)
 
 
 def plan_for_config(
-    config: Any, job: JobSpec, dtype: torch.dtype, gradient_checkpointing: bool = False
+    config: Any,
+    job: JobSpec,
+    dtype: torch.dtype,
+    gradient_checkpointing: bool = False,
+    direction_storage: DirectionStorage = "fp32",
 ) -> MemoryPlan:
     """:func:`plan_memory` for a ``transformers`` config object."""
     from transformers import AutoModelForCausalLM
@@ -109,12 +121,13 @@ def plan_for_config(
     vocab = int(config.get_text_config().vocab_size)
     return MemoryPlan(
         weights=weights,
-        alignment=_alignment_bytes(job, targets),
+        alignment=_alignment_bytes(job, targets, direction_storage),
         adapter=trainable * ADAPTER_BYTES_PER_PARAMETER,
         activations=_activation_bytes(model, config, batch, length, gradient_checkpointing),
         # The fp32 log-softmax kept for backward, its gradient and the logits' gradient.
         logits=batch * length * vocab * (4 + 4 + element),
         gradient_checkpointing=gradient_checkpointing,
+        direction_storage=direction_storage,
     )
 
 
@@ -127,15 +140,23 @@ def _target_shapes(model: Any, targets: tuple[str, ...]) -> dict[str, tuple[int,
     return shapes
 
 
-def _alignment_bytes(job: JobSpec, targets: dict[str, tuple[int, int]]) -> int:
-    """V on the device through training, fp32, every target module; with a low-rank penalty
-    only its top-k basis and eigenvalues (V itself stays on the host)."""
-    if not job.uses_asft:
+def _alignment_bytes(
+    job: JobSpec, targets: dict[str, tuple[int, int]], storage: DirectionStorage
+) -> int:
+    """V on the device through training, every target module, as ``storage`` keeps it (bf16
+    and host storage add one module's fp32 copy); with a low-rank penalty only its top-k
+    basis and eigenvalues (V itself is never read)."""
+    if not job.uses_asft or not targets:
         return 0
     rank = job.hyperparameters.penalty_rank
     if rank:
         return 4 * sum(min(rank, out, inp) * (out + 1) for out, inp in targets.values())
-    return 4 * sum(out * inp for out, inp in targets.values())
+    sizes = [out * inp for out, inp in targets.values()]
+    if storage == "bf16":
+        return 2 * sum(sizes) + 4 * max(sizes)
+    if storage == "host":
+        return 4 * max(sizes)
+    return 4 * sum(sizes)
 
 
 def _activation_bytes(
@@ -199,24 +220,33 @@ def _fused_attention(
 
 
 def fitting_hyperparameters(
-    model: str | Path, job: JobSpec, dtype: torch.dtype, available: int
+    model: str | Path,
+    job: JobSpec,
+    dtype: torch.dtype,
+    available: int,
+    direction_storage: DirectionStorage = "fp32",
 ) -> tuple[MemoryPlan, list[str]]:
     """The plan ``job`` runs under on a device with ``available`` bytes, and its settings.
 
     Returns (plan, changes): no change when it fits as asked; gradient checkpointing when that
-    makes it fit. Raises :class:`PlanError` naming the batch sizes or sequence lengths that
+    makes it fit; then, for an exact AsFT penalty, V kept on the host as well (same numbers,
+    slower steps). Raises :class:`PlanError` naming the batch sizes or sequence lengths that
     would fit otherwise.
     """
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
-    plan = plan_for_config(config, job, dtype)
+    plan = plan_for_config(config, job, dtype, False, direction_storage)
     if plan.total <= available:
         return plan, []
-    checkpointed = plan_for_config(config, job, dtype, gradient_checkpointing=True)
-    if checkpointed.total <= available:
-        return checkpointed, ["gradient checkpointing on"]
+    least = plan_for_config(config, job, dtype, True, direction_storage)
+    if least.total <= available:
+        return least, ["gradient checkpointing on"]
     hyper = job.hyperparameters
+    if job.uses_asft and not hyper.penalty_rank and direction_storage != "host":
+        least = plan_for_config(config, job, dtype, True, "host")
+        if least.total <= available:
+            return least, ["gradient checkpointing on", "V kept on the host"]
     options = []
     for name in ("batch_size", "max_seq_len"):
         value = getattr(hyper, name)
@@ -226,16 +256,18 @@ def fitting_hyperparameters(
                 smaller = replace(job, hyperparameters=replace(hyper, **{name: value}))
             except SpecError:  # below the setting's range
                 break
-            if plan_for_config(config, smaller, dtype, True).total <= available:
+            if plan_for_config(config, smaller, dtype, True, least.direction_storage).total <= (
+                available
+            ):
                 options.append(f"{name} {value}")
                 break
     hint = (
-        (" or ".join(options) + " (with gradient checkpointing)")
+        f"{' or '.join(options)} ({least.describe().partition(', with ')[2] or 'as planned'})"
         if options
         else ("no smaller batch_size or max_seq_len fits: use a device with more memory")
     )
     raise PlanError(
-        f"the job needs {checkpointed.describe()}; the device has {size_text(available)}. "
+        f"the job needs {least.describe()}; the device has {size_text(available)}. "
         f"Would fit: {hint}"
     )
 
@@ -257,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
     parser.add_argument("--device-memory-gb", type=float, help="say whether and how it fits")
+    parser.add_argument(
+        "--direction-storage",
+        choices=DIRECTION_STORAGES,
+        default="fp32",
+        help="where an exact AsFT penalty keeps V (fp32 or bf16 on the device, or the host)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     given: dict[str, Any] = {}
@@ -272,10 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     changes: list[str] = []
     try:
         if args.device_memory_gb is None:
-            plan = plan_memory(args.model, job, dtype)
+            plan = plan_memory(args.model, job, dtype, False, args.direction_storage)
         else:
             available = int(args.device_memory_gb * GIB)
-            plan, changes = fitting_hyperparameters(args.model, job, dtype, available)
+            plan, changes = fitting_hyperparameters(
+                args.model, job, dtype, available, args.direction_storage
+            )
     except PlanError as error:
         print(f"asft plan: does not fit ({error.code}): {error}", file=sys.stderr)
         return 1

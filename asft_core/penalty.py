@@ -29,6 +29,9 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from asft_core.spec import DIRECTION_STORAGES, DirectionStorage
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -169,35 +172,64 @@ class AsftRegularizer:
 
     Directions are moved to the device and cast once, and ||V||_F is computed once, so a
     training step only does the two skinny products per module. With ``low_rank`` set, each
-    V is replaced by the top-k eigenpairs of its C, which also saves memory on large models.
+    V is replaced by the top-k eigenpairs of its C, which also saves memory on large models;
+    a module given as a :class:`LowRankDirection` already is (read from the artifact's
+    stored spectrum), so its V never exists here.
+
+    ``storage`` says where an exact V is kept (``DirectionStorage``): ``fp32`` on the device;
+    ``bf16`` on the device in bf16; ``host`` where it was given (the host), copied to the
+    device for each use. For the last two the fp32 device copy is made inside a checkpoint,
+    so autograd keeps none of them: one module's copy exists at a time, remade in backward.
     """
 
     def __init__(
         self,
-        directions: Mapping[str, Tensor],
+        directions: Mapping[str, Tensor | LowRankDirection],
         lambda_: float = 1.0,
         scaling: float = 1.0,
         low_rank: int | None = None,
         device: torch.device | str | None = None,
+        storage: DirectionStorage = "fp32",
     ) -> None:
-        """Prepare per-module state. ``directions`` maps module name -> V: (d_out, d_in)."""
+        """Prepare per-module state. ``directions`` maps module name -> V: (d_out, d_in), or
+        to its low-rank factors."""
+        if storage not in DIRECTION_STORAGES:
+            raise ValueError(f"storage must be one of {DIRECTION_STORAGES}, got {storage!r}")
         self.lambda_ = lambda_
         self.scaling = scaling
+        self.storage = storage
+        self._device = torch.device(device) if device is not None else None
         self._exact: dict[str, tuple[Tensor, Tensor]] = {}
         self._low_rank: dict[str, LowRankDirection] = {}
         for name, direction in directions.items():
-            target = device or direction.device
-            if low_rank is None:
-                v = direction.to(device=target, dtype=_compute_dtype(direction))
-                self._exact[name] = (v, torch.linalg.matrix_norm(v))
+            if isinstance(direction, LowRankDirection):
+                factors = direction
+            elif low_rank is None:
+                self._exact[name] = self._keep(direction)
+                continue
             else:
                 # Factored where V is (the host, for training), so V never reaches the device.
                 factors = low_rank_direction(direction, low_rank)
-                self._low_rank[name] = replace(
-                    factors,
-                    basis=factors.basis.to(target),
-                    eigenvalues=factors.eigenvalues.to(target),
-                )
+            target = device or factors.basis.device
+            self._low_rank[name] = replace(
+                factors,
+                basis=factors.basis.to(target),
+                eigenvalues=factors.eigenvalues.to(target),
+            )
+
+    def _keep(self, direction: Tensor) -> tuple[Tensor, Tensor]:
+        """V as ``storage`` keeps it, and ||V||_F (on the training device)."""
+        target = self._device or direction.device
+        dtype = _compute_dtype(direction)
+        norm = torch.linalg.matrix_norm(direction.to(dtype)).to(target)
+        if self.storage == "fp32":
+            return direction.to(device=target, dtype=dtype), norm
+        if self.storage == "bf16":
+            return direction.to(device=target, dtype=torch.bfloat16), norm
+        kept = direction.to(dtype)
+        if target.type == "cuda" and not kept.is_pinned():
+            kept = kept.pin_memory()  # page-locked: the per-step copies run at full speed
+        return kept, norm
 
     @property
     def modules(self) -> list[str]:
@@ -223,7 +255,20 @@ class AsftRegularizer:
                         f"{name}: alignment direction has shape {tuple(v.shape)} but the LoRA "
                         f"update is {lora_B.shape[0]} x {lora_A.shape[1]}"
                     )
-                terms.append(asft_penalty(lora_A, lora_B, v, norm, self.scaling))
+                if self.storage == "fp32":
+                    terms.append(asft_penalty(lora_A, lora_B, v, norm, self.scaling))
+                else:
+                    terms.append(
+                        checkpoint(
+                            _penalty_from_stored,
+                            lora_A,
+                            lora_B,
+                            v,
+                            norm,
+                            self.scaling,
+                            use_reentrant=False,
+                        )
+                    )
             elif name in self._low_rank:
                 low_rank = self._low_rank[name]
                 if low_rank.basis.shape[0] != lora_B.shape[0]:
@@ -232,6 +277,14 @@ class AsftRegularizer:
             else:
                 raise ValueError(f"no alignment direction for LoRA module {name!r}")
         return self.lambda_ * torch.stack(terms).sum()
+
+
+def _penalty_from_stored(
+    lora_A: Tensor, lora_B: Tensor, stored: Tensor, norm: Tensor, scaling: float
+) -> Tensor:
+    """The exact penalty from a V kept in bf16 or on the host: an fp32 copy on A's device."""
+    v = stored.to(device=lora_A.device, dtype=_compute_dtype(stored), non_blocking=True)
+    return asft_penalty(lora_A, lora_B, v, norm, scaling)
 
 
 def projector_penalty(

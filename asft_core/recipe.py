@@ -200,7 +200,8 @@ def validate(spec: TrainSpec) -> Validation:
 def plan_device_memory(spec: TrainSpec, available: int | None, hooks: TrainHooks) -> TrainSpec:
     """Plan the job's peak device memory before any GPU time (``asft_core.memory``).
 
-    A job that fits only with gradient checkpointing gets it; one that cannot fit raises
+    A job that fits only with gradient checkpointing (and, for an exact AsFT penalty, V kept
+    on the host) gets it; one that cannot fit raises
     ``PlanError`` naming the settings that would. ``available``: the device's bytes (None:
     a CUDA device's total, no limit on a CPU).
     """
@@ -215,9 +216,13 @@ def plan_device_memory(spec: TrainSpec, available: int | None, hooks: TrainHooks
     changes: list[str] = []
     try:
         if available is None:
-            plan = plan_memory(spec.model, spec.job, dtype)
+            plan = plan_memory(
+                spec.model, spec.job, dtype, spec.gradient_checkpointing, spec.direction_storage
+            )
         else:
-            plan, changes = fitting_hyperparameters(spec.model, spec.job, dtype, available)
+            plan, changes = fitting_hyperparameters(
+                spec.model, spec.job, dtype, available, spec.direction_storage
+            )
     except PlanError:
         raise
     except Exception as error:  # an architecture the meta device cannot build: train anyway
@@ -227,7 +232,11 @@ def plan_device_memory(spec: TrainSpec, available: int | None, hooks: TrainHooks
     hooks.on_event("info", f"Memory plan on {device} ({limit}): {plan.describe()}")
     if changes:
         hooks.on_event("info", f"Turned {', '.join(changes)} so that the job fits")
-    return replace(spec, gradient_checkpointing=plan.gradient_checkpointing)
+    return replace(
+        spec,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        direction_storage=plan.direction_storage,
+    )
 
 
 def judge(evaluation: dict[str, Any], gate: Gate) -> GateVerdict:

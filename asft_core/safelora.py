@@ -118,7 +118,7 @@ def project_adapter(
     """
     from safetensors.torch import load_file, save_file
 
-    from asft_core.alignment import load_alignment_directions
+    from asft_core.alignment import DirectionReader
 
     path = adapter_dir / ADAPTER_WEIGHTS
     tensors = load_file(path)
@@ -134,7 +134,8 @@ def project_adapter(
     pairs = {
         name: (tensors[key(name, "A")].float(), tensors[key(name, "B")].float()) for name in names
     }
-    directions = load_alignment_directions(alignment_path, dtype=torch.float32, modules=names)
+    # Read one V at a time, when its module is measured or projected, never all at once.
+    directions = DirectionReader(alignment_path, modules=names)
     result = safelora_project(pairs, directions, threshold=threshold, num_modules=num_modules)
     for name in result.projected:
         original = tensors[key(name, "B")]

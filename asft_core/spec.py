@@ -17,6 +17,11 @@ from typing import Any, Literal, get_args
 
 Method = Literal["supervised", "asft", "asft_projector", "l2", "safelora", "asft+safelora"]
 METHODS: tuple[str, ...] = get_args(Method)
+# Where an exact AsFT penalty keeps each module's V through training: fp32 on the device (the
+# fastest), bf16 on the device (half the memory; V rounded to bf16), or on the host, copied to
+# the device one module at a time at each use (least device memory, slowest steps).
+DirectionStorage = Literal["fp32", "bf16", "host"]
+DIRECTION_STORAGES: tuple[str, ...] = get_args(DirectionStorage)
 # The method a job gets when it names none: the frontier study's decision (README).
 DEFAULT_METHOD: Method = "l2"
 # Lambda when a job gives none: l2's is the frontier study's decision (README), the others the

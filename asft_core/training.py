@@ -24,7 +24,7 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,7 +49,8 @@ from asft_core.data import (
     tokenize_dataset,
 )
 from asft_core.formats import read_examples
-from asft_core.spec import Hyperparameters, JobSpec
+from asft_core.penalty import LowRankDirection
+from asft_core.spec import DirectionStorage, Hyperparameters, JobSpec
 
 Precision = Literal["auto", "fp32", "bf16"]
 Schedule = Literal["linear", "cosine", "constant"]
@@ -97,6 +98,9 @@ class TrainSpec:
     # Recompute each layer's activations in the backward pass instead of keeping them: far
     # less memory for about a third more step time (the memory plan turns it on to fit).
     gradient_checkpointing: bool = False
+    # Where an exact AsFT penalty keeps V (spec.DirectionStorage; the memory plan moves it to
+    # the host when that makes a job fit).
+    direction_storage: DirectionStorage = "fp32"
 
     @property
     def hyper(self) -> Hyperparameters:
@@ -389,7 +393,7 @@ def train(
     replaces the method's penalty (the frontier study's controls); it maps the LoRA pairs
     (module -> (A, B)) to the scalar added to the task loss.
     """
-    from asft_core.alignment import load_alignment_directions
+    from asft_core.alignment import DirectionReader, alignment_low_rank
 
     spec.validate()
     hooks = hooks or TrainHooks()
@@ -424,16 +428,16 @@ def train(
     if not lora_pairs:
         raise TrainingError("missing_module", "no LoRA target module was found in the model")
 
-    # Penalty: the alignment directions in fp32, on the training device; with a low-rank
-    # penalty they stay on the host and only their top-k factors reach the device.
-    directions = None
+    # Penalty: each V read from the artifact in turn and kept as ``direction_storage`` says;
+    # with a low-rank penalty only the top-k factors the artifact stores are read.
+    directions: Mapping[str, torch.Tensor | LowRankDirection] | None = None
     if spec.alignment_path is not None and spec.job.uses_asft:
-        directions = load_alignment_directions(
-            spec.alignment_path,
-            device="cpu" if spec.hyper.penalty_rank else device,
-            dtype=torch.float32,
-            modules=list(lora_pairs),
-        )
+        if spec.hyper.penalty_rank:
+            directions = alignment_low_rank(
+                spec.alignment_path, spec.hyper.penalty_rank, modules=list(lora_pairs)
+            )
+        else:
+            directions = DirectionReader(spec.alignment_path, modules=list(lora_pairs))
     if regularizer is None:
         regularizer = method_regularizer(spec, lora_pairs, directions, device)
     directions = None  # the regularizer holds what it needs
@@ -599,7 +603,7 @@ def train(
 def method_regularizer(
     spec: TrainSpec,
     lora_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    directions: dict[str, torch.Tensor] | None,
+    directions: Mapping[str, torch.Tensor | LowRankDirection] | None,
     device: torch.device,
 ) -> Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor] | None:
     """The penalty ``spec.job.method`` adds to the task loss (None for methods without one)."""
@@ -620,6 +624,7 @@ def method_regularizer(
             scaling=scaling,
             low_rank=hyper.penalty_rank,
             device=device,
+            storage=spec.direction_storage,
         )
     if spec.job.method == "asft_projector":
         assert spec.alignment_path is not None and hyper.subspace_energy is not None

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from asft_core.spec import Gate
+from asft_core.spec import DirectionStorage, Gate
 
 
 class Settings(BaseSettings):
@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Memory of the worker's training device for the memory plan (unset: a "
         "CUDA device's own; no limit on a CPU). Jobs that cannot fit fail before training.",
+    )
+    direction_storage: DirectionStorage = Field(
+        "fp32",
+        description="Where an exact AsFT penalty keeps V through training: fp32 or bf16 on the "
+        "device, or host (copied to the device per module at each use: least memory, slowest). "
+        "The memory plan moves V to the host when that makes a job fit.",
     )
     visibility_timeout_s: int = Field(
         172_800, ge=60, description="Redis redelivers an unacknowledged job after this (2 days)."

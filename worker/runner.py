@@ -99,6 +99,7 @@ def recipe_spec(
         checkpoint_each_epoch=True,
         device=settings.device,
         base_model_id=pair.id,
+        direction_storage=settings.direction_storage,
     )
     task = None
     if job.evaluation:

@@ -25,6 +25,7 @@ from asft_core.alignment import (
     load_alignment_directions,
     regime,
     save_directions,
+    spectrum_names,
     subspace_sidecar_path,
     top_singular_value,
 )
@@ -100,7 +101,10 @@ def test_direction_is_the_exact_difference_of_target_weights(pair, tmp_path: Pat
     expected_modules = [
         f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")
     ]
-    assert sorted(saved) == sorted(expected_modules) == sorted(artifact.modules)
+    assert sorted(expected_modules) == sorted(artifact.modules)
+    # Each V, then its stored spectrum (the top singular directions and values).
+    spectra = [name for module in expected_modules for name in spectrum_names(module)]
+    assert sorted(saved) == sorted(expected_modules + spectra)
     for module in expected_modules:
         name = module + ".weight"
         assert torch.equal(saved[module], aligned[name] - base[name])

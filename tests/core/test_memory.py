@@ -82,8 +82,9 @@ def test_a_job_that_fits_only_with_gradient_checkpointing_gets_it(tmp_path: Path
     assert changes == [] and not plan.gradient_checkpointing
     plan, changes = fitting_hyperparameters(tmp_path, job, torch.bfloat16, 24 * GIB)
     assert changes == ["gradient checkpointing on"] and plan.gradient_checkpointing
-    with pytest.raises(PlanError, match=r"Would fit: batch_size \d+") as refused:
-        fitting_hyperparameters(tmp_path, job, torch.bfloat16, 17 * GIB)
+    # 17 GiB fits with V on the host too (tests/core/test_direction_storage.py); 15 does not.
+    with pytest.raises(PlanError, match=r"Would fit: batch_size \d+.*V on the host\)") as refused:
+        fitting_hyperparameters(tmp_path, job, torch.bfloat16, 15 * GIB)
     assert refused.value.code == "insufficient_device_memory"
     with pytest.raises(PlanError, match="use a device with more memory"):
         fitting_hyperparameters(tmp_path, job, torch.bfloat16, 12 * GIB)  # not the weights
