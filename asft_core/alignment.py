@@ -739,6 +739,9 @@ def get_or_compute_alignment(
     with FileLock(str(cache_dir / f"{key}.lock")):
         if path.exists():
             return AlignmentArtifact.load(path)
+        # Only the lock's holder writes this key: a temporary file is a killed writer's.
+        for stale in cache_dir.glob(f".{path.name}-*"):
+            stale.unlink(missing_ok=True)
         return compute_alignment_direction(base_path, aligned_path, path, target_modules, dtype)
 
 

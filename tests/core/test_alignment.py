@@ -6,6 +6,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from asft_core.alignment import (
     AlignmentArtifact,
     AlignmentError,
     ModuleStats,
+    StreamingSafetensorsWriter,
     alignment_subspaces,
     checkpoint_fingerprint,
     compute_alignment_direction,
@@ -168,6 +170,32 @@ def test_cache_computes_once_and_a_rebuilt_model_gets_a_new_entry(pair, tmp_path
         base_dir, aligned_dir, cache, target_modules=("q_proj",)
     )
     assert other_modules.path != rebuilt.path and len(other_modules.modules) == 2
+
+
+def _die_writing(path: str) -> None:
+    """Start writing an artifact at ``path``, then die as a SIGKILLed worker would."""
+    StreamingSafetensorsWriter(Path(path), [("m", "F32", (4, 4))], metadata_reserve=0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_computation(
+    pair, tmp_path: Path
+) -> None:
+    base_dir, aligned_dir, _, _ = pair
+    name = get_or_compute_alignment(base_dir, aligned_dir, tmp_path / "first").path.name
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    child = multiprocessing.get_context("spawn").Process(
+        target=_die_writing, args=(str(cache / name),)
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert [p.name.startswith(f".{name}-") for p in cache.iterdir()] == [True]
+    artifact = get_or_compute_alignment(base_dir, aligned_dir, cache)
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [
+        artifact.path.name
+    ]
 
 
 def _compute_in_child(base_dir: str, aligned_dir: str, cache: str) -> None:
