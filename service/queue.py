@@ -10,13 +10,14 @@ import os
 import uuid
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Celery
 from sqlalchemy import Connection, Engine, update
 
 from service.broker import TRANSPORT
-from service.db.models import Job, now
+from service.db.models import File, Job, now
 from service.db.session import transaction
 from service.settings import Settings
 
@@ -111,23 +112,30 @@ def send_job(
     ``epoch``: the broker's, when the caller has just read it.
     """
     epoch = broker_epoch(app) if epoch is None else epoch
-    _record_sent(engine, job_id, now(), epoch)
+    row = update(Job).where(Job.id == job_id)
+    _record(engine, row.values(sent_at=now(), sent_epoch=epoch))
     try:
         app.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE)
     except Exception:
-        _record_sent(engine, job_id, None, None)
+        _record(engine, row.values(sent_at=None, sent_epoch=None))
         raise
 
 
-def _record_sent(
-    engine: Engine | Connection, job_id: str, sent_at: int | None, epoch: str | None
+def send_scan(
+    app: Celery, engine: Engine | Connection, file_id: str, epoch: str | None = None
 ) -> None:
+    """Put the safety scan of ``file_id`` on the GPU queue (the guard runs where models do),
+    recording when and in which broker epoch, as :func:`send_job` does for jobs."""
+    epoch = broker_epoch(app) if epoch is None else epoch
+    row = update(File).where(File.id == file_id)
+    _record(engine, row.values(scan_sent_at=now(), scan_sent_epoch=epoch))
+    try:
+        app.send_task(SCAN_FILE_TASK, args=[file_id], queue=GPU_QUEUE)
+    except Exception:
+        _record(engine, row.values(scan_sent_at=None, scan_sent_epoch=None))
+        raise
+
+
+def _record(engine: Engine | Connection, statement: Any) -> None:
     with transaction(engine) as session:
-        session.execute(
-            update(Job).where(Job.id == job_id).values(sent_at=sent_at, sent_epoch=epoch)
-        )
-
-
-def enqueue_scan(app: Celery, file_id: str) -> None:
-    """Put the safety scan of ``file_id`` on the GPU queue (the guard runs where models do)."""
-    app.send_task(SCAN_FILE_TASK, args=[file_id], queue=GPU_QUEUE)
+        session.execute(statement)

@@ -528,11 +528,13 @@ class JobSync:
 
 class Reconciled(NamedTuple):
     """What a reconciler pass did: jobs whose worker died (requeued, or failed as poison
-    after too many losses), and waiting jobs whose message it sent again, with why."""
+    after too many losses), and waiting jobs and pending scans (by file) whose message it sent
+    again, with why."""
 
     requeued: list[str]
     resent: dict[str, str]
     lost: list[str]
+    rescanned: dict[str, str]
 
 
 def _worker_lost(session: Any, job: Job, max_losses: int) -> str | None:
@@ -587,7 +589,7 @@ def reconcile(
     ``requeue_running=False`` skips the stale leases: right after a database outage every
     heartbeat looks old, although the workers holding them are alive.
     """
-    from service.queue import broker_epoch, enqueue_scan, send_job
+    from service.queue import broker_epoch, send_job, send_scan
 
     epoch = broker_epoch(queue)  # read before sending: a message sent in a new epoch is safe
     cutoff = now() - stale_after_s
@@ -620,15 +622,17 @@ def reconcile(
             reason = lost_message(session, job, epoch, context.settings.visibility_timeout_s)
             if reason is not None:
                 resent[job.id] = reason
-        scans = _stale_scans(session, cutoff, requeue_running)
+        scans = _lost_scans(
+            session, cutoff, requeue_running, epoch, context.settings.visibility_timeout_s
+        )
     for job_id in [*requeued, *resent]:
         send_job(queue, context.engine, job_id, epoch)
     for file_id in scans:
-        enqueue_scan(queue, file_id)
+        send_scan(queue, context.engine, file_id, epoch)
     for job_id in lost:
         context.store.remove_temporaries(job_key(job_id))  # no worker holds it any more
         notify(context, job_id)
-    return Reconciled(requeued, resent, lost)
+    return Reconciled(requeued, resent, lost, scans)
 
 
 def lost_message(session: Any, job: Job, epoch: str | None, visibility_s: int) -> str | None:
@@ -639,27 +643,43 @@ def lost_message(session: Any, job: Job, epoch: str | None, visibility_s: int) -
         if file is not None and file.scan_status in SCANNING:
             return None  # the scan sends it when it ends (and is itself reconciled)
         return "no message is outstanding: the worker that took it may have died"
-    if job.sent_epoch != epoch:
+    return _sent_message_lost(job.sent_at, job.sent_epoch, epoch, visibility_s)
+
+
+def _sent_message_lost(
+    sent_at: int, sent_epoch: str | None, epoch: str | None, visibility_s: int
+) -> str | None:
+    """Why a message sent at ``sent_at`` in ``sent_epoch`` can have been lost, or None."""
+    if sent_epoch != epoch:
         return "the broker lost its messages (restarted or flushed)"
-    if job.sent_at < now() - visibility_s:
+    if sent_at < now() - visibility_s:
         return "no worker took it within the visibility timeout"
     return None
 
 
-def _stale_scans(session: Any, cutoff: int, requeue_running: bool) -> list[str]:
+def _lost_scans(
+    session: Any, cutoff: int, requeue_running: bool, epoch: str | None, visibility_s: int
+) -> dict[str, str]:
     """Scans whose worker died (running, no progress since ``cutoff``) go back to pending;
-    returns those and the pending scans whose message may be lost, touched."""
+    returns the pending scans whose message can have been lost (by file, with why), touched.
+    A scan that only waits for a busy worker is left alone: its message is on the broker."""
     if requeue_running:
         session.execute(
             update(File)
             .where(File.scan_status == "running", File.scan_updated_at < cutoff)
             .values(scan_status="pending")
         )
-    stale = list(
-        session.scalars(
-            select(File.id).where(File.scan_status == "pending", File.scan_updated_at < cutoff)
-        ).all()
-    )
-    if stale:
-        session.execute(update(File).where(File.id.in_(stale)).values(scan_updated_at=now()))
-    return stale
+    pending = session.execute(
+        select(File.id, File.scan_sent_at, File.scan_sent_epoch).where(
+            File.scan_status == "pending", File.scan_updated_at < cutoff
+        )
+    ).all()
+    lost = {}
+    for file_id, sent_at, sent_epoch in pending:
+        if sent_at is None:
+            lost[file_id] = "no message is outstanding: the worker that took it may have died"
+        elif (reason := _sent_message_lost(sent_at, sent_epoch, epoch, visibility_s)) is not None:
+            lost[file_id] = reason
+    if lost:
+        session.execute(update(File).where(File.id.in_(lost)).values(scan_updated_at=now()))
+    return lost

@@ -37,7 +37,13 @@ def _claim(context: JobContext, file_id: str) -> File | None:
         result = session.execute(
             update(File)
             .where(File.id == file_id, File.scan_status == "pending")
-            .values(scan_status="running", scan_rows=0, scan_flagged=0, scan_updated_at=now())
+            .values(
+                scan_status="running",
+                scan_rows=0,
+                scan_flagged=0,
+                scan_updated_at=now(),
+                scan_sent_at=None,  # the message is taken: none is outstanding any more
+            )
         )
         moved = getattr(result, "rowcount", 0)
         if not moved:

@@ -108,6 +108,8 @@ def _reconcile_forever() -> None:
                 )
             for job_id, why in passed.resent.items():
                 logger.info("reconciler re-sent the message of %s: %s", job_id, why)
+            for file_id, why in passed.rescanned.items():
+                logger.info("reconciler re-sent the scan of %s: %s", file_id, why)
         except Exception:  # the database or the broker may be restarting: try next period
             failed_at = time.monotonic()
             logger.exception("reconciler pass failed")

@@ -36,7 +36,7 @@ from api.schemas.files import (
 from asft_core.formats import DatasetFormatError, DatasetSummary, validate_file
 from service.db.models import File, FileFlag, Job, new_id, now
 from service.jobs.state import TERMINAL
-from service.queue import enqueue_scan
+from service.queue import send_scan
 from service.scans import FLAGS_SHOWN, flags_after
 from service.storage import CHUNK_BYTES, ID_PATTERN, FileTooLarge, file_key
 
@@ -179,7 +179,7 @@ async def upload_file(
         raise
     if row.scan_status == "pending":
         try:
-            await run_in_threadpool(enqueue_scan, queue, row.id)
+            await run_in_threadpool(send_scan, queue, session.get_bind(), row.id)
         except Exception:  # the broker is down: the reconciler re-sends pending scans
             logger.exception("could not enqueue the scan of %s", row.id)
     return file_object(session, row)

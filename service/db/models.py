@@ -110,6 +110,10 @@ class File(Base):
     scan_details: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Written with each batch: a running scan whose worker died goes stale and is redone.
     scan_updated_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # When the scan's message was last sent and in which broker epoch (cleared when a worker
+    # takes it), as for jobs: the reconciler re-sends only a message that can have been lost.
+    scan_sent_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    scan_sent_epoch: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (Index("ix_files_team_created", "team_id", "created_at", "id"),)
 

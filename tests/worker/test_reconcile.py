@@ -109,3 +109,24 @@ def test_redis_names_a_new_epoch_only_when_it_loses_its_messages(private_redis: 
     redis.Redis.from_url(private_redis).flushall()
     second = broker_epoch(app)
     assert second is not None and second != first
+
+
+def test_a_pending_scan_is_sent_again_only_when_its_message_can_have_been_lost(
+    client: TestClient, team_key: str, zoo: ZooPaths, context: JobContext, broker: Celery
+) -> None:
+    from worker.scan import _claim
+
+    file_id = upload_rows(client, team_key, zoo.poisoned_file("sentiment", 0.0), 12)
+    with transaction(context.engine) as session:
+        assert session.get(File, file_id).scan_status == "pending"  # type: ignore[union-attr]
+    assert sum(file_id in m for m in _messages(broker)) == 1
+    # Waiting for a busy worker: its message is on the broker, nothing is sent again.
+    assert _pass(context, broker).rescanned == {}
+    assert sum(file_id in m for m in _messages(broker)) == 1
+    # A worker takes it and dies mid-scan: the stale scan goes back to pending and is re-sent,
+    # once.
+    assert _claim(context, file_id) is not None
+    passed = _pass(context, broker)
+    assert "may have died" in passed.rescanned[file_id]
+    assert sum(file_id in m for m in _messages(broker)) == 2  # the test never consumed the first
+    assert _pass(context, broker).rescanned == {}
