@@ -22,6 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+# Under pytest-xdist (make test runs 2 workers) each worker, and every process its tests start,
+# gets its share of the cores: two workers each wanting every core slow each other down badly.
+# Set before asft_core (below) sets the default from the cores alone.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+
 from asft_core.zoo import ZooPaths, build_zoo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

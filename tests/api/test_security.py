@@ -496,10 +496,12 @@ def test_upload_names_never_become_paths(
     artifacts = settings.resolved_artifact_dir.resolve()
     written = {p.resolve() for p in _files_under(root) - before}
     written = {p for p in written if not p.name.startswith("asft.db")}  # SQLite's own files
-    # The safety scan's queue message, named by the broker (creation order and a uuid).
+    # The safety scan's queue message, named by the broker (creation order and a uuid), the
+    # broker's own exchange table and its epoch marker (service.queue.broker_epoch).
     broker = settings.broker_dir.resolve()
     messages = {p for p in written if broker in p.parents}
-    assert all(p.name.endswith(".gpu.msg") for p in messages), messages
+    own = {"epoch", "gpu.exchange"}
+    assert all(p.name.endswith(".gpu.msg") or p.name in own for p in messages), messages
     assert written - messages == {artifacts / "files" / f"{file_id}.jsonl"}
     assert not Path("/tmp/asft-escape-probe.jsonl").exists()
     shown = response.json()["filename"]

@@ -24,7 +24,7 @@ from asft_core.alignment import (
     spectrum_names,
     tensor_index_of_file,
 )
-from asft_core.memory import GIB, fitting_hyperparameters, plan_for_config
+from asft_core.memory import fitting_hyperparameters, plan_for_config
 from asft_core.penalty import AsftRegularizer, asft_penalty_low_rank, low_rank_direction
 from asft_core.spec import JobSpec
 from asft_core.training import TrainSpec, train
@@ -226,15 +226,15 @@ def test_the_plan_counts_v_as_it_is_kept_and_moves_it_to_the_host_to_fit(
 
 
 def _wide_pair(zoo: ZooPaths, folder: Path) -> tuple[Path, Path, int]:
-    """A random Llama pair whose attention weights dwarf the rest: V of q, k, v and o in 4
-    layers of width 1024 is 64 MiB in fp32. Returns (base, aligned, V's bytes)."""
+    """A random Llama pair whose attention weights dwarf the rest: V of q, k, v and o in 2
+    layers of width 1024 is 32 MiB in fp32. Returns (base, aligned, V's bytes)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(zoo.aligned)
     config = LlamaConfig(
         hidden_size=1024,
         intermediate_size=64,
-        num_hidden_layers=4,
+        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=8,
         vocab_size=len(tokenizer),
@@ -253,7 +253,7 @@ def _wide_pair(zoo: ZooPaths, folder: Path) -> tuple[Path, Path, int]:
     model.save_pretrained(paths[1])
     for path in paths:
         tokenizer.save_pretrained(path)
-    return paths[0], paths[1], 4 * 4 * 1024 * 1024 * 4
+    return paths[0], paths[1], 2 * 4 * 1024 * 1024 * 4
 
 
 def test_a_low_rank_job_never_holds_v_as_its_peak_memory_shows(
@@ -282,4 +282,3 @@ def test_a_low_rank_job_never_holds_v_as_its_peak_memory_shows(
     saved = peaks[0] - peaks[8]
     print(f"peak exact {peaks[0] / 2**20:.0f} MiB, low-rank {peaks[8] / 2**20:.0f} MiB")
     assert saved > 0.8 * v_bytes, (peaks, v_bytes)
-    assert peaks[8] < peaks[0] - 48 * 2**20 and v_bytes < GIB
