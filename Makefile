@@ -46,7 +46,7 @@ TEST_CACHE ?= $(or $(ASFT_TEST_CACHE),var/cache)
 TEST_WORKERS ?= 2
 test: setup setup-tools
 	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
-	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The README's walk-through, run as written on a fresh var/ (a newcomer's first commands).
 try: setup
@@ -56,7 +56,7 @@ try: setup
 # The edit-test loop: what is not marked slow, on SQLite only (the full suite is `make test`).
 test-fast: setup
 	$(PY) -m asft_core.zoo --cache-dir $(TEST_CACHE) > /dev/null
-	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow and not postgresql" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow and not postgresql" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

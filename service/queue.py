@@ -112,13 +112,7 @@ def send_job(
     ``epoch``: the broker's, when the caller has just read it.
     """
     epoch = broker_epoch(app) if epoch is None else epoch
-    row = update(Job).where(Job.id == job_id)
-    _record(engine, row.values(sent_at=now(), sent_epoch=epoch))
-    try:
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE)
-    except Exception:
-        _record(engine, row.values(sent_at=None, sent_epoch=None))
-        raise
+    _send_recorded(app, engine, RUN_JOB_TASK, job_id, update(Job).where(Job.id == job_id), epoch)
 
 
 def send_scan(
@@ -128,11 +122,26 @@ def send_scan(
     recording when and in which broker epoch, as :func:`send_job` does for jobs."""
     epoch = broker_epoch(app) if epoch is None else epoch
     row = update(File).where(File.id == file_id)
-    _record(engine, row.values(scan_sent_at=now(), scan_sent_epoch=epoch))
+    _send_recorded(app, engine, SCAN_FILE_TASK, file_id, row, epoch, prefix="scan_")
+
+
+def _send_recorded(
+    app: Celery,
+    engine: Engine | Connection,
+    task: str,
+    item_id: str,
+    row: Any,
+    epoch: str | None,
+    prefix: str = "",
+) -> None:
+    """Record the message in ``row`` (``<prefix>sent_at``, ``<prefix>sent_epoch``), send it,
+    and undo the record if sending fails."""
+    sent_at, sent_epoch = f"{prefix}sent_at", f"{prefix}sent_epoch"
+    _record(engine, row.values({sent_at: now(), sent_epoch: epoch}))
     try:
-        app.send_task(SCAN_FILE_TASK, args=[file_id], queue=GPU_QUEUE)
+        app.send_task(task, args=[item_id], queue=GPU_QUEUE)
     except Exception:
-        _record(engine, row.values(scan_sent_at=None, scan_sent_epoch=None))
+        _record(engine, row.values({sent_at: None, sent_epoch: None}))
         raise
 
 
