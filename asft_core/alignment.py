@@ -755,16 +755,7 @@ def load_alignment_directions(
 
     With ``modules``, only those are loaded, and a missing one is an error.
     """
-    artifact = AlignmentArtifact.load(path)
-    wanted = list(modules) if modules is not None else artifact.modules
-    missing = sorted(set(wanted) - set(artifact.modules))
-    if missing:
-        raise AlignmentError(
-            "missing_module",
-            f"the alignment artifact has no direction for: {', '.join(missing[:5])}",
-        )
-    entries = tensor_index_of_file(path)
-    return {name: read_tensor(entries[name]).to(device=device, dtype=dtype) for name in wanted}
+    return dict(DirectionReader(path, modules, device, dtype))
 
 
 class DirectionReader(Mapping[str, torch.Tensor]):
@@ -779,21 +770,21 @@ class DirectionReader(Mapping[str, torch.Tensor]):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         """Checks that every one of ``modules`` (default: all) is in the artifact."""
-        artifact = AlignmentArtifact.load(path)
-        self._modules = list(modules) if modules is not None else artifact.modules
-        missing = sorted(set(self._modules) - set(artifact.modules))
+        self.artifact = AlignmentArtifact.load(path)
+        self._modules = list(modules) if modules is not None else self.artifact.modules
+        missing = sorted(set(self._modules) - set(self.artifact.modules))
         if missing:
             raise AlignmentError(
                 "missing_module",
                 f"the alignment artifact has no direction for: {', '.join(missing[:5])}",
             )
-        self._entries = tensor_index_of_file(path)
+        self.entries = tensor_index_of_file(path)
         self._device, self._dtype = device, dtype
 
     def __getitem__(self, module: str) -> torch.Tensor:
         if module not in self._modules:
             raise KeyError(module)
-        return read_tensor(self._entries[module]).to(device=self._device, dtype=self._dtype)
+        return read_tensor(self.entries[module]).to(device=self._device, dtype=self._dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._modules)
@@ -816,8 +807,7 @@ def alignment_low_rank(
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     reader = DirectionReader(path, modules)
-    artifact = AlignmentArtifact.load(path)
-    entries = tensor_index_of_file(path)
+    artifact, entries = reader.artifact, reader.entries
     factors = {}
     for module in reader:
         stored = artifact.stored_rank(module)
@@ -931,23 +921,16 @@ def alignment_subspaces(
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     if max_k is not None and max_k < 0:
         raise ValueError(f"max_k must be at least 0, got {max_k}")
-    artifact = AlignmentArtifact.load(path)
-    wanted = list(modules) if modules is not None else artifact.modules
-    missing = sorted(set(wanted) - set(artifact.modules))
-    if missing:
-        raise AlignmentError(
-            "missing_module",
-            f"the alignment artifact has no direction for: {', '.join(missing[:5])}",
-        )
+    reader = DirectionReader(path, modules)  # fp32: exact for every artifact dtype
+    wanted = list(reader)
     sidecar = subspace_sidecar_path(path, tau)
     fingerprint = _file_fingerprint(path)
     with FileLock(str(sidecar.with_name(sidecar.name + ".lock"))):
         cached = _read_sidecar(sidecar, fingerprint, tau)
         todo = [name for name in wanted if name not in cached]
         if todo:
-            entries = tensor_index_of_file(path)
             for name in todo:  # one V in memory at a time
-                cached[name] = _top_subspace(read_tensor(entries[name]), tau)
+                cached[name] = _top_subspace(reader[name], tau)
             _write_sidecar(sidecar, cached, fingerprint, tau)
     subspaces = {}
     for name in wanted:

@@ -61,15 +61,19 @@ class MemoryPlan:
         """JSON-ready, with the total."""
         return {**asdict(self), "total": self.total}
 
+    def settings_text(self) -> str:
+        """The memory-saving settings the plan assumes, in words ("" for none)."""
+        parts = ["gradient checkpointing"] if self.gradient_checkpointing else []
+        if self.direction_storage != "fp32":
+            parts.append("V on the host" if self.direction_storage == "host" else "V in bf16")
+        return ", ".join(parts)
+
     def describe(self) -> str:
-        """One line: the total, then each part."""
+        """One line: the total, then each part, then the settings assumed."""
         parts = ("weights", "alignment", "adapter", "activations", "logits")
         detail = ", ".join(f"{name} {size_text(getattr(self, name))}" for name in parts)
-        checkpointing = ", with gradient checkpointing" if self.gradient_checkpointing else ""
-        storage = {"fp32": "", "bf16": ", V in bf16", "host": ", V on the host"}[
-            self.direction_storage
-        ]
-        return f"{size_text(self.total)} ({detail}){checkpointing}{storage}"
+        settings = self.settings_text()
+        return f"{size_text(self.total)} ({detail})" + (f", with {settings}" if settings else "")
 
 
 def size_text(size: float) -> str:
@@ -262,7 +266,7 @@ def fitting_hyperparameters(
                 options.append(f"{name} {value}")
                 break
     hint = (
-        f"{' or '.join(options)} ({least.describe().partition(', with ')[2] or 'as planned'})"
+        f"{' or '.join(options)} (with {least.settings_text()})"
         if options
         else ("no smaller batch_size or max_seq_len fits: use a device with more memory")
     )

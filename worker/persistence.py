@@ -642,14 +642,16 @@ def lost_message(session: Any, job: Job, epoch: str | None, visibility_s: int) -
         file = session.get(File, job.training_file) if job.status == "validating_files" else None
         if file is not None and file.scan_status in SCANNING:
             return None  # the scan sends it when it ends (and is itself reconciled)
-        return "no message is outstanding: the worker that took it may have died"
     return _sent_message_lost(job.sent_at, job.sent_epoch, epoch, visibility_s)
 
 
 def _sent_message_lost(
-    sent_at: int, sent_epoch: str | None, epoch: str | None, visibility_s: int
+    sent_at: int | None, sent_epoch: str | None, epoch: str | None, visibility_s: int
 ) -> str | None:
-    """Why a message sent at ``sent_at`` in ``sent_epoch`` can have been lost, or None."""
+    """Why a message recorded as sent at ``sent_at`` in ``sent_epoch`` (None: taken by a
+    worker, or never sent) can have been lost, or None while it is on the broker."""
+    if sent_at is None:
+        return "no message is outstanding: the worker that took it may have died"
     if sent_epoch != epoch:
         return "the broker lost its messages (restarted or flushed)"
     if sent_at < now() - visibility_s:
@@ -676,9 +678,7 @@ def _lost_scans(
     ).all()
     lost = {}
     for file_id, sent_at, sent_epoch in pending:
-        if sent_at is None:
-            lost[file_id] = "no message is outstanding: the worker that took it may have died"
-        elif (reason := _sent_message_lost(sent_at, sent_epoch, epoch, visibility_s)) is not None:
+        if (reason := _sent_message_lost(sent_at, sent_epoch, epoch, visibility_s)) is not None:
             lost[file_id] = reason
     if lost:
         session.execute(update(File).where(File.id.in_(lost)).values(scan_updated_at=now()))
