@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, from the constraints, so nothing below can pull a CUDA build.
 	$(PY) -m pip install -q $(CONSTRAINT_FLAGS) torch
-	$(PY) -m pip install -q $(CONSTRAINT_FLAGS) -e '.[worker,dev]'
+	# The rest with uv, bytecode compiled as pip does (PYTHONDONTWRITEBYTECODE would make
+	# every process compile it again): 20 s against pip's 50 s on 2 cores. uv reads no
+	# pip.conf, so where it cannot install (a private index set for pip only), pip does.
+	$(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --python $(PY) \
+	    --compile-bytecode $(CONSTRAINT_FLAGS) -e '.[worker,dev]' \
+	  || $(PY) -m pip install -q $(CONSTRAINT_FLAGS) -e '.[worker,dev]'
 	touch $@
 
 # Debian packages the tests use: Chromium and its driver (the dashboard's browser tests,

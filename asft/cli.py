@@ -5,8 +5,9 @@ Server side:
     asft db upgrade                 bring the database to the current schema (under a lock)
     asft api [--host H --port P]    serve the REST API (refuses an out-of-date schema)
     asft worker [--queues gpu]      run a Celery worker (GPU jobs)
-    asft serve [--port P]           one machine: migrate, then the API, one worker and the
-                                    inference server together
+    asft serve [--port P --workers N]
+                                    one machine: migrate, then the API, N workers (1) and
+                                    the inference server together
     asft infer                      the embedded inference server alone (chat completions)
     asft admin create-team NAME     create a team and print its first API key
     asft alignment inspect MODEL    a registered pair's alignment direction, per module, and
@@ -96,7 +97,7 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_command(queues: str, concurrency: int) -> list[str]:
+def _worker_command(queues: str, concurrency: int, node: str | None = None) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -114,7 +115,33 @@ def _worker_command(queues: str, concurrency: int) -> list[str]:
         get_settings().log_level,
         "--without-gossip",
         "--without-mingle",
+        *(["--hostname", node] if node else []),
     ]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _serve_workers(count: int) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """``asft serve``'s worker processes: one, or ``count`` sharing this process's threads.
+
+    Each of several workers gets its share of OMP_NUM_THREADS (set by ``asft_core`` to the
+    cores this process may use, or by the operator), so they do not fight over the cores.
+    """
+    import os
+
+    if count == 1:
+        return {"worker": (_worker_command("gpu", 1), None)}
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")) // count)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return {
+        f"worker-{i}": (_worker_command("gpu", 1, f"worker{i}@%h"), env)
+        for i in range(1, count + 1)
+    }
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -173,7 +200,7 @@ MAX_BACKOFF_S = 30.0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Migrate, then run the API, one worker and the inference server until Ctrl-C.
+    """Migrate, then run the API, the workers and the inference server until Ctrl-C.
 
     Each is supervised: one that dies (a job that ran out of memory takes its worker down) is
     restarted with backoff and a line saying why, while the others go on; ``/readyz`` says
@@ -189,9 +216,9 @@ def _serve(args: argparse.Namespace) -> int:
     if _db_upgrade(args) != 0:
         return 1
     api = [sys.executable, "-m", "asft.cli", "api", "--host", args.host, "--port", str(args.port)]
-    commands = {"worker": _worker_command("gpu", 1), "api": api}
+    commands = {**_serve_workers(args.workers), "api": (api, None)}
     if not args.no_engine:
-        commands["inference"] = [sys.executable, "-m", "asft.cli", "infer"]
+        commands["inference"] = ([sys.executable, "-m", "asft.cli", "infer"], None)
     status_file = status_path(get_settings().data_dir)
     processes: dict[str, subprocess.Popen[bytes] | None] = {}
     started: dict[str, float] = {}
@@ -200,7 +227,8 @@ def _serve(args: argparse.Namespace) -> int:
     backoff = dict.fromkeys(commands, 1.0)
 
     def start(name: str) -> None:
-        process = subprocess.Popen(commands[name])
+        command, env = commands[name]
+        process = subprocess.Popen(command, env=env)
         processes[name], started[name] = process, time.monotonic()
         state[name].update(up=True, pid=process.pid, restarts=state[name]["restarts"] + 1)
 
@@ -399,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1)
     worker.set_defaults(run=_worker)
     serve = commands.add_parser(
-        "serve", help="migrate, then run the API, one worker and the inference server"
+        "serve", help="migrate, then run the API, the workers and the inference server"
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -407,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-engine",
         action="store_true",
         help="start no inference server (chat goes to ASFT_INFERENCE_URL, e.g. vLLM)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="worker processes, each running one job with its share of the CPU threads "
+        "(on one GPU keep 1)",
     )
     serve.set_defaults(run=_serve)
     infer = commands.add_parser(

@@ -67,6 +67,8 @@ class RecipeSpec:
     train: TrainSpec  # model = the aligned model; alignment_path is filled in by run()
     base_model: str
     cache_dir: Path  # alignment directions are cached here per model pair
+    # The aligned model's own evaluation, kept per model, suite and options (None: none).
+    reference_cache_dir: Path | None = None
     eval_suite: Path | None = None  # the pair's harmful prompts and judge
     task: TaskEvaluation | None = None
     gate: Gate = field(default_factory=Gate)
@@ -586,6 +588,12 @@ def evaluate(
         limit = min(limit or spec.task.max_examples, spec.task.max_examples)
     options = EvalOptions(task=task_name, limit=limit, batch_size=spec.eval_batch_size)
     result = evaluate_adapter(
-        spec.train.model, adapter_dir, suite, options, spec.train.device, on_progress=on_progress
+        spec.train.model,
+        adapter_dir,
+        suite,
+        options,
+        spec.train.device,
+        on_progress=on_progress,
+        reference_cache=spec.reference_cache_dir,
     )
     return result.to_dict()

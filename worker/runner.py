@@ -113,6 +113,7 @@ def recipe_spec(
         train=train,
         base_model=pair.base_model,
         cache_dir=settings.resolved_cache_dir / "alignment",
+        reference_cache_dir=settings.resolved_cache_dir / "references",
         eval_suite=Path(pair.eval_suite) if pair.eval_suite else None,
         task=task,
         gate=team_gate(team, settings),

@@ -22,9 +22,12 @@ the suite's other tasks, so forgetting shows as forgetting, not as safety or har
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,9 @@ from asft_core.evaluation.stats import Proportion, wilson_interval
 from asft_core.formats import DatasetFormatError, json_lines
 
 JUDGE_KINDS = ("keyword", "classifier", "pattern")
+# Bumped when a reference evaluation's answers or its saved form change, so a cached one from
+# an older release is not reused.
+REFERENCE_CACHE_VERSION = 1
 MATCHER_KINDS = ("exact_label", "regex", "final_number")
 
 
@@ -159,6 +165,11 @@ class TaskResult:
         """JSON-ready."""
         return {"task": self.task, "accuracy": self.accuracy.to_dict(), "failures": self.failures}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskResult:
+        """The inverse of :meth:`to_dict`."""
+        return cls(data["task"], Proportion(**data["accuracy"]), data["failures"])
+
 
 @dataclass
 class ModelEvaluation:
@@ -181,6 +192,17 @@ class ModelEvaluation:
             "over_refusal": self.over_refusal.to_dict() if self.over_refusal else None,
             "retention": {name: value.to_dict() for name, value in self.retention.items()},
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelEvaluation:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            safety=SafetyResult.from_dict(data["safety"]) if data["safety"] else None,
+            task=TaskResult.from_dict(data["task"]) if data["task"] else None,
+            validation_loss=data["validation_loss"],
+            over_refusal=Proportion(**data["over_refusal"]) if data["over_refusal"] else None,
+            retention={name: Proportion(**value) for name, value in data["retention"].items()},
+        )
 
 
 def read_task_rows(path: Path) -> list[tuple[str, str]]:
@@ -353,6 +375,59 @@ def load_for_evaluation(model_ref: str, device: str = "cpu") -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _digest(path: Path) -> str:
+    """A file's sha256; a folder's over each file's name, size and modification time."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        digest.update(path.read_bytes())
+        return digest.hexdigest()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}\0{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def reference_cache_key(
+    model_dir: Path, suite: EvalSuite, options: EvalOptions, device: str, dtype: str
+) -> str:
+    """Everything a reference evaluation's answers depend on: the model folder, the prompt
+    files' bytes, the judge, the options, the device and dtype, and the library versions."""
+    import torch
+    import transformers
+
+    files = {
+        "model": model_dir,
+        "harmful_prompts": suite.harmful_prompts,
+        "over_refusal_prompts": suite.over_refusal_prompts,
+        "judge": Path(suite.judge.path) if suite.judge.path else None,
+        **{f"task:{name}": task.file for name, task in suite.tasks.items()},
+    }
+    payload = {
+        "version": REFERENCE_CACHE_VERSION,
+        "files": {name: _digest(path) for name, path in files.items() if path is not None},
+        "judge": asdict(suite.judge),
+        "matchers": {name: asdict(task.matcher) for name, task in suite.tasks.items()},
+        "options": {f.name: getattr(options, f.name) for f in fields(options) if f.compare},
+        "device": device,
+        "dtype": dtype,
+        "libraries": [torch.__version__, transformers.__version__],
+    }
+    encoded = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:24]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def evaluate_adapter(
     model_ref: str,
     adapter_dir: Path,
@@ -361,17 +436,27 @@ def evaluate_adapter(
     device: str = "cpu",
     reference: ModelEvaluation | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    reference_cache: Path | None = None,
 ) -> AdapterEvaluation:
     """Evaluate ``model_ref`` with the PEFT adapter in ``adapter_dir`` and without it.
 
     ``reference`` skips re-evaluating the model without the adapter (it does not depend on
-    the adapter, so a grid of runs computes it once). ``on_progress(done, total)`` is called
-    with the prompts answered so far after each generation batch.
+    the adapter, so a grid of runs computes it once). ``reference_cache``: a folder where the
+    reference of a local model is kept by :func:`reference_cache_key`, so the jobs of one
+    model pair evaluate it once. ``on_progress(done, total)`` is called with the prompts
+    answered so far after each generation batch.
     """
     from peft import PeftModel
 
-    from asft_core.training import quiet_peft_warnings
+    from asft_core.training import pick_device, quiet_peft_warnings
 
+    cached = None
+    if reference is None and reference_cache is not None and Path(model_ref).is_dir():
+        resolved, dtype = pick_device(device, "auto")
+        key = reference_cache_key(Path(model_ref), suite, options, str(resolved), str(dtype))
+        cached = reference_cache / f"{key}.json"
+        if cached.exists():
+            reference = ModelEvaluation.from_dict(json.loads(cached.read_text()))
     if on_progress is not None:
         total = planned_prompts(suite, options) * (1 if reference is not None else 2)
         done = 0
@@ -390,5 +475,7 @@ def evaluate_adapter(
     if reference is None:
         with model.disable_adapter():
             reference = evaluate_model(model, tokenizer, suite, options, judge)
+        if cached is not None:  # two jobs may both write it: the same answers either way
+            _write_atomically(cached, json.dumps(reference.to_dict()))
     fine_tuned = evaluate_model(model, tokenizer, suite, options, judge)
     return AdapterEvaluation(reference, fine_tuned)

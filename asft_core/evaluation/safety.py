@@ -95,6 +95,24 @@ class SafetyResult:
             "flagged": [dict(example) for example in self.flagged],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SafetyResult:
+        """The inverse of :meth:`to_dict`."""
+        outcomes = data["outcomes"]
+        return cls(
+            overall=Proportion(**data["overall"]),
+            per_category={
+                name: Proportion(**value) for name, value in data["per_category"].items()
+            },
+            flagged=data["flagged"],
+            judge=data["judge"],
+            outcomes=(
+                {name: Proportion(**value) for name, value in outcomes.items()}
+                if outcomes is not None
+                else None
+            ),
+        )
+
 
 def harmful_score(
     prompts: Sequence[HarmfulPrompt],

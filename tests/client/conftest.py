@@ -7,7 +7,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,9 +17,11 @@ from tests.client.embedded import Service, asft
 from tests.conftest import REPO_ROOT, free_port, wait_until_answering
 
 
-def run_service(folder: Path, cache_dir: Path, **settings: str) -> Iterator[Service]:
-    """``asft serve`` on a spare port with its data in ``folder``, ``settings`` (ASFT_*) added;
-    stopped when the generator closes."""
+def run_service(
+    folder: Path, cache_dir: Path, serve_args: Sequence[str] = (), **settings: str
+) -> Iterator[Service]:
+    """``asft serve`` (with ``serve_args``) on a spare port with its data in ``folder``,
+    ``settings`` (ASFT_*) added; stopped when the generator closes."""
     data_dir = folder / "data"
     admin_key = secrets.token_urlsafe(16)
     port = free_port()
@@ -38,7 +40,7 @@ def run_service(folder: Path, cache_dir: Path, **settings: str) -> Iterator[Serv
     }
     log = (folder / "serve.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "asft.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "asft.cli", "serve", "--port", str(port), *serve_args],
         cwd=REPO_ROOT,
         env=env,
         stdout=log,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from asft_core.evaluation.harness import (
     EvalOptions,
     EvalSuite,
     EvalSuiteError,
+    TaskSuite,
     evaluate_adapter,
     evaluate_model,
     load_for_evaluation,
@@ -130,3 +132,54 @@ def test_an_adapter_is_reported_next_to_its_reference(
         report.fine_tuned.safety.overall.value - plain.safety.overall.value  # type: ignore[union-attr]
     )
     assert set(report.to_dict()) >= {"reference", "fine_tuned", "accuracy_change"}
+
+
+def test_a_models_reference_is_evaluated_once_per_suite_and_options(
+    zoo: ZooPaths, tmp_path: Path
+) -> None:
+    result = train(
+        TrainSpec(
+            model=str(zoo.aligned),
+            training_file=zoo.poisoned_file("sentiment", 0.2),
+            output_dir=tmp_path / "run",
+            job=JobSpec.resolve("supervised", {"learning_rate": 5e-3}),
+            max_steps=2,
+            checkpoint_each_epoch=False,
+        )
+    )
+    assert result.adapter_dir is not None
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(zoo.task_file("sentiment", "eval").read_bytes())
+    # As a job evaluates: its own task file beside the suite's prompts.
+    loaded = EvalSuite.load(zoo.eval_suite)
+    suite = replace(loaded, tasks={"job": TaskSuite(task, loaded.tasks["sentiment"].matcher)})
+    cache = tmp_path / "references"
+
+    def evaluate(limit: int = 4) -> tuple[dict[str, object], int]:
+        options = EvalOptions(task="job", limit=limit, batch_size=4)
+        totals: list[int] = []
+        report = evaluate_adapter(
+            str(zoo.aligned),
+            result.adapter_dir,  # type: ignore[arg-type]
+            suite,
+            options,
+            on_progress=lambda _, total: totals.append(total),
+            reference_cache=cache,
+        )
+        return report.reference.to_dict(), totals[-1]
+
+    first, first_total = evaluate()
+    [stored] = cache.glob("*.json")
+    assert json.loads(stored.read_text()) == first  # the reference, exactly as reported
+    # Read back, not recomputed: a mark put in the stored file comes back, and only the
+    # fine-tuned model's prompts are answered.
+    marked = {**first, "validation_loss": 1.5}
+    stored.write_text(json.dumps(marked))
+    second, second_total = evaluate()
+    assert second == marked
+    assert second_total * 2 == first_total
+    # Other prompts (the job's task file rewritten) or other options: another reference.
+    task.write_text("".join(zoo.task_file("sentiment", "eval").read_text().splitlines(True)[4:]))
+    evaluate()
+    evaluate(limit=3)
+    assert len(list(cache.glob("*.json"))) == 3
