@@ -82,11 +82,14 @@ def build_zoo(cache_dir: Path) -> dict[str, str]:
     return paths
 
 
-def _wait_ready(base_url: str, service: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _wait_ready(
+    base_url: str, service: subprocess.Popen[bytes], log: Path, timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.poll() is not None:
-            raise SystemExit(f"asft serve exited with code {service.returncode}")
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
+            raise SystemExit(f"{tail}asft serve exited with code {service.returncode} ({log})")
         try:
             if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
                 return
@@ -251,7 +254,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     started = time.monotonic()
-    zoo = build_zoo(args.data_dir / "cache")
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     admin_key = secrets.token_urlsafe(24)
@@ -263,13 +265,24 @@ def main(argv: list[str] | None = None) -> None:
         "ASFT_LOG_LEVEL": "WARNING",
         "ASFT_INFERENCE_URL": f"http://127.0.0.1:{_free_port()}",
     }
-    print(f"starting asft serve on {base_url}", flush=True)
-    service = subprocess.Popen(
-        [sys.executable, "-m", "asft.cli", "serve", "--port", str(port), "--workers", str(WORKERS)],
-        env=env,
-    )
+    # The service starts while the zoo builds: its processes load their libraries on the core
+    # the build's single-threaded start leaves idle.
+    log = args.data_dir / "demo" / "serve.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"starting asft serve on {base_url} (its output: {log})", flush=True)
+    with log.open("ab") as out:
+        service = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "asft.cli", "serve"),
+                *("--port", str(port), "--workers", str(WORKERS)),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        _wait_ready(base_url, service, timeout_s=180)
+        zoo = build_zoo(args.data_dir / "cache")
+        _wait_ready(base_url, service, log, timeout_s=180)
         admin = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {admin_key}"})
         registered = admin.post(
             "/v1/models",

@@ -30,6 +30,8 @@ TRANSPORT = "service.broker:Transport"
 # A message file this recent that cannot be decoded may still be being written by a program
 # that does not write atomically; it is only rejected once older.
 STILL_WRITTEN_S = 5.0
+# The longest a worker's wait for a message lasts before it looks for a stop request again.
+DRAIN_WAIT_S = 0.2
 
 
 class Channel(filesystem.Channel):
@@ -84,3 +86,10 @@ class Transport(filesystem.Transport):
     """Kombu's filesystem transport with :class:`Channel`."""
 
     Channel = Channel
+
+    def drain_events(self, connection: Any, timeout: Any = None, **kwargs: Any) -> Any:
+        """Wait at most ``DRAIN_WAIT_S`` per call: Celery's blocking loop asks for 2 s and only
+        looks for a stop request between calls, so an idle worker took seconds to stop."""
+        if timeout is not None:
+            timeout = min(timeout, DRAIN_WAIT_S)
+        return super().drain_events(connection, timeout=timeout, **kwargs)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from queue import Empty
 
+import pytest
 from fastapi.testclient import TestClient
 from kombu import Connection
 
@@ -89,6 +91,19 @@ def test_messages_cross_processes_whole_and_exactly_once(tmp_path: Path) -> None
     assert not (tmp_path / "rejected").exists()
     assert list((tmp_path / "out").iterdir()) == []
     assert list((tmp_path / "processed").iterdir()) == []
+
+
+def test_a_wait_for_messages_returns_soon_so_an_idle_worker_stops_at_once(
+    tmp_path: Path,
+) -> None:
+    # Celery's blocking loop asks for 2 s and looks for a stop request only between waits.
+    with _connection(tmp_path) as connection:
+        connection.SimpleQueue("gpu")  # declares the queue, as a worker does
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            connection.drain_events(timeout=2.0)
+        waited = time.monotonic() - started
+    assert waited < 1.0, f"an empty queue held the caller {waited:.2f}s of the 2 s asked"
 
 
 def test_a_worker_sets_aside_a_message_it_cannot_read_and_goes_on(
