@@ -455,8 +455,12 @@ def evaluate_adapter(
         resolved, dtype = pick_device(device, "auto")
         key = reference_cache_key(Path(model_ref), suite, options, str(resolved), str(dtype))
         cached = reference_cache / f"{key}.json"
-        if cached.exists():
+        try:
             reference = ModelEvaluation.from_dict(json.loads(cached.read_text()))
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError):  # not written by this code: evaluate again
+            cached.unlink(missing_ok=True)
     if on_progress is not None:
         total = planned_prompts(suite, options) * (1 if reference is not None else 2)
         done = 0

@@ -178,6 +178,10 @@ def test_a_models_reference_is_evaluated_once_per_suite_and_options(
     second, second_total = evaluate()
     assert second == marked
     assert second_total * 2 == first_total
+    # A file that is not a reference (edited by hand, an older layout) is evaluated again.
+    stored.write_text('{"safety": 1}')
+    assert evaluate() == (first, first_total)
+    assert json.loads(stored.read_text()) == first
     # Other prompts (the job's task file rewritten) or other options: another reference.
     task.write_text("".join(zoo.task_file("sentiment", "eval").read_text().splitlines(True)[4:]))
     evaluate()
