@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from asft_core.formats import write_text_atomically
 from asft_core.serving import model_architecture, serving_check
 from asft_core.spec import DataPolicy, DataScan, Gate, GateVerdict, Matcher, Report
 from asft_core.training import TrainHooks, TrainResult, TrainSpec
@@ -347,7 +348,9 @@ def run(
         training_data=training_data,
         serving=serving,
     )
-    _write_json(trained.adapter_dir / "report.json", report.to_json())
+    write_text_atomically(
+        trained.adapter_dir / "report.json", json.dumps(report.to_json(), indent=2)
+    )
     return RecipeResult("completed", trained, report, alignment, alignment_path)
 
 
@@ -487,12 +490,6 @@ def _limit_runtime(hooks: TrainHooks, max_runtime_s: float | None) -> TrainHooks
             )
 
     return replace(hooks, on_metrics=on_metrics)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2))
-    os.replace(staging, path)
 
 
 # Errors of a full or over-quota volume, or of a write past the file-size limit.

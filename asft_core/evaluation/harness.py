@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -41,7 +39,7 @@ from asft_core.evaluation.safety import (
     read_harmful_prompts,
 )
 from asft_core.evaluation.stats import Proportion, wilson_interval
-from asft_core.formats import DatasetFormatError, json_lines
+from asft_core.formats import DatasetFormatError, json_lines, write_text_atomically
 
 JUDGE_KINDS = ("keyword", "classifier", "pattern")
 # Bumped when a reference evaluation's answers or its saved form change, so a cached one from
@@ -416,18 +414,6 @@ def reference_cache_key(
     return hashlib.sha256(encoded).hexdigest()[:24]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def evaluate_adapter(
     model_ref: str,
     adapter_dir: Path,
@@ -480,6 +466,6 @@ def evaluate_adapter(
         with model.disable_adapter():
             reference = evaluate_model(model, tokenizer, suite, options, judge)
         if cached is not None:  # two jobs may both write it: the same answers either way
-            _write_atomically(cached, json.dumps(reference.to_dict()))
+            write_text_atomically(cached, json.dumps(reference.to_dict()))
     fine_tuned = evaluate_model(model, tokenizer, suite, options, judge)
     return AdapterEvaluation(reference, fine_tuned)

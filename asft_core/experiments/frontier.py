@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asft_core.formats import write_text_atomically
+
 CONFIG_PATH = Path(__file__).with_name("frontier.json")
 TUNING_PATH = Path(__file__).with_name("frontier_tuning.json")
 # Penalised outside the top-k alignment subspace (projector methods) with these bases.
@@ -213,7 +215,7 @@ class Lab:
         if not path.exists():
             rng = random.Random(4242)
             rows = [harmful_row(rng, "train", comply=True) for _ in range(1000)]
-            _write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
+            write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
         return path
 
     def run(self, cell: Cell, safelora_threshold: float | None = None) -> dict[str, Any]:
@@ -378,13 +380,6 @@ def _left_singular_vectors(artifact_path: Path, module: str) -> Any:
 
     v = load_alignment_directions(artifact_path, dtype=torch.float64, modules=[module])[module]
     return torch.linalg.svd(v, full_matrices=False)[0]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 def aligned_reference(config: dict[str, Any], cache_dir: Path, work_dir: Path) -> dict[str, float]:
@@ -593,7 +588,7 @@ def calibrate_safelora_threshold(
         if len(similarities) % 2
         else (similarities[middle - 1] + similarities[middle]) / 2
     )
-    _write_atomically(
+    write_text_atomically(
         path, json.dumps({"threshold": threshold, "similarities": similarities}, indent=2)
     )
     log(f"Safe LoRA threshold calibrated to {threshold:.4f} (median of {similarities})")
@@ -660,7 +655,7 @@ def tune(cache_dir: Path, out: Path = TUNING_PATH, log: Callable[[str], None] = 
         "trials": trials,
         "chosen": {"learning_rate": chosen["learning_rate"], "epochs": chosen["epochs"]},
     }
-    _write_atomically(out, json.dumps(record, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(record, indent=2) + "\n")
     return out
 
 
