@@ -1,13 +1,13 @@
 """``make demo``: the service end to end on one machine, with no servers to install.
 
-Builds the tiny model pair if needed, starts ``asft serve`` (SQLite, the filesystem broker, one
-worker), registers the pair, uploads the triage set (a task the pair was never taught) poisoned
-with harmful rows through the API (5% by default; ``--poison-ratio``), submits ``supervised``
-(plain LoRA), the service's default method and one more (``asft`` or ``safelora``) with the
-frontier study's tuned settings and each method's default lambda, and plain LoRA without the
-rows the safety scan flagged (``data_policy: drop_flagged``), shows their progress, prints
-the harmful score / accuracy / over-refusal table from the jobs' reports and where to download
-each adapter, then stops the service.
+Starts ``asft serve`` (SQLite, the filesystem broker, two workers) while it builds the tiny
+model pair if needed, registers the pair, uploads the triage set (a task the pair was never
+taught) poisoned with harmful rows through the API (5% by default; ``--poison-ratio``),
+submits ``supervised`` (plain LoRA), the service's default method and one more (``asft`` or
+``safelora``) with the frontier study's tuned settings and each method's default lambda, and
+plain LoRA without the rows the safety scan flagged (``data_policy: drop_flagged``), shows
+their progress, prints the harmful score / accuracy / over-refusal table from the jobs'
+reports and where to download each adapter, then stops the service.
 """
 
 from __future__ import annotations
